@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 48
+
+
+def tiny_llama(seed: int = 0, dropout: float = 0.0):
+    """A 2-layer Llama built from a config: no download, runs in milliseconds on a CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=dropout,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def token_dataset(num: int = 16, length: int = 12, seed: int = 0, ragged: bool = False):
+    """Random token sequences; `ragged` pads some with -100 labels so token counts differ per example."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(num):
+        ids = torch.randint(0, VOCAB, (length,), generator=g)
+        labels = ids.clone()
+        if ragged:
+            labels[: 1 + (i * 5) % (length - 2)] = -100
+        rows.append({"input_ids": ids.tolist(), "attention_mask": [1] * length, "labels": labels.tolist()})
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture
+def tmp_out(tmp_path):
+    return str(tmp_path / "out")

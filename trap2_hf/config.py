@@ -1,0 +1,167 @@
+"""The protection settings, defined once and mixed into `TrainingArguments` and TRL's `SFTConfig`.
+
+Every field is a dataclass field with `help` metadata, so it is a command-line flag and a YAML key
+with no extra code, and the model card records exactly these values.
+"""
+
+from dataclasses import dataclass, field, fields
+
+from transformers import TrainingArguments
+from trl import SFTConfig
+
+WEIGHTINGS = ("inv", "inv_sqrt", "none")
+TARGETS = ("adapter", "full")
+SCALE_SAMPLINGS = ("uniform", "stratified")
+REFERENCE_DEVICES = ("same", "cpu")
+REFERENCE_DTYPES = ("same", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class Trap2Settings:
+    """Trap² protection settings (see METHOD.md): J = L(1) - lambda * E_s[w(s) * L(s)]."""
+
+    trap_lambda: float = field(
+        default=0.01,
+        metadata={
+            "help": "Weight lambda of the off-nominal (re-scaled) loss, which is maximised. 0 is ordinary "
+            "fine-tuning; the paper uses 0.001-0.01 for LoRA and 0.005 for full fine-tuning."
+        },
+    )
+    trap_scale_min: float = field(
+        default=0.05, metadata={"help": "Smallest scale s at which the update is re-scaled (> 0)."}
+    )
+    trap_scale_max: float = field(
+        default=2.0,
+        metadata={
+            "help": "Largest re-scaling s. Equal to trap_scale_min (outside the margin) fixes the scale."
+        },
+    )
+    trap_margin: float = field(
+        default=0.05,
+        metadata={"help": "Margin delta around s = 1 that is never sampled: s is drawn outside [1-delta, 1+delta]."},
+    )
+    trap_weighting: str = field(
+        default="inv",
+        metadata={
+            "help": "Re-weighting w(s) of the re-scaled loss, which compensates gradients that shrink for s < 1: "
+            "'inv' (1/s, the paper's vision default), 'inv_sqrt' (1/sqrt(s), its LLM default) or 'none'.",
+            "choices": list(WEIGHTINGS),
+        },
+    )
+    trap_target: str = field(
+        default="adapter",
+        metadata={
+            "help": "What the update is: 'adapter' (the trained PEFT adapter, re-scaled as W0 + s*dW) or 'full' "
+            "(every trainable parameter, re-scaled as theta0 + s*(theta - theta0)).",
+            "choices": list(TARGETS),
+        },
+    )
+    trap_scales_per_step: int = field(
+        default=1,
+        metadata={
+            "help": "How many scales are drawn per optimizer step; each costs one more forward/backward pass. "
+            "The re-scaled term is averaged over them."
+        },
+    )
+    trap_scale_sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "'uniform': every scale uniform on [min, 1-delta] U [1+delta, max]. 'stratified': the "
+            "scales of one step alternate between the two sides of 1 (uniform within each side).",
+            "choices": list(SCALE_SAMPLINGS),
+        },
+    )
+    trap_reference_device: str = field(
+        default="same",
+        metadata={
+            "help": "Full fine-tuning only: where theta0 (the weights at the start) is kept: 'same' as the "
+            "parameter or 'cpu' (offloaded).",
+            "choices": list(REFERENCE_DEVICES),
+        },
+    )
+    trap_reference_dtype: str = field(
+        default="same",
+        metadata={
+            "help": "Full fine-tuning only: dtype of the theta0 copy ('same' as the parameter, 'float32', "
+            "'bfloat16', 'float16').",
+            "choices": list(REFERENCE_DTYPES),
+        },
+    )
+
+    def validate_trap_settings(self) -> None:
+        """Raise a ValueError that names the field, the value and what is allowed."""
+        _check_choice("trap_weighting", self.trap_weighting, WEIGHTINGS)
+        _check_choice("trap_target", self.trap_target, TARGETS)
+        _check_choice("trap_scale_sampling", self.trap_scale_sampling, SCALE_SAMPLINGS)
+        _check_choice("trap_reference_device", self.trap_reference_device, REFERENCE_DEVICES)
+        _check_choice("trap_reference_dtype", self.trap_reference_dtype, REFERENCE_DTYPES)
+        if not self.trap_lambda >= 0:
+            raise ValueError(
+                f"trap_lambda must be >= 0, got {self.trap_lambda}. Use 0 for ordinary fine-tuning or a small "
+                "positive value such as 0.01."
+            )
+        if not self.trap_margin > 0:
+            raise ValueError(
+                f"trap_margin must be > 0, got {self.trap_margin}: the scale s = 1 itself must never be "
+                "sampled. Use a small positive margin such as 0.05."
+            )
+        if not self.trap_scale_min > 0:
+            raise ValueError(
+                f"trap_scale_min must be > 0, got {self.trap_scale_min}. Use e.g. 0.05 (the reference default)."
+            )
+        if self.trap_scale_min > self.trap_scale_max:
+            raise ValueError(
+                f"trap_scale_min ({self.trap_scale_min}) must be <= trap_scale_max ({self.trap_scale_max})."
+            )
+        if not trap_scale_intervals(self.trap_scale_min, self.trap_scale_max, self.trap_margin):
+            raise ValueError(
+                f"No scale in [trap_scale_min, trap_scale_max] = [{self.trap_scale_min}, {self.trap_scale_max}] "
+                f"lies outside the margin [1 - trap_margin, 1 + trap_margin] = "
+                f"[{1 - self.trap_margin}, {1 + self.trap_margin}]. Widen the range or shrink trap_margin."
+            )
+        if not (isinstance(self.trap_scales_per_step, int) and self.trap_scales_per_step >= 1):
+            raise ValueError(f"trap_scales_per_step must be an integer >= 1, got {self.trap_scales_per_step!r}.")
+
+    def trap_settings_dict(self) -> dict:
+        """The protection settings as plain values: what the model card and the audit record."""
+        return {f.name: getattr(self, f.name) for f in fields(Trap2Settings)}
+
+
+def trap_scale_intervals(scale_min: float, scale_max: float, margin: float) -> list[tuple[float, float]]:
+    """The parts of [scale_min, scale_max] outside (1 - margin, 1 + margin): the support of S."""
+    intervals = []
+    low_hi = min(scale_max, 1.0 - margin)
+    if scale_min <= low_hi:
+        intervals.append((scale_min, low_hi))
+    high_lo = max(scale_min, 1.0 + margin)
+    if high_lo <= scale_max:
+        intervals.append((high_lo, scale_max))
+    return intervals
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+
+
+@dataclass
+class Trap2TrainingArguments(TrainingArguments, Trap2Settings):
+    """`TrainingArguments` plus the Trap² protection settings (fields prefixed `trap_`)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_trap_settings()
+
+
+@dataclass
+class Trap2SFTConfig(SFTConfig, Trap2Settings):
+    """TRL's `SFTConfig` plus the Trap² protection settings (fields prefixed `trap_`).
+
+    The re-weighting defaults to 1/sqrt(s), the paper's choice for language models.
+    """
+
+    trap_weighting: str = field(default="inv_sqrt", metadata=Trap2Settings.__dataclass_fields__["trap_weighting"].metadata)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_trap_settings()

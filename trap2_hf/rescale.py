@@ -1,0 +1,214 @@
+"""Context managers that re-scale an update, W0 + dW -> W0 + s*dW, and always restore the model.
+
+- LoRA and rsLoRA: the adapter's `scaling` times s, which is exactly W0 + s*scaling*B@A.
+- Any other adapter layer (DoRA, LoHa, LoKr, IA3, ...) and `modules_to_save` copies, whose output
+  is affine in the layer's weights: y_s = y_base + s*(y_adapted - y_base), which is exactly the
+  layer with weights W0 + s*(W_adapted - W0). For DoRA this is the true weight-space delta
+  (re-scaling B is not).
+- Full fine-tuning: every trainable parameter holds theta0 + s*(theta - theta0) while inside; a
+  gradient hook multiplies its gradient by s, so backward inside the context gives d/dtheta.
+
+Run each backward inside the context that made its forward: activation checkpointing recomputes the
+forward during backward.
+"""
+
+import types
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+# Layers whose output is affine in their own parameters, so output-space re-scaling is weight-space.
+AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm)
+
+
+def trained_adapter_names(model: nn.Module) -> list[str]:
+    """The adapters of a PEFT model that have trainable parameters: the update being protected."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for layer_name in module.adapter_layer_names:
+                for adapter, sub in getattr(module, layer_name).items():
+                    params = [sub] if isinstance(sub, nn.Parameter) else list(sub.parameters())
+                    if any(p.requires_grad for p in params):
+                        names.add(adapter)
+    return sorted(names)
+
+
+@contextmanager
+def rescaled_adapter(model: nn.Module, scale: float, adapter_names: Iterable[str] | None = None) -> Iterator[None]:
+    """Re-scale the named (default: trained) adapters of a PEFT model to W0 + s*dW."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    names = set(trained_adapter_names(model) if adapter_names is None else adapter_names)
+    if not names:
+        raise ValueError(
+            "The model has no trainable PEFT adapter to re-scale. Wrap it with peft.get_peft_model(...) "
+            "(or pass peft_config to the SFT trainer), or set trap_target='full' for full fine-tuning."
+        )
+    with ExitStack() as stack:
+        touched = 0
+        for module_name, module in model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                for adapter in names & set(module.modules_to_save.keys()):
+                    stack.enter_context(_rescaled_modules_to_save(module, module_name, adapter, scale))
+                    touched += 1
+            elif isinstance(module, BaseTunerLayer):
+                present = names & _adapters_of(module)
+                for adapter in present:
+                    if isinstance(module, LoraLayer) and adapter not in getattr(module, "lora_variant", {}):
+                        stack.enter_context(_rescaled_lora_scaling(module, adapter, scale))
+                    else:
+                        stack.enter_context(_rescaled_layer_output(module, module_name, adapter, scale))
+                    touched += 1
+        if touched == 0:
+            raise ValueError(
+                f"No layer of the model carries the adapter(s) {sorted(names)}; nothing would be re-scaled. "
+                "Check the adapter name, or use trap_target='full'."
+            )
+        yield
+
+
+@contextmanager
+def rescaled_parameters(model: nn.Module, scale: float, reference: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Hold theta0 + s*(theta - theta0) in every parameter named in `reference` (theta0)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(reference) - set(params))
+    if missing:
+        raise ValueError(
+            f"The reference weights (theta0) name parameters the model does not have: {missing[:5]}. "
+            "Pass the state of this model's trainable parameters at the start of training."
+        )
+    stashed, hooks = {}, []
+    try:
+        with torch.no_grad():
+            for name, theta0 in reference.items():
+                param = params[name]
+                stashed[name] = param.data
+                param.data = torch.lerp(theta0.to(param.device, param.dtype), param.data, scale)
+                hooks.append(param.register_hook(lambda grad, s=scale: grad * s))
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, data in stashed.items():
+            params[name].data = data
+
+
+@contextmanager
+def rescaled_update(
+    model: nn.Module,
+    scale: float,
+    target: str = "adapter",
+    reference: dict[str, torch.Tensor] | None = None,
+    adapter_names: Iterable[str] | None = None,
+) -> Iterator[None]:
+    """Re-scale the update of `model` by `scale`: an adapter (`target='adapter'`) or, for
+    `target='full'`, the parameters' difference from `reference` (theta0)."""
+    if target == "adapter":
+        with rescaled_adapter(model, scale, adapter_names):
+            yield
+    elif target == "full":
+        if reference is None:
+            raise ValueError("trap_target='full' needs the reference weights theta0 (`reference=`).")
+        with rescaled_parameters(model, scale, reference):
+            yield
+    else:
+        raise ValueError(f"Unknown target {target!r}; use 'adapter' or 'full'.")
+
+
+def snapshot_parameters(
+    model: nn.Module, device: str = "same", dtype: str = "same"
+) -> dict[str, torch.Tensor]:
+    """theta0: a detached copy of every trainable parameter, optionally offloaded or down-cast."""
+    snapshot = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            copy = param.detach().clone()
+            if dtype != "same":
+                copy = copy.to(getattr(torch, dtype))
+            if device != "same":
+                copy = copy.to(device)
+            snapshot[name] = copy
+    return snapshot
+
+
+def _adapters_of(layer) -> set[str]:
+    found = set()
+    for layer_name in layer.adapter_layer_names:
+        found |= set(getattr(layer, layer_name).keys())
+    return found
+
+
+@contextmanager
+def _rescaled_lora_scaling(layer, adapter: str, scale: float) -> Iterator[None]:
+    original = layer.scaling[adapter]
+    layer.scaling[adapter] = original * scale
+    try:
+        yield
+    finally:
+        layer.scaling[adapter] = original
+
+
+@contextmanager
+def _rescaled_layer_output(layer, layer_name: str, adapter: str, scale: float) -> Iterator[None]:
+    base = layer.get_base_layer()
+    if not isinstance(base, AFFINE_LAYERS):
+        raise NotImplementedError(
+            f"Re-scaling adapter {adapter!r} on {layer_name} ({type(layer).__name__} over "
+            f"{type(base).__name__}) is not supported yet: only layers affine in their weights "
+            f"({', '.join(t.__name__ for t in AFFINE_LAYERS)}) can be re-scaled exactly."
+        )
+    others = [a for a in layer.active_adapters if a != adapter and a in _adapters_of(layer)]
+    if others:
+        raise NotImplementedError(
+            f"{layer_name} has other active adapters {others} besides {adapter!r}; re-scaling one of several "
+            "active non-LoRA adapters is not supported yet. Deactivate the others while training."
+        )
+    with _patched_forward(layer, lambda adapted, *args, **kwargs: _blend(base, adapted, scale, args, kwargs)):
+        yield
+
+
+@contextmanager
+def _rescaled_modules_to_save(wrapper, wrapper_name: str, adapter: str, scale: float) -> Iterator[None]:
+    original = wrapper.original_module
+    if not isinstance(original, AFFINE_LAYERS):
+        raise NotImplementedError(
+            f"modules_to_save entry {wrapper_name} ({type(original).__name__}) is not affine in its weights, so "
+            f"it cannot be re-scaled exactly; supported: {', '.join(t.__name__ for t in AFFINE_LAYERS)}."
+        )
+    if adapter not in wrapper.active_adapters:
+        yield
+        return
+    with _patched_forward(wrapper, lambda adapted, *args, **kwargs: _blend(original, adapted, scale, args, kwargs)):
+        yield
+
+
+def _blend(base: nn.Module, adapted_forward, scale: float, args, kwargs) -> torch.Tensor:
+    adapted = adapted_forward(*args, **kwargs)
+    base_out = base(*args, **kwargs)
+    return base_out + scale * (adapted - base_out)
+
+
+@contextmanager
+def _patched_forward(module: nn.Module, forward) -> Iterator[None]:
+    """Make `module(...)` call `forward(original_forward, ...)`; restore whatever was there."""
+    had_instance_forward = "forward" in module.__dict__
+    previous = module.forward
+
+    def patched(self, *args, **kwargs):
+        return forward(previous, *args, **kwargs)
+
+    module.forward = types.MethodType(patched, module)
+    try:
+        yield
+    finally:
+        if had_instance_forward:
+            module.forward = previous
+        else:
+            del module.forward

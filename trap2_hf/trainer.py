@@ -1,0 +1,265 @@
+"""Trap2Trainer and Trap2SFTTrainer: the Trap² step and its bookkeeping.
+
+One optimizer step, per micro-batch:
+1. nominal loss at s = 1 and its backward (never the step's gradient all-reduce);
+2. for each scale drawn for this optimizer step (the same for all its micro-batches and all ranks):
+   restore the RNG so dropout masks match, forward and backward inside the re-scaling context with
+   the loss multiplied by -lambda*w(s)/K. The last of these backwards carries the DDP all-reduce.
+The maths lives in `objective.py`, the re-scaling in `rescale.py`.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from trl import SFTTrainer
+
+from .config import Trap2SFTConfig, Trap2Settings, Trap2TrainingArguments
+from .objective import rescaled_loss_coefficient, sample_scales, step_generator
+from .rescale import rescaled_update, snapshot_parameters, trained_adapter_names
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_WEIGHTS_NAME = "trap2_reference.safetensors"
+
+
+class Trap2TrainerMixin:
+    """Adds the Trap² joint loss to a `transformers.Trainer` subclass."""
+
+    _trap_args_class = Trap2TrainingArguments
+
+    def __init__(self, *args, trap_reference: dict[str, torch.Tensor] | None = None, **kwargs):
+        if len(args) >= 2:
+            args = (args[0], self._with_trap_settings(args[1]), *args[2:])
+        else:
+            kwargs["args"] = self._with_trap_settings(kwargs.get("args"))
+        super().__init__(*args, **kwargs)
+        self._trap_metrics = defaultdict(list)
+        self._trap_steps_logged = set()
+        self._trap_scales_cache = (None, [])
+        self._trap_coefficient = None
+        self.trap_skipped_steps = 0
+        self._trap_check_target()
+        self.trap_reference = None
+        if self.args.trap_target == "full":
+            self.trap_reference = trap_reference or snapshot_parameters(
+                self.model, self.args.trap_reference_device, self.args.trap_reference_dtype
+            )
+        self.add_callback(_SkipNonFiniteStep(self))
+
+    # ----------------------------------------------------------------------------- set-up
+    def _with_trap_settings(self, args):
+        """Accept plain `TrainingArguments` (protection at its defaults), as `Trainer` does."""
+        if args is None:
+            return self._trap_args_class(output_dir="trainer_output")
+        if isinstance(args, Trap2Settings):
+            return args
+        if isinstance(args, TrainingArguments):
+            logger.warning(
+                "%s got %s without protection settings; using the Trap2 defaults. Pass %s to set them.",
+                type(self).__name__,
+                type(args).__name__,
+                self._trap_args_class.__name__,
+            )
+            values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+            known = {f.name for f in dataclasses.fields(self._trap_args_class)}
+            return self._trap_args_class(**{k: v for k, v in values.items() if k in known})
+        raise TypeError(f"args must be {self._trap_args_class.__name__}, got {type(args).__name__}.")
+
+    def _trap_check_target(self) -> None:
+        from peft import PeftModel
+
+        model = self.accelerator.unwrap_model(self.model)
+        is_peft = isinstance(model, PeftModel) or hasattr(model, "peft_config")
+        if self.args.trap_target == "adapter":
+            if not is_peft:
+                raise ValueError(
+                    "trap_target='adapter' but the model has no PEFT adapter. Wrap the model with "
+                    "peft.get_peft_model(model, LoraConfig(...)) (or pass peft_config=... to Trap2SFTTrainer), "
+                    "or set trap_target='full' to protect a full fine-tune."
+                )
+            if not trained_adapter_names(model):
+                raise ValueError(
+                    "trap_target='adapter' but no adapter of the model has trainable parameters. Load the adapter "
+                    "with is_trainable=True."
+                )
+        elif is_peft:
+            raise ValueError(
+                "trap_target='full' re-scales parameters (theta0 + s*(theta - theta0)), which for a PEFT model is "
+                "not the adapter's W0 + s*dW. Use trap_target='adapter' for PEFT models."
+            )
+
+    # ----------------------------------------------------------------------------- the step
+    def trap_scales(self, step: int | None = None) -> list[float]:
+        """The scales of an optimizer step: a function of (seed, step) only, so resumed runs and all
+        ranks draw the same ones."""
+        step = self.state.global_step if step is None else step
+        cached_step, scales = self._trap_scales_cache
+        if cached_step != step:
+            args = self.args
+            scales = sample_scales(
+                args.trap_scale_min,
+                args.trap_scale_max,
+                args.trap_margin,
+                args.trap_scales_per_step,
+                args.trap_scale_sampling,
+                step_generator(args.seed, step),
+            )
+            self._trap_scales_cache = (step, scales)
+        return scales
+
+    def trap_rescaled(self, scale: float):
+        """Context in which the model computes with its update re-scaled by `scale`."""
+        return rescaled_update(
+            self.accelerator.unwrap_model(self.model),
+            scale,
+            target=self.args.trap_target,
+            reference=self.trap_reference,
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        args = self.args
+        if args.trap_lambda == 0:
+            return super().training_step(model, inputs, num_items_in_batch)
+        scales = self.trap_scales()
+        rng_state = _capture_rng_state()
+        with self.accelerator.no_sync(model):
+            nominal = super().training_step(model, dict(inputs), num_items_in_batch)
+        self._trap_record("nominal_loss", nominal)
+        for k, scale in enumerate(scales):
+            _restore_rng_state(rng_state)
+            coefficient = rescaled_loss_coefficient(scale, args.trap_lambda, args.trap_weighting, len(scales))
+            last = k == len(scales) - 1
+            with contextlib.ExitStack() as stack:
+                if not last:
+                    stack.enter_context(self.accelerator.no_sync(model))
+                stack.enter_context(self.trap_rescaled(scale))
+                stack.enter_context(self._trap_side_pass())
+                self._trap_coefficient = coefficient
+                try:
+                    rescaled = super().training_step(model, dict(inputs), num_items_in_batch)
+                finally:
+                    self._trap_coefficient = None
+            self._trap_record("rescaled_loss", rescaled / coefficient / len(scales))
+            self._trap_record("scale", scale, per_step=False)
+        return nominal
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        output = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self._trap_coefficient is None:
+            return output
+        if return_outputs:
+            loss, outputs = output
+            return loss * self._trap_coefficient, outputs
+        return output * self._trap_coefficient
+
+    def _trap_side_pass(self):
+        """Context for the re-scaled passes: subclasses keep their own metrics from counting twice."""
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------------------- metrics
+    def _trap_record(self, key: str, value, per_step: bool = True) -> None:
+        value = value.item() if torch.is_tensor(value) else float(value)
+        self._trap_metrics[key].append(value)
+        if per_step:
+            self._trap_steps_logged.add(self.state.global_step)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and self._trap_metrics:
+            steps = max(len(self._trap_steps_logged), 1)
+            for key, values in self._trap_metrics.items():
+                # Losses are summed over a step's micro-batches (as `loss` is), scales averaged.
+                logs[f"trap/{key}"] = sum(values) / steps if key != "scale" else sum(values) / len(values)
+            self._trap_metrics.clear()
+            self._trap_steps_logged.clear()
+        if "loss" in logs or self.trap_skipped_steps:
+            logs["trap/skipped_steps"] = self.trap_skipped_steps
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------------------- theta0 in checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.trap_reference is not None and self.args.should_save:
+            path = os.path.join(output_dir, REFERENCE_WEIGHTS_NAME)
+            tmp = path + ".tmp"
+            save_file({k: v.contiguous() for k, v in self.trap_reference.items()}, tmp)
+            os.replace(tmp, path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.trap_reference is None:
+            return
+        path = os.path.join(checkpoint, REFERENCE_WEIGHTS_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"Resuming a full fine-tune from {checkpoint}, but it has no {REFERENCE_WEIGHTS_NAME} (theta0). "
+                "Without it the resumed run would protect against the wrong reference; resume from a checkpoint "
+                "written by Trap2Trainer."
+            )
+        loaded = load_file(path)
+        self.trap_reference = {
+            name: loaded[name].to(device=current.device, dtype=current.dtype) for name, current in self.trap_reference.items()
+        }
+
+
+class Trap2Trainer(Trap2TrainerMixin, Trainer):
+    """`transformers.Trainer` that trains a protected (unmergeable) update. Settings: `Trap2TrainingArguments`."""
+
+
+class Trap2SFTTrainer(Trap2TrainerMixin, SFTTrainer):
+    """TRL's `SFTTrainer` that trains a protected (unmergeable) update. Settings: `Trap2SFTConfig`."""
+
+    _trap_args_class = Trap2SFTConfig
+
+    @contextlib.contextmanager
+    def _trap_side_pass(self):
+        # SFTTrainer.compute_loss counts tokens and appends accuracy/entropy: only the nominal pass counts.
+        saved_metrics = {key: list(values) for key, values in self._metrics["train"].items()}
+        saved_tokens = self._total_train_tokens
+        try:
+            yield
+        finally:
+            self._metrics["train"] = defaultdict(list, saved_metrics)
+            self._total_train_tokens = saved_tokens
+
+
+class _SkipNonFiniteStep(TrainerCallback):
+    """Drops the gradients of a step whose gradients are not finite, so the optimizer skips it."""
+
+    def __init__(self, trainer: Trap2TrainerMixin):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if finite.item():
+            return
+        for p in model.parameters():
+            p.grad = None
+        self.trainer.trap_skipped_steps += 1
+        logger.warning(
+            "Step %d: non-finite gradients (an overflow at an off-nominal scale?); the optimizer step is skipped "
+            "(%d skipped so far).",
+            state.global_step + 1,
+            self.trainer.trap_skipped_steps,
+        )
+
+
+def _capture_rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(state) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
