@@ -46,6 +46,12 @@ def rescaled_adapter(model: nn.Module, scale: float, adapter_names: Iterable[str
     from peft.utils.other import ModulesToSaveWrapper
 
     names = set(trained_adapter_names(model) if adapter_names is None else adapter_names)
+    if not names and getattr(model, "peft_config", None):
+        kinds = sorted({str(getattr(c, "peft_type", type(c).__name__)) for c in model.peft_config.values()})
+        raise NotImplementedError(
+            f"Re-scaling is not supported yet for PEFT method(s) {kinds}: they add no weight update "
+            "W0 + dW to re-scale. Supported: LoRA, rsLoRA, DoRA and other layer adapters (LoHa, LoKr, IA3, ...)."
+        )
     if not names:
         raise ValueError(
             "The model has no trainable PEFT adapter to re-scale. Wrap it with peft.get_peft_model(...) "

@@ -72,12 +72,12 @@ class Trap2TrainerMixin:
         raise TypeError(f"args must be {self._trap_args_class.__name__}, got {type(args).__name__}.")
 
     def _trap_check_target(self) -> None:
-        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         model = self.accelerator.unwrap_model(self.model)
-        is_peft = isinstance(model, PeftModel) or hasattr(model, "peft_config")
+        has_adapter = any(isinstance(module, BaseTunerLayer) for module in model.modules())
         if self.args.trap_target == "adapter":
-            if not is_peft:
+            if not has_adapter:
                 raise ValueError(
                     "trap_target='adapter' but the model has no PEFT adapter. Wrap the model with "
                     "peft.get_peft_model(model, LoraConfig(...)) (or pass peft_config=... to Trap2SFTTrainer), "
@@ -88,7 +88,7 @@ class Trap2TrainerMixin:
                     "trap_target='adapter' but no adapter of the model has trainable parameters. Load the adapter "
                     "with is_trainable=True."
                 )
-        elif is_peft:
+        elif has_adapter:
             raise ValueError(
                 "trap_target='full' re-scales parameters (theta0 + s*(theta - theta0)), which for a PEFT model is "
                 "not the adapter's W0 + s*dW. Use trap_target='adapter' for PEFT models."

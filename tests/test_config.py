@@ -1,0 +1,66 @@
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from trap2_hf import Trap2SFTConfig, Trap2TrainingArguments
+
+
+def make(**kwargs):
+    return Trap2TrainingArguments(output_dir="unused", report_to="none", **kwargs)
+
+
+def test_defaults_match_the_method():
+    args = make()
+    assert args.trap_scale_min == 0.05 and args.trap_scale_max == 2.0 and args.trap_margin == 0.05
+    assert args.trap_weighting == "inv" and args.trap_target == "adapter"
+    assert isinstance(args, TrainingArguments)
+    # Language models: the paper's 1/sqrt(s).
+    assert Trap2SFTConfig(output_dir="unused", report_to="none", bf16=False).trap_weighting == "inv_sqrt"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field_name",
+    [
+        ({"trap_margin": 0.0}, "trap_margin"),
+        ({"trap_margin": -0.1}, "trap_margin"),
+        ({"trap_scale_min": 0.0}, "trap_scale_min"),
+        ({"trap_scale_min": 1.5, "trap_scale_max": 0.5}, "trap_scale_min"),
+        ({"trap_scale_min": 0.97, "trap_scale_max": 1.03}, "outside the margin"),
+        ({"trap_scale_min": 1.0, "trap_scale_max": 1.0}, "outside the margin"),
+        ({"trap_lambda": -0.01}, "trap_lambda"),
+        ({"trap_weighting": "sqrt"}, "trap_weighting"),
+        ({"trap_target": "lora"}, "trap_target"),
+        ({"trap_scales_per_step": 0}, "trap_scales_per_step"),
+        ({"trap_scale_sampling": "sobol"}, "trap_scale_sampling"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, field_name):
+    with pytest.raises(ValueError, match=field_name):
+        make(**kwargs)
+
+
+def test_sft_config_validates_too():
+    with pytest.raises(ValueError, match="trap_lambda"):
+        Trap2SFTConfig(output_dir="unused", report_to="none", bf16=False, trap_lambda=-1)
+
+
+def test_fixed_scale_outside_margin_is_allowed():
+    args = make(trap_scale_min=0.5, trap_scale_max=0.5)
+    assert args.trap_scale_min == args.trap_scale_max == 0.5
+
+
+def test_fields_are_command_line_flags():
+    (args,) = HfArgumentParser(Trap2TrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--trap_lambda", "0.05", "--trap_weighting", "none", "--trap_scales_per_step", "2"]
+    )
+    assert (args.trap_lambda, args.trap_weighting, args.trap_scales_per_step) == (0.05, "none", 2)
+    with pytest.raises(SystemExit):
+        HfArgumentParser(Trap2TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", "x", "--trap_weighting", "bogus"]
+        )
+
+
+def test_settings_dict_is_exactly_the_trap_fields():
+    settings = make(trap_lambda=0.02).trap_settings_dict()
+    assert settings["trap_lambda"] == 0.02
+    assert all(key.startswith("trap_") for key in settings)
+    assert {"trap_lambda", "trap_scale_min", "trap_scale_max", "trap_margin", "trap_weighting", "trap_target"} <= set(settings)

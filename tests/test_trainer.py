@@ -1,0 +1,220 @@
+"""Trap2Trainer: the step's gradients, accumulation, resumption, skipping and the checks at construction."""
+
+import copy
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from conftest import tiny_llama, token_dataset
+from trap_checks import (
+    assert_grads_close,
+    direct_full_gradients,
+    direct_lora_gradients,
+    sgd_args,
+    step_gradients,
+    trainable_state,
+)
+from trap2_hf import Trap2Trainer, Trap2TrainingArguments
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+
+
+def lora_model(**overrides):
+    return get_peft_model(tiny_llama(), LoraConfig(**{**LORA, **overrides}))
+
+
+def lora_model_with_seed(seed):
+    base = tiny_llama()
+    torch.manual_seed(seed)
+    return get_peft_model(base, LoraConfig(**LORA))
+
+
+def full_batch(dataset):
+    return {k: torch.tensor(dataset[k]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def one_step(model, tmp_out, dataset, trainer_cls=Trap2Trainer, args_cls=Trap2TrainingArguments, **overrides):
+    args = args_cls(output_dir=tmp_out, max_steps=1, per_device_train_batch_size=len(dataset), **sgd_args(**overrides))
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset)
+    before = trainable_state(model)
+    trainer.train()
+    return trainer, step_gradients(before, model)
+
+
+@pytest.mark.parametrize("weighting", ["inv", "inv_sqrt", "none"])
+def test_lora_step_gradients_equal_direct_computation(tmp_out, weighting):
+    dataset = token_dataset(8, ragged=True)
+    model = lora_model()
+    reference = copy.deepcopy(model)
+    trainer, grads = one_step(model, tmp_out, dataset, trap_lambda=0.3, trap_weighting=weighting)
+    scales = trainer.trap_scales(0)
+    expected = direct_lora_gradients(reference, tiny_llama(), full_batch(dataset), scales, 0.3, weighting)
+    assert_grads_close(grads, expected)
+    # The re-scaled term matters: without it the gradients differ.
+    plain = direct_lora_gradients(reference, tiny_llama(), full_batch(dataset), scales, 0.0, weighting)
+    assert max((plain[k] - expected[k]).abs().max() for k in expected) > 1e-4
+
+
+def test_dora_two_scales_with_checkpointing_equal_direct_computation(tmp_out):
+    dataset = token_dataset(8, ragged=True)
+    model = lora_model(use_dora=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "magnitude" in name:
+                p.mul_(1.2)
+    reference = copy.deepcopy(model)
+    trainer, grads = one_step(
+        model,
+        tmp_out,
+        dataset,
+        trap_lambda=0.2,
+        trap_scales_per_step=2,
+        trap_scale_sampling="stratified",
+        gradient_checkpointing=True,
+    )
+    scales = trainer.trap_scales(0)
+    assert scales[0] < 1 < scales[1]
+    expected = direct_lora_gradients(reference, tiny_llama(), full_batch(dataset), scales, 0.2, "inv")
+    assert_grads_close(grads, expected)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_full_finetune_step_gradients_equal_direct_computation(tmp_out, checkpointing):
+    dataset = token_dataset(8, ragged=True)
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(3)
+    # An explicit theta0 away from the current weights, so theta0 + s*(theta - theta0) is not trivial.
+    theta0 = {k: p.detach() + 0.05 * torch.randn(p.shape, generator=generator) for k, p in model.named_parameters()}
+    reference = copy.deepcopy(model)
+    args = Trap2TrainingArguments(
+        output_dir=tmp_out,
+        max_steps=1,
+        per_device_train_batch_size=8,
+        **sgd_args(trap_target="full", trap_lambda=0.5, trap_weighting="inv_sqrt", gradient_checkpointing=checkpointing),
+    )
+    trainer = Trap2Trainer(model=model, args=args, train_dataset=dataset, trap_reference=theta0)
+    before = trainable_state(model)
+    trainer.train()
+    grads = step_gradients(before, model)
+    expected = direct_full_gradients(reference, theta0, full_batch(dataset), trainer.trap_scales(0), 0.5, "inv_sqrt")
+    assert_grads_close(grads, expected, rtol=5e-4, atol=2e-6)
+
+
+def test_lambda_zero_is_exactly_the_plain_trainer(tmp_out):
+    dataset = token_dataset(8, ragged=True)
+    plain_model, trap_model = lora_model(), lora_model()
+    _, plain = one_step(plain_model, tmp_out + "a", dataset, trainer_cls=Trainer, args_cls=TrainingArguments)
+    _, trap = one_step(trap_model, tmp_out + "b", dataset, trap_lambda=0.0)
+    for key in plain:
+        assert torch.equal(plain[key], trap[key])
+
+
+def train_weights(tmp_out, batch_size, accumulation, steps, model_fn=lora_model, **overrides):
+    model = model_fn()
+    args = Trap2TrainingArguments(
+        output_dir=tmp_out,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        **sgd_args(**{"learning_rate": 0.5, **overrides}),
+    )
+    trainer = Trap2Trainer(model=model, args=args, train_dataset=token_dataset(16, ragged=True))
+    trainer.train()
+    return trainable_state(model), trainer
+
+
+def test_accumulation_4x2_and_1x8_equal_8x1(tmp_out):
+    """num_items_in_batch makes accumulated micro-batches exact, for both passes; one scale per step."""
+    settings = dict(trap_lambda=0.3, trap_scales_per_step=2)
+    direct, _ = train_weights(tmp_out + "a", 8, 1, 2, **settings)
+    for batch, accumulation in [(4, 2), (1, 8)]:
+        accumulated, trainer = train_weights(tmp_out + f"{batch}", batch, accumulation, 2, **settings)
+        for key in direct:
+            torch.testing.assert_close(accumulated[key], direct[key], rtol=1e-4, atol=1e-6)
+        scales_logged = [log["trap/scale"] for log in trainer.state.log_history if "trap/scale" in log]
+        assert scales_logged == [pytest.approx(sum(trainer.trap_scales(step)) / 2) for step in range(2)]
+
+
+@pytest.mark.parametrize("target", ["adapter", "full"])
+def test_resume_equals_a_straight_run(tmp_out, target):
+    overrides = dict(trap_lambda=0.2, trap_target=target, optim="adamw_torch", learning_rate=1e-2)
+    model_fn = lora_model if target == "adapter" else tiny_llama
+    straight, _ = train_weights(tmp_out + "straight", 4, 1, 4, model_fn=model_fn, **overrides)
+
+    run_dir = tmp_out + "resumed"
+    _, first = train_weights(run_dir, 4, 1, 2, model_fn=model_fn, save_strategy="steps", save_steps=2, **overrides)
+    checkpoint = os.path.join(run_dir, "checkpoint-2")
+    if target == "full":
+        assert os.path.exists(os.path.join(checkpoint, "trap2_reference.safetensors"))
+    # Other trainable weights (same frozen base): weights, optimizer and theta0 must all come from the checkpoint.
+    model = tiny_llama(seed=1) if target == "full" else lora_model_with_seed(99)
+    args = Trap2TrainingArguments(output_dir=run_dir, max_steps=4, per_device_train_batch_size=4, **sgd_args(**overrides))
+    trainer = Trap2Trainer(model=model, args=args, train_dataset=token_dataset(16, ragged=True))
+    trainer.train(resume_from_checkpoint=checkpoint)
+    resumed = trainable_state(model)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_gradients_skip_the_step_and_training_continues(tmp_out, caplog):
+    model = lora_model()
+    args = Trap2TrainingArguments(output_dir=tmp_out, max_steps=3, per_device_train_batch_size=4, **sgd_args(learning_rate=0.1, trap_lambda=0.1))
+    trainer = Trap2Trainer(model=model, args=args, train_dataset=token_dataset(16))
+    original_rescaled = trainer.trap_rescaled
+    states = []
+
+    def overflow_on_step_one(scale):
+        context = original_rescaled(scale)
+        if trainer.state.global_step == 1:
+            hook = model.base_model.model.lm_head.register_forward_hook(lambda m, i, out: out * float("inf"))
+            trainer.add_callback  # noqa: B018  (the hook is removed after this pass)
+            class _Remove:
+                def __enter__(self):
+                    context.__enter__()
+                def __exit__(self, *exc):
+                    hook.remove()
+                    return context.__exit__(*exc)
+            return _Remove()
+        return context
+
+    trainer.trap_rescaled = overflow_on_step_one
+
+    from transformers import TrainerCallback
+
+    class RecordWeights(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            states.append(trainable_state(model))
+
+    trainer.add_callback(RecordWeights())
+    before = trainable_state(model)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert trainer.trap_skipped_steps == 1
+    assert "skipped" in caplog.text
+    changed = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip([before] + states, states)]
+    assert changed == [True, False, True]
+    assert [log.get("trap/skipped_steps") for log in trainer.state.log_history if "loss" in log] == [0, 1, 1]
+
+
+def test_adapter_target_without_adapter_is_refused(tmp_out):
+    args = Trap2TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="no PEFT adapter.*trap_target='full'"):
+        Trap2Trainer(model=tiny_llama(), args=args, train_dataset=token_dataset(4))
+
+
+def test_full_target_on_peft_model_is_refused(tmp_out):
+    args = Trap2TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True, trap_target="full")
+    with pytest.raises(ValueError, match="trap_target='adapter'"):
+        Trap2Trainer(model=lora_model(), args=args, train_dataset=token_dataset(4))
+
+
+def test_plain_training_arguments_get_default_protection(tmp_out):
+    args = TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True, max_steps=1, learning_rate=3e-3)
+    trainer = Trap2Trainer(model=lora_model(), args=args, train_dataset=token_dataset(4))
+    assert isinstance(trainer.args, Trap2TrainingArguments)
+    assert trainer.args.learning_rate == 3e-3 and trainer.args.trap_lambda == 0.01
+    trainer.train()
+    assert any("trap/rescaled_loss" in log for log in trainer.state.log_history)
