@@ -47,3 +47,32 @@ def token_dataset(num: int = 16, length: int = 12, seed: int = 0, ragged: bool =
 @pytest.fixture
 def tmp_out(tmp_path):
     return str(tmp_path / "out")
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 4)]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over `WORDS`, built locally (ids line up with tiny_llama's vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def text_dataset(num: int = 16, seed: int = 0):
+    """Sentences of varying length, for SFTTrainer's text path."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(num):
+        length = 4 + i % 7
+        ids = torch.randint(0, len(WORDS), (length,), generator=g).tolist()
+        rows.append({"text": " ".join(WORDS[j] for j in ids)})
+    return Dataset.from_list(rows)
