@@ -97,7 +97,8 @@ def rescaled_parameters(model: nn.Module, scale: float, reference: dict[str, tor
                 param = params[name]
                 stashed[name] = param.data
                 param.data = torch.lerp(theta0.to(param.device, param.dtype), param.data, scale)
-                hooks.append(param.register_hook(lambda grad, s=scale: grad * s))
+                if param.requires_grad:
+                    hooks.append(param.register_hook(lambda grad, s=scale: grad * s))
         yield
     finally:
         for hook in hooks:

@@ -1,0 +1,174 @@
+"""`trap2 audit`: the merge-attack audit from the command line.
+
+Adapters (LoRA folders saved by `save_pretrained`):
+
+    trap2 audit --base_model path/or/repo-id --tasks my_tasks.py --protected_task topic \\
+        --protected out/topic-trap2 --unprotected out/topic-plain \\
+        --other city=out/city --other kind=out/kind --output_dir audit/
+
+Full fine-tunes (model folders of the same architecture): the same with `--target full`.
+
+The tasks file is a Python file defining
+
+    def get_tasks(model, tokenizer) -> list[trap2_hf.audit.AuditTask]
+
+where each AuditTask's `evaluate(model, split)` returns a metric in [0, 1] on split "validation" or
+"test" with the model's current weights (`trap2_hf.audit.load_metric("accuracy")` is available
+offline). It writes audit.json, audit.md and audit.png to --output_dir and prints the table.
+"""
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+
+from . import methods as registry
+from .run import DEFAULT_SCALES, MODES
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trap2 audit",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--base_model", help="Base model: a local folder or a Hub repo id.")
+    parser.add_argument(
+        "--model_class", default="AutoModelForCausalLM",
+        help="transformers Auto class that loads the base model (e.g. AutoModelForSequenceClassification).",
+    )
+    parser.add_argument("--tasks", help="Python file defining get_tasks(model, tokenizer) -> list[AuditTask].")
+    parser.add_argument("--protected_task", help="Name of the task the protected update is for.")
+    parser.add_argument(
+        "--protected", help="Folder of the protected update (an adapter, or a full model with --target full)."
+    )
+    parser.add_argument("--unprotected", default=None, help="Folder of its unprotected twin (optional).")
+    parser.add_argument(
+        "--other", action="append", default=[], metavar="TASK=FOLDER",
+        help="An update of another task; repeat for each (at least one).",
+    )
+    parser.add_argument("--target", choices=("adapter", "full"), default="adapter", help="Kind of update.")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, metavar="NAME",
+        help="Merge methods to run (default: all that apply to --target; see --list_methods).",
+    )
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="Merge modes.")
+    parser.add_argument(
+        "--sweep_scales", nargs="+", type=float, default=list(DEFAULT_SCALES),
+        help="Scales s of the re-scaling sweep W0 + s*dW of each update alone.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the randomised merges (DARE).")
+    parser.add_argument("--device", default="auto", help="Model device: auto (cuda if available), cpu, cuda, ...")
+    parser.add_argument("--output_dir", default="audit", help="Folder for audit.json, audit.md and audit.png.")
+    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
+    parser.add_argument("--list_methods", action="store_true", help="List the merge methods and grids, then exit.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list_methods:
+        print(list_methods())
+        return 0
+    missing = [f"--{k}" for k in ("base_model", "tasks", "protected_task", "protected") if not getattr(args, k)]
+    if missing or not args.other:
+        parser.error(f"missing {', '.join(missing + ([] if args.other else ['--other TASK=FOLDER']))}")
+    others = dict(_task_and_folder(parser, item) for item in args.other)
+
+    import torch
+
+    from .report import format_table, write_report
+    from .run import run_audit
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model_class = _model_class(parser, args.model_class)
+    model = model_class.from_pretrained(args.base_model).to(device)
+    if args.target == "adapter":
+        model, names = _load_adapters(model, args.protected, args.unprotected, others)
+        protected, unprotected = names["protected"], names.get("unprotected")
+        other_updates = {task: names[f"other:{task}"] for task in others}
+    else:
+        protected = _finetuned_state(model_class, args.protected, device)
+        unprotected = _finetuned_state(model_class, args.unprotected, device) if args.unprotected else None
+        other_updates = {task: _finetuned_state(model_class, folder, device) for task, folder in others.items()}
+    tasks = _load_tasks(args.tasks, model, _tokenizer(args.base_model))
+    results = run_audit(
+        model, tasks, args.protected_task, protected, unprotected, other_updates,
+        target=args.target, methods=args.methods, modes=tuple(args.modes),
+        sweep_scales=tuple(args.sweep_scales), seed=args.seed, progress=not args.no_progress,
+    )
+    paths = write_report(results, args.output_dir)
+    print(format_table(results))
+    print("\nWrote " + ", ".join(paths.values()))
+    return 0
+
+
+def list_methods() -> str:
+    lines = []
+    for name in registry.names():
+        method = registry.get(name)
+        params = "; ".join(f"{p.name}: average {p.default}, best grid {list(p.grid)}" for p in method.params)
+        lines.append(f"{name:<22} [{'/'.join(method.targets)}] {params}\n{'':<22} {method.summary}")
+    return "\n".join(lines)
+
+
+def _task_and_folder(parser, item: str) -> tuple[str, str]:
+    task, sep, folder = item.partition("=")
+    if not sep or not task or not folder:
+        parser.error(f"--other {item!r}: write TASK=FOLDER, e.g. --other city=out/city-adapter")
+    return task, folder
+
+
+def _model_class(parser, name: str):
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        parser.error(f"--model_class {name!r} is not a transformers Auto class (e.g. AutoModelForCausalLM).")
+    return cls
+
+
+def _load_adapters(model, protected: str, unprotected: str | None, others: dict[str, str]):
+    from peft import PeftModel
+
+    folders = {"protected": protected, **({"unprotected": unprotected} if unprotected else {})}
+    folders.update({f"other:{task}": folder for task, folder in others.items()})
+    names = {key: re.sub(r"\W", "_", key) for key in folders}
+    peft_model = None
+    for key, folder in folders.items():
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, folder, adapter_name=names[key])
+        else:
+            peft_model.load_adapter(folder, adapter_name=names[key])
+    return peft_model, names
+
+
+def _finetuned_state(model_class, folder: str, device: str) -> dict:
+    finetuned = model_class.from_pretrained(folder)
+    state = {name: p.detach().to(device) for name, p in finetuned.named_parameters()}
+    del finetuned
+    return state
+
+
+def _tokenizer(base_model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base_model)
+    except (OSError, ValueError):
+        return None
+
+
+def _load_tasks(path: str, model, tokenizer) -> list:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--tasks {path!r} is not a file; pass a Python file defining get_tasks(model, tokenizer)."
+        )
+    spec = importlib.util.spec_from_file_location("trap2_audit_tasks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_tasks"):
+        raise AttributeError(f"{path} defines no get_tasks(model, tokenizer) -> list[AuditTask].")
+    return list(module.get_tasks(model, tokenizer))

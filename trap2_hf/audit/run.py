@@ -1,0 +1,325 @@
+"""The merge-attack audit: what each merge method does to a protected update, against its twin.
+
+For one protected update (and optionally its unprotected twin, trained the same way without Trap²)
+and the updates of other tasks on the same base, the audit measures every task on held-out data:
+
+- the base model, each update alone, and the protected task along the re-scaling ray W0 + s*dW;
+- every registered merge method in two modes: `average` (weights 1/N, the method's default density:
+  what a naive merger does) and `best` (attacker-optimistic: the method's grid searched on the
+  validation split for the highest merged average over all tasks, the test split reported). Each
+  merge is run once with the protected update and once with the twin in its place.
+
+Merges are applied to the weights in place and undone exactly (or, for PEFT combination types,
+created as a temporary adapter and deleted), so the base model is loaded once.
+"""
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..rescale import rescaled_update
+from . import methods as registry
+from .task_vectors import TaskVector, adapter_task_vector, applied, full_task_vector, merge_task_vectors
+
+MODES = ("average", "best")
+SEARCH_SPLIT, REPORT_SPLIT = "validation", "test"
+MERGED_ADAPTER = "trap2_audit_merge"
+DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+
+
+@dataclass
+class AuditTask:
+    """One task of the audit and how to measure it.
+
+    `evaluate(model, split)` returns the task metric in [0, 1] (higher is better) on `split`
+    ("validation" or "test") with the model's current weights and active adapter; `chance` is the
+    metric of a constant or random predictor.
+    """
+
+    name: str
+    evaluate: Callable[[nn.Module, str], float]
+    chance: float
+
+
+def run_audit(
+    model: nn.Module,
+    tasks: list[AuditTask],
+    protected_task: str,
+    protected,
+    unprotected,
+    others: dict,
+    target: str = "adapter",
+    methods: list[str] | None = None,
+    modes: tuple = MODES,
+    sweep_scales: tuple = DEFAULT_SCALES,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run the audit and return the content of `audit.json`.
+
+    With `target="adapter"`, `model` is a PEFT model holding every update as a named adapter and
+    `protected`, `unprotected` and the values of `others` are adapter names. With `target="full"`,
+    `model` is the base model (its current weights are theta0) and they are fine-tuned states
+    `{parameter name: tensor}`. `unprotected` may be None. `methods` defaults to every registered
+    method that applies to `target`.
+    """
+    chosen = _check_arguments(model, tasks, protected_task, protected, unprotected, others, target, methods, modes)
+    other_keys = {t: f"other:{t}" for t in others}
+    updates = {"protected": protected, "unprotected": unprotected, **{other_keys[t]: u for t, u in others.items()}}
+    auditor = _Auditor(model, tasks, target, updates, seed)
+    variants = ["protected"] + (["unprotected"] if unprotected is not None else [])
+    total = (
+        1 + len(others) + len(variants) * (1 + len(sweep_scales))
+        + len(variants) * sum(_evaluations(registry.get(m), mode) for m in chosen for mode in modes)
+    )
+    with auditor.session(total, progress):
+        base = auditor.measure(auditor.base, REPORT_SPLIT)
+        standalone = {v: auditor.score(lambda v=v: auditor.alone(v), protected_task) for v in variants}
+        finetuned = {t: auditor.score(lambda k=k: auditor.alone(k), t) for t, k in other_keys.items()}
+        curve = {
+            v: [auditor.score(lambda v=v, s=s: auditor.rescaled(v, s), protected_task) for s in sweep_scales]
+            for v in variants
+        }
+        entries, skipped = [], []
+        for name in chosen:
+            method = registry.get(name)
+            try:
+                for mode in modes:
+                    entries.append(_audit_method(auditor, method, mode, variants, list(other_keys.values())))
+            except _MergeUnsupported as error:
+                entries = [e for e in entries if e["method"] != name]
+                skipped.append({"method": name, "reason": str(error)})
+                auditor.skip(len(variants) * sum(_evaluations(method, mode) for mode in modes))
+    task_names = [t.name for t in tasks]
+    return {
+        "protected_task": protected_task,
+        "target": target,
+        "tasks": task_names,
+        "base": {t: base[t] for t in task_names},
+        "chance": {t.name: float(t.chance) for t in tasks},
+        "finetuned": {t: finetuned.get(t) for t in task_names} | {protected_task: standalone.get("unprotected")},
+        "standalone": {"protected": standalone["protected"], "unprotected": standalone.get("unprotected")},
+        "rescale_curve": {
+            "scales": [float(s) for s in sweep_scales],
+            "protected": curve["protected"],
+            "unprotected": curve.get("unprotected"),
+        },
+        "methods": entries,
+        "skipped": skipped,
+        "config": {
+            "seed": seed,
+            "modes": list(modes),
+            "splits": {"search": SEARCH_SPLIT, "report": REPORT_SPLIT},
+            "updates": {
+                "protected": _describe(protected, target),
+                "unprotected": None if unprotected is None else _describe(unprotected, target),
+                "others": {t: _describe(u, target) for t, u in others.items()},
+            },
+            "declared": {name: registry.get(name).describe() for name in chosen},
+        },
+    }
+
+
+def _audit_method(auditor: "_Auditor", method, mode: str, variants: list[str], others: list[str]) -> dict:
+    entry = {"method": method.name, "mode": mode}
+    for variant in variants:
+        keys = [variant, *others]
+        if mode == "average":
+            params, search = method.average_params(len(keys)), None
+        else:
+            search = [
+                {"params": p, SEARCH_SPLIT: auditor.measure(lambda p=p: auditor.merged(method, keys, p), SEARCH_SPLIT)}
+                for p in method.grid()
+            ]
+            params = max(search, key=lambda row: row[SEARCH_SPLIT]["average"])["params"]
+        scores = auditor.measure(lambda: auditor.merged(method, keys, params), REPORT_SPLIT)
+        entry["params" if variant == "protected" else "unprotected_params"] = params
+        entry[variant] = scores
+        if search is not None:
+            entry.setdefault("search", {})[variant] = search
+    entry.setdefault("unprotected", None)
+    entry.setdefault("unprotected_params", None)
+    return entry
+
+
+def _evaluations(method, mode: str) -> int:
+    return 1 if mode == "average" else len(method.grid()) + 1
+
+
+class _MergeUnsupported(Exception):
+    """A PEFT combination type refused these adapters; the method is reported as skipped."""
+
+
+class _Auditor:
+    """The model under audit and the contexts that put one configuration of it in place."""
+
+    def __init__(self, model, tasks, target, updates, seed):
+        self.model, self.tasks, self.target, self.updates, self.seed = model, tasks, target, updates, seed
+        self._vectors: dict[str, TaskVector] = {}
+        self._unit_merge: tuple = (None, None)
+        self._bar = None
+
+    @contextmanager
+    def session(self, total: int, progress: bool) -> Iterator[None]:
+        """Evaluation mode, no gradients, a progress bar; the model's mode, active adapter and
+        requires_grad flags are restored on exit."""
+        from tqdm.auto import tqdm
+
+        training = self.model.training
+        flags = {id(p): p.requires_grad for p in self.model.parameters()}
+        active = getattr(self.model, "active_adapter", None) if self.target == "adapter" else None
+        self._bar = tqdm(total=total, desc="trap2 audit", unit="eval", disable=not progress)
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                yield
+        finally:
+            self._bar.close()
+            if active is not None and active in self.model.peft_config:
+                self.model.set_adapter(active)
+            for p in self.model.parameters():
+                p.requires_grad_(flags.get(id(p), p.requires_grad))
+            self.model.train(training)
+
+    def skip(self, steps: int) -> None:
+        self._bar.total = max(self._bar.n, self._bar.total - steps)
+        self._bar.refresh()
+
+    def measure(self, context: Callable, split: str, only: list[str] | None = None) -> dict:
+        """Every task (or those in `only`) on `split` inside `context()`, plus their `average`."""
+        with context():
+            scores = {}
+            for task in self.tasks:
+                if only is None or task.name in only:
+                    value = float(task.evaluate(self.model, split))
+                    if not math.isfinite(value):
+                        raise ValueError(f"Task {task.name!r} returned a non-finite metric {value} on {split!r}.")
+                    scores[task.name] = value
+        self._bar.update(1)
+        if only is None:
+            scores["average"] = sum(scores.values()) / len(scores)
+        return scores
+
+    def score(self, context: Callable, task: str) -> float:
+        """One task's metric on the report split inside `context()`."""
+        return self.measure(context, REPORT_SPLIT, [task])[task]
+
+    def base(self):
+        return self.model.disable_adapter() if self.target == "adapter" else nullcontext()
+
+    @contextmanager
+    def alone(self, key: str) -> Iterator[None]:
+        if self.target == "adapter":
+            self.model.set_adapter(self.updates[key], inference_mode=True)
+            yield
+        else:
+            with applied(self.model, self.vector(key)):
+                yield
+
+    @contextmanager
+    def rescaled(self, key: str, scale: float) -> Iterator[None]:
+        with ExitStack() as stack:
+            if self.target == "adapter":
+                stack.enter_context(self.alone(key))
+                stack.enter_context(rescaled_update(self.model, scale, "adapter", adapter_names=[self.updates[key]]))
+            else:
+                params = dict(self.model.named_parameters())
+                theta0 = {name: params[name].data for name in self.vector(key)}
+                stack.enter_context(self.alone(key))
+                stack.enter_context(rescaled_update(self.model, scale, "full", reference=theta0))
+            yield
+
+    @contextmanager
+    def merged(self, method, keys: list[str], params: dict) -> Iterator[None]:
+        if method.kind == registry.WEIGHTS:
+            delta, scale = self._merged_vector(method, keys, params)
+            with self.base(), applied(self.model, delta, scale=scale):
+                yield
+            return
+        with self._combined_adapter(method, [self.updates[k] for k in keys], params):
+            yield
+
+    def _merged_vector(self, method, keys: list[str], params: dict) -> tuple[TaskVector, float]:
+        """The merged task vector and the scale to apply it at; for a method linear in its shared
+        weight, the merge at weight 1 is kept and re-used along the weight grid."""
+        if not method.linear_in_weight:
+            return merge_task_vectors(method, [self.vector(k) for k in keys], params, seed=self.seed), 1.0
+        rest = {k: v for k, v in params.items() if k != "weight"}
+        cache_key = (method.name, tuple(keys), tuple(sorted(rest.items())))
+        if self._unit_merge[0] != cache_key:
+            self._unit_merge = (cache_key, None)
+            unit = merge_task_vectors(method, [self.vector(k) for k in keys], {**rest, "weight": 1.0}, seed=self.seed)
+            self._unit_merge = (cache_key, unit)
+        return self._unit_merge[1], float(params["weight"])
+
+    @contextmanager
+    def _combined_adapter(self, method, adapters: list[str], params: dict) -> Iterator[None]:
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(self.seed)
+                registry.combine_adapters(self.model, method, adapters, params, MERGED_ADAPTER)
+            self.model.set_adapter(MERGED_ADAPTER, inference_mode=True)
+        except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
+            self._drop_merged_adapter()
+            raise _MergeUnsupported(f"{type(error).__name__}: {error}") from error
+        try:
+            yield
+        finally:
+            self._drop_merged_adapter()
+
+    def _drop_merged_adapter(self) -> None:
+        if MERGED_ADAPTER in self.model.peft_config:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=f"Adapter {MERGED_ADAPTER} was active")
+                self.model.delete_adapter(MERGED_ADAPTER)
+
+    def vector(self, key: str) -> TaskVector:
+        if key not in self._vectors:
+            update = self.updates[key]
+            if self.target == "adapter":
+                self._vectors[key] = adapter_task_vector(self.model, update)
+            else:
+                self._vectors[key] = full_task_vector(self.model, update)
+        return self._vectors[key]
+
+
+def _describe(update, target: str):
+    return update if target == "adapter" else f"<fine-tuned state: {len(update)} tensors>"
+
+
+def _check_arguments(model, tasks, protected_task, protected, unprotected, others, target, methods, modes) -> list[str]:
+    if target not in ("adapter", "full"):
+        raise ValueError(f"Unknown target {target!r}; use 'adapter' (PEFT adapters) or 'full' (fine-tuned states).")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Task names must be unique; got {names}.")
+    if protected_task not in names:
+        raise ValueError(f"protected_task={protected_task!r} is not one of the tasks {names}.")
+    if not others:
+        raise ValueError("Pass at least one other update in `others` ({task name: update}); a merge needs two.")
+    stray = [t for t in others if t not in names or t == protected_task]
+    if stray:
+        raise ValueError(f"`others` keys {stray} must name tasks other than {protected_task!r}, from {names}.")
+    bad_modes = [m for m in modes if m not in MODES]
+    if bad_modes or not modes:
+        raise ValueError(f"Unknown mode(s) {bad_modes or list(modes)}; use one or both of {list(MODES)}.")
+    if target == "adapter":
+        if not hasattr(model, "peft_config") or not hasattr(model, "disable_adapter"):
+            raise ValueError("target='adapter' needs a peft PeftModel holding every update as a named adapter.")
+        updates = [protected, *([] if unprotected is None else [unprotected]), *others.values()]
+        missing = [u for u in updates if u not in model.peft_config]
+        if missing:
+            raise ValueError(f"Adapter(s) {missing} are not loaded; the model has {list(model.peft_config)}.")
+        if MERGED_ADAPTER in model.peft_config:
+            raise ValueError(f"The adapter name {MERGED_ADAPTER!r} is reserved for the audit's temporary merges.")
+    chosen = registry.names(target) if methods is None else list(methods)
+    for name in chosen:
+        targets = registry.get(name).targets
+        if target not in targets:
+            raise ValueError(f"Merge method {name!r} applies to target {' or '.join(targets)} only, not {target!r}.")
+    return chosen
