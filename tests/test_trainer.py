@@ -218,3 +218,13 @@ def test_plain_training_arguments_get_default_protection(tmp_out):
     assert trainer.args.learning_rate == 3e-3 and trainer.args.trap_lambda == 0.01
     trainer.train()
     assert any("trap/rescaled_loss" in log for log in trainer.state.log_history)
+
+
+def test_bf16_mixed_precision_step_matches_direct_computation(tmp_out):
+    dataset = token_dataset(8, ragged=True)
+    model = lora_model()
+    reference = copy.deepcopy(model)
+    trainer, grads = one_step(model, tmp_out, dataset, trap_lambda=0.3, bf16=True)
+    expected = direct_lora_gradients(reference, tiny_llama(), full_batch(dataset), trainer.trap_scales(0), 0.3, "inv")
+    for key in expected:  # bf16 autocast: agreement to bf16 precision, relative to each tensor's size
+        assert (grads[key] - expected[key]).abs().max() <= 0.03 * expected[key].abs().max() + 1e-6, key
