@@ -228,3 +228,13 @@ def test_bf16_mixed_precision_step_matches_direct_computation(tmp_out):
     expected = direct_lora_gradients(reference, tiny_llama(), full_batch(dataset), trainer.trap_scales(0), 0.3, "inv")
     for key in expected:  # bf16 autocast: agreement to bf16 precision, relative to each tensor's size
         assert (grads[key] - expected[key]).abs().max() <= 0.03 * expected[key].abs().max() + 1e-6, key
+
+
+def test_quantized_base_is_refused_clearly_without_a_gpu(tmp_out):
+    model = lora_model()
+    model.get_base_model().is_loaded_in_4bit = True  # what from_pretrained(..., load_in_4bit) marks
+    args = Trap2TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True)
+    if torch.cuda.is_available():
+        pytest.skip("bitsandbytes can run here")
+    with pytest.raises(ValueError, match="quantized with bitsandbytes.*load the base unquantized"):
+        Trap2Trainer(model=model, args=args, train_dataset=token_dataset(4))

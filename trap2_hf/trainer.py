@@ -45,6 +45,7 @@ class Trap2TrainerMixin:
         self._trap_coefficient = None
         self.trap_skipped_steps = 0
         self._trap_check_target()
+        self._trap_check_quantization()
         self.trap_reference = None
         if self.args.trap_target == "full":
             self.trap_reference = trap_reference or snapshot_parameters(
@@ -92,6 +93,23 @@ class Trap2TrainerMixin:
             raise ValueError(
                 "trap_target='full' re-scales parameters (theta0 + s*(theta - theta0)), which for a PEFT model is "
                 "not the adapter's W0 + s*dW. Use trap_target='adapter' for PEFT models."
+            )
+
+    def _trap_check_quantization(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)):
+            return
+        if self.args.trap_target == "full":
+            raise ValueError(
+                "trap_target='full' on a quantized (bitsandbytes) model: quantized weights cannot hold "
+                "theta0 + s*(theta - theta0). Protect a LoRA adapter on the quantized base (trap_target='adapter', "
+                "QLoRA) or load the model unquantized."
+            )
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "The base model is quantized with bitsandbytes (4/8-bit), which needs a CUDA GPU; none is available "
+                "here. Train on a GPU, or load the base unquantized (drop quantization_config / load_in_4bit)."
             )
 
     # ----------------------------------------------------------------------------- the step
