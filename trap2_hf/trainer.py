@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
 
 from .config import Trap2SFTConfig, Trap2Settings, Trap2TrainingArguments
+from .hub.push import Trap2HubMixin
 from .objective import rescaled_loss_coefficient, sample_scales, step_generator
 from .rescale import rescaled_update, snapshot_parameters, trained_adapter_names
 
@@ -225,11 +226,11 @@ class Trap2TrainerMixin:
         }
 
 
-class Trap2Trainer(Trap2TrainerMixin, Trainer):
+class Trap2Trainer(Trap2HubMixin, Trap2TrainerMixin, Trainer):
     """`transformers.Trainer` that trains a protected (unmergeable) update. Settings: `Trap2TrainingArguments`."""
 
 
-class Trap2SFTTrainer(Trap2TrainerMixin, SFTTrainer):
+class Trap2SFTTrainer(Trap2HubMixin, Trap2TrainerMixin, SFTTrainer):
     """TRL's `SFTTrainer` that trains a protected (unmergeable) update. Settings: `Trap2SFTConfig`."""
 
     _trap_args_class = Trap2SFTConfig

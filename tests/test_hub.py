@@ -1,0 +1,431 @@
+"""Hub round trip of protected adapters, against the local Hub in hub_server.py (no network)."""
+
+import json
+import os
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from conftest import text_dataset, tiny_llama, tiny_tokenizer, token_dataset
+from hub_server import READ_TOKEN, WRITE_TOKEN, hub_server  # noqa: F401 -- the fixture
+from trap2_hf import Trap2Trainer, Trap2TrainingArguments, load_protected_adapter
+from trap2_hf.cli import main as trap2_main
+from trap2_hf.hub import BaseModelMismatchError, ChecksumMismatchError, HubPushError, ProtectionCardError
+from trap2_hf.hub.card import render_card
+
+PICKLE_NAMES = (".bin", ".pkl", ".pt", ".pth", ".pickle")
+# A `trap2 audit` report (audit.json), trimmed to what the card reads.
+AUDIT = {
+    "protected_task": "copy",
+    "tasks": ["copy", "reverse"],
+    "base": {"copy": 0.02, "reverse": 0.03},
+    "chance": {"copy": 0.021, "reverse": 0.021},
+    "finetuned": {"copy": 0.92, "reverse": 0.8},
+    "standalone": {"protected": 0.91, "unprotected": 0.92},
+    "rescale_curve": {"scales": [0.5, 1.0, 1.5], "protected": [0.1, 0.91, 0.05], "unprotected": [0.8, 0.92, 0.85]},
+    "methods": [
+        {
+            "method": "task_arithmetic",
+            "mode": "best",
+            "params": {"weight": 0.3},
+            "unprotected_params": {"weight": 0.3},
+            "protected": {"copy": 0.05, "reverse": 0.6, "average": 0.33},
+            "unprotected": {"copy": 0.7, "reverse": 0.65, "average": 0.68},
+        }
+    ],
+    "skipped": [],
+}
+# The short form: one number for the base model and for chance.
+SHORT_AUDIT = {
+    "protected_task": "copy",
+    "base": 0.02,
+    "chance": 0.021,
+    "standalone": {"protected": 0.91, "unprotected": 0.92},
+    "methods": [
+        {
+            "method": "ties",
+            "mode": "average",
+            "params": {"density": 0.2},
+            "protected": {"copy": 0.04, "average": 0.3},
+            "unprotected": None,
+        }
+    ],
+}
+
+
+def lora_model(seed=0):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    return get_peft_model(tiny_llama(seed), config)
+
+
+def make_trainer(output_dir, hub_api=None, **overrides):
+    args = dict(
+        output_dir=output_dir,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=100,
+        save_strategy="no",
+        trap_lambda=0.005,
+        trap_weighting="inv_sqrt",
+    )
+    args.update(overrides)
+    args = Trap2TrainingArguments(**args)
+    return Trap2Trainer(model=lora_model(), args=args, train_dataset=token_dataset(8), hub_api=hub_api)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A protected LoRA adapter trained for two steps, not yet saved or pushed."""
+    trainer = make_trainer(str(tmp_path_factory.mktemp("trained") / "out"))
+    trainer.train()
+    return trainer
+
+
+def adapter_weights(model):
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def assert_same_weights(expected, model):
+    found = adapter_weights(model)
+    assert sorted(found) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(found[key], value), key
+
+
+def all_local_files(folder):
+    return {
+        os.path.relpath(os.path.join(root, name), folder): os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+# ----------------------------------------------------------------------------- the round trip
+def test_push_from_trainer_and_pull_back(hub_server, tmp_path):
+    out = str(tmp_path / "out")
+    trainer = make_trainer(
+        out,
+        save_strategy="steps",
+        save_steps=1,
+        push_to_hub=True,
+        hub_model_id="tiny-protected",
+        hub_token=WRITE_TOKEN,
+        hub_strategy="checkpoint",
+    )
+    assert trainer.hub_model_id == "alice/tiny-protected"
+    trainer.train()
+    trainer.push_to_hub(license="mit", audit=AUDIT, audit_plot=str(_png(tmp_path)))
+    trained = adapter_weights(trainer.model)
+    repo = hub_server.files("alice/tiny-protected")
+
+    # What was uploaded: weights as safetensors, the card, json; never a pickle, never the token.
+    for name in ("README.md", "adapter_config.json", "adapter_model.safetensors", "training_args.json", "audit.png"):
+        assert name in repo, sorted(repo)
+    assert "last-checkpoint/adapter_model.safetensors" in repo
+    assert b"## Protected update: Trap" in repo["last-checkpoint/README.md"]  # checkpoint pushes carry the card
+    assert not [name for name in repo if name.endswith(PICKLE_NAMES)], sorted(repo)
+    for name, data in repo.items():
+        assert WRITE_TOKEN.encode() not in data, name
+    assert not [k for k in json.loads(repo["training_args.json"]) if "token" in k.lower()]
+    local = all_local_files(out)
+    assert not [name for name in local if os.path.basename(name) == "training_args.bin"], sorted(local)
+    for name, path in local.items():
+        with open(path, "rb") as f:
+            assert WRITE_TOKEN.encode() not in f.read(), name
+
+    # Byte for byte: the Hub holds exactly the local files.
+    for name in ("README.md", "adapter_config.json", "adapter_model.safetensors", "audit.json"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert repo[name] == f.read(), name
+
+    # The card: parsed by huggingface_hub, with the settings the training used.
+    card_path = tmp_path / "README.md"
+    card_path.write_bytes(repo["README.md"])
+    card = ModelCard.load(card_path)
+    assert card.data.library_name == "peft"
+    assert card.data.license == "mit"
+    assert {"trap2", "unmergeable", "lora"} <= set(card.data.tags)
+    block = card.data.to_dict()["trap2"]
+    assert {k: block[k] for k in trainer.args.trap_settings_dict()} == trainer.args.trap_settings_dict()
+    assert block["trap_lambda"] == 0.005 and block["trap_weighting"] == "inv_sqrt"
+    assert block["sha256"]["adapter_model.safetensors"] == _sha256(repo["adapter_model.safetensors"])
+    metrics = {(r.dataset_type, r.metric_name): r.metric_value for r in card.data.eval_results}
+    assert metrics[("copy", "task_arithmetic merge (best), protected update")] == 0.05
+    assert metrics[("copy", "standalone, unprotected update")] == 0.92
+    assert "| task_arithmetic | best | w=0.3 | 0.050 | 0.700 | ✓ | 0.330 | 0.680 |" in card.text  # the audit's table
+    assert "![Merge audit" in card.text and "(audit.png)" in card.text
+    assert "This model is a fine-tuned version of" in card.text  # the Trainer's own card is kept
+
+    # Pull: the checked loader and plain PEFT give the trained weights.
+    model, facts = load_protected_adapter(tiny_llama(), "alice/tiny-protected")
+    assert_same_weights(trained, model)
+    assert facts["trap_lambda"] == 0.005 and facts["sha256"] == block["sha256"] and facts["license"] == "mit"
+    assert facts["revision"] == hub_server.repos["alice/tiny-protected"]["commits"][-1][0]
+    assert_same_weights(trained, PeftModel.from_pretrained(tiny_llama(), "alice/tiny-protected"))
+    assert all(auth in (None, f"Bearer {WRITE_TOKEN}") for _, _, auth in hub_server.requests)
+
+
+def test_trl_rewrites_keep_the_protection(hub_server, tmp_path):
+    from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer
+
+    out = str(tmp_path / "sft")
+    config = Trap2SFTConfig(
+        output_dir=out, max_steps=1, per_device_train_batch_size=4, use_cpu=True, report_to="none", save_steps=1,
+        hub_model_id="tiny-sft", hub_token=WRITE_TOKEN,
+    )
+    trainer = Trap2SFTTrainer(
+        model=tiny_llama(),
+        args=config,
+        train_dataset=text_dataset(4),
+        processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+
+    def protection_sections(folder):
+        with open(os.path.join(folder, "README.md"), encoding="utf-8") as f:
+            text = f.read()
+        assert "It has been trained using [TRL]" in text or folder.endswith("checkpoint-1"), folder
+        return text.count("## Protected update: Trap²")
+
+    trainer.train()  # TRL re-writes README.md at every checkpoint
+    assert protection_sections(out) == 1 and protection_sections(os.path.join(out, "checkpoint-1")) == 1
+    trainer.push_to_hub()  # ... and again here
+    assert protection_sections(out) == 1
+    readme = hub_server.files("alice/tiny-sft")["README.md"].decode()
+    assert "It has been trained using [TRL]" in readme and "## Protected update: Trap²" in readme
+    model, facts = load_protected_adapter(tiny_llama(), "alice/tiny-sft")
+    assert facts["trap_weighting"] == "inv_sqrt"  # Trap2SFTConfig's default, as trained
+    assert_same_weights(adapter_weights(trainer.model), model)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_tampered_adapter_fails_the_checksum(trained, hub_server, tmp_path, monkeypatch):
+    out = str(tmp_path / "copy")
+    trained.save_model(out)
+    load_protected_adapter(tiny_llama(), out)  # intact: loads
+    weights = os.path.join(out, "adapter_model.safetensors")
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] + 1e-3
+    save_file(tensors, weights)
+    with pytest.raises(ChecksumMismatchError, match=r"adapter_model\.safetensors .* does not match the sha256"):
+        load_protected_adapter(tiny_llama(), out)
+
+    # The same on the Hub: a commit that swaps the weights behind the card's back.
+    monkeypatch.setattr(trained.args, "hub_model_id", "tampered")
+    monkeypatch.setattr(trained.args, "hub_token", WRITE_TOKEN)
+    monkeypatch.setattr(trained, "hub_model_id", None)
+    trained.push_to_hub()
+    oid, files = hub_server.repos["alice/tampered"]["commits"][-1]
+    with open(weights, "rb") as f:
+        tampered = {**files, "adapter_model.safetensors": f.read()}
+    hub_server.repos["alice/tampered"]["commits"].append(("f" * 40, tampered))
+    with pytest.raises(ChecksumMismatchError, match="does not match"):
+        load_protected_adapter(tiny_llama(), "alice/tampered")
+    load_protected_adapter(tiny_llama(), "alice/tampered", revision=oid)  # the pushed commit is intact
+
+
+def test_cards_without_a_valid_trap2_block_fail_clearly(trained, tmp_path):
+    out = str(tmp_path / "copy")
+    trained.save_model(out)
+    card = os.path.join(out, "README.md")
+    with open(card, encoding="utf-8") as f:
+        text = f.read()
+
+    with open(card, "w", encoding="utf-8") as f:
+        f.write("---\nlibrary_name: peft\n---\n# An adapter\n")
+    with pytest.raises(ProtectionCardError, match="no `trap2` block"):
+        load_protected_adapter(tiny_llama(), out)
+
+    with open(card, "w", encoding="utf-8") as f:
+        f.write(text.replace("trap_lambda: 0.005", "trap_lambda: -1.0"))
+    with pytest.raises(ProtectionCardError, match="malformed: trap_lambda must be >= 0, got -1.0"):
+        load_protected_adapter(tiny_llama(), out)
+
+    with open(card, "w", encoding="utf-8") as f:
+        f.write(text.replace("  sha256:\n", "  checksums:\n"))
+    with pytest.raises(ProtectionCardError, match="malformed: missing sha256"):
+        load_protected_adapter(tiny_llama(), out)
+
+    os.remove(card)
+    with pytest.raises(ProtectionCardError, match="has no README.md model card"):
+        load_protected_adapter(tiny_llama(), out)
+    assert_same_weights(adapter_weights(trained.model), PeftModel.from_pretrained(tiny_llama(), out))
+
+
+def test_a_different_base_model_is_refused(trained, tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = str(tmp_path / "copy")
+    monkeypatch.setattr(trained, "_trap_card_options", {})
+    trained.create_model_card(base_model="org/tiny-base")
+    trained.save_model(out)
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(BaseModelMismatchError, match="hidden_size: card 32, model 64"):
+        load_protected_adapter(wider, out)
+    other = tiny_llama()
+    other.config._name_or_path = "org/other-base"
+    with pytest.raises(BaseModelMismatchError, match="trained on base model 'org/tiny-base'"):
+        load_protected_adapter(other, out)
+    load_protected_adapter(other, out, check_base_model=False)
+
+
+def test_no_token_or_no_write_access_fails_clearly_and_keeps_the_save(trained, hub_server, monkeypatch):
+    out = trained.args.output_dir
+    monkeypatch.setattr(trained.args, "hub_model_id", "no-token")
+    monkeypatch.setattr(trained.args, "hub_token", None)
+    monkeypatch.setattr(trained, "hub_model_id", None)
+    with pytest.raises(HubPushError, match="no token found. Log in with `hf auth login`"):
+        trained.push_to_hub()
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+    load_protected_adapter(tiny_llama(), out)  # the local save is complete and checked
+
+    monkeypatch.setattr(trained.args, "hub_token", READ_TOKEN)
+    with pytest.raises(HubPushError, match="no write access"):
+        trained.push_to_hub()
+    monkeypatch.setattr(trained.args, "hub_token", "hf_revoked_0123456789")
+    with pytest.raises(HubPushError, match="token was rejected"):
+        trained.push_to_hub()
+    assert hub_server.repos == {}
+    with pytest.raises(HubPushError, match="no token found"):  # caught before training starts
+        make_trainer(out, push_to_hub=True, hub_model_id="early")
+
+
+def test_an_interrupted_upload_can_be_rerun(trained, hub_server, monkeypatch):
+    monkeypatch.setattr(trained.args, "hub_model_id", "flaky")
+    monkeypatch.setattr(trained.args, "hub_token", WRITE_TOKEN)
+    monkeypatch.setattr(trained, "hub_model_id", None)
+    hub_server.fail_commits = 1
+    with pytest.raises(HubPushError, match="Nothing is lost"):
+        trained.push_to_hub()
+    assert "adapter_model.safetensors" not in hub_server.files("alice/flaky")
+    trained.push_to_hub()
+    repo = hub_server.files("alice/flaky")
+    for name in ("README.md", "adapter_config.json", "adapter_model.safetensors"):
+        with open(os.path.join(trained.args.output_dir, name), "rb") as f:
+            assert repo[name] == f.read(), name
+    commits = len(hub_server.repos["alice/flaky"]["commits"])
+    trained.push_to_hub()  # nothing changed: nothing re-uploaded
+    assert len(hub_server.repos["alice/flaky"]["commits"]) == commits
+    load_protected_adapter(tiny_llama(), "alice/flaky")
+
+
+def test_pushes_go_through_the_hub_api_given(hub_server, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    api = HfApi(endpoint=hub_server.endpoint)
+    trainer = make_trainer(str(tmp_path / "out"), api, push_to_hub=True, hub_model_id="injected", hub_token=WRITE_TOKEN)
+    trainer.push_to_hub()
+    assert "adapter_model.safetensors" in hub_server.files("alice/injected")
+
+
+def test_a_crash_while_saving_leaves_no_folder_that_looks_complete(trained, tmp_path, monkeypatch):
+    import trap2_hf.hub.push as push
+
+    out = str(tmp_path / "copy")
+    trained.save_model(out)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(push, "write_card", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trained.save_model(out)
+    with pytest.raises(ProtectionCardError, match="no README.md"):
+        load_protected_adapter(tiny_llama(), out)
+    assert not [n for n in os.listdir(out) if n.startswith(".trap2")]
+    monkeypatch.undo()
+    trained.save_model(out)
+    load_protected_adapter(tiny_llama(), out)
+
+
+def test_a_full_fine_tune_is_saved_with_its_card(tmp_path):
+    out = str(tmp_path / "full")
+    args = Trap2TrainingArguments(output_dir=out, use_cpu=True, report_to="none", trap_target="full")
+    Trap2Trainer(model=tiny_llama(), args=args, train_dataset=token_dataset(4)).save_model()
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert card.data.library_name == "transformers" and "full" in card.data.tags
+    block = card.data.to_dict()["trap2"]
+    assert block["update"] == "full" and {"config.json", "model.safetensors"} <= set(block["sha256"])
+    assert not [n for n in os.listdir(out) if n.endswith(PICKLE_NAMES)]
+    with pytest.raises(ProtectionCardError, match="not a PEFT adapter"):
+        load_protected_adapter(tiny_llama(), out)
+
+
+# ----------------------------------------------------------------------------- trap2 card
+def test_card_cli_for_an_adapter_trained_elsewhere(hub_server, tmp_path, monkeypatch, capsys):
+    folder = str(tmp_path / "elsewhere")
+    model = lora_model(seed=3)
+    model.save_pretrained(folder)
+    assert trap2_main(["card", folder]) == 2
+    assert "--trap_lambda" in capsys.readouterr().err
+
+    audit = tmp_path / "audit.json"
+    audit.write_text(json.dumps(SHORT_AUDIT))
+    argv = ["card", folder, "--trap_lambda", "0.003", "--trap_weighting", "inv_sqrt", "--base_model", "org/tiny",
+            "--license", "apache-2.0", "--audit", str(audit), "--audit_plot", str(_png(tmp_path))]
+    assert trap2_main(argv) == 0
+    card = ModelCard.load(os.path.join(folder, "README.md"))
+    block = card.data.to_dict()["trap2"]
+    assert block["trap_lambda"] == 0.003 and block["trap_weighting"] == "inv_sqrt" and block["trap_margin"] == 0.05
+    assert card.data.base_model == "org/tiny" and card.data.license == "apache-2.0"
+    assert os.path.isfile(os.path.join(folder, "audit.png"))
+    metrics = {(r.dataset_type, r.metric_name): r.metric_value for r in card.data.eval_results}
+    assert metrics == {
+        ("copy", "standalone, protected update"): 0.91,
+        ("copy", "standalone, unprotected update"): 0.92,
+        ("copy", "base model"): 0.02,
+        ("copy", "chance"): 0.021,
+        ("copy", "ties merge (average), protected update"): 0.04,
+        ("merged-tasks-average", "ties merge (average), protected update"): 0.3,
+    }
+    assert "| ties | average | density=0.2 | 0.04 | – | 0.3 | – |" in card.text
+
+    # Refresh: the settings come from the card, the flags override them; then push with HF_TOKEN.
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    assert trap2_main(["card", folder, "--trap_margin", "0.1", "--push", "elsewhere"]) == 0
+    block = ModelCard.load(os.path.join(folder, "README.md")).data.to_dict()["trap2"]
+    assert block["trap_lambda"] == 0.003 and block["trap_margin"] == 0.1
+    repo = hub_server.files("alice/elsewhere")
+    assert {"README.md", "adapter_model.safetensors", "audit.png", "audit.json"} <= set(repo)
+    assert 'load_protected_adapter(base, "alice/elsewhere")' in repo["README.md"].decode()
+    model_back, facts = load_protected_adapter(tiny_llama(), "alice/elsewhere")
+    assert facts["trap_margin"] == 0.1
+    assert_same_weights(adapter_weights(model), model_back)
+
+
+def test_render_card_replaces_only_its_own_section():
+    protection = {"update": "lora", "library_version": "0", "trap_lambda": 0.01, "trap_scale_min": 0.05,
+                  "trap_scale_max": 2.0, "trap_margin": 0.05, "sha256": {"adapter_config.json": "0" * 64}}
+    foreign = "---\nlibrary_name: peft\ntags:\n- trl\n---\n\n# Model Card for x\n\nQuick start text.\n"
+    once = render_card(foreign, protection, license="mit")
+    twice = render_card(once, {**protection, "trap_lambda": 0.02})
+    assert twice.count("## Protected update") == 1 and twice.count("Quick start text.") == 1
+    assert "| `trap_lambda` | 0.02 |" in twice and "| `trap_lambda` | 0.01 |" not in twice
+    data = ModelCard(twice).data
+    assert data.tags == ["trl", "trap2", "unmergeable", "lora"] and data.license == "mit"
+    assert twice.index("# Model Card for x") < twice.index("## Protected update") < twice.index("Quick start")
+    full = ModelCard(render_card(None, {**protection, "update": "full"}, repo_id="me/full"))
+    assert full.data.library_name == "transformers" and "full" in full.data.tags
+    assert 'AutoModelForCausalLM.from_pretrained("me/full")' in full.text
+
+
+def _png(tmp_path):
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
+    return path
+
+
+def _sha256(data):
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()

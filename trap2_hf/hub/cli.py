@@ -1,0 +1,167 @@
+"""`trap2 card`: write or refresh the protection card of an existing update folder, and optionally push it.
+
+For updates trained elsewhere (or whose card was lost), the protection settings come from `--trap_*`
+flags, or from the folder's existing card; flags win. The card records the sha256 of the files as
+they are now.
+
+    trap2 card ./my-adapter --trap_lambda 0.005 --trap_weighting inv_sqrt --base_model meta-llama/Llama-3.1-8B
+    trap2 card ./my-adapter --audit audit/audit.json --audit_plot audit/audit.png --push me/my-adapter
+
+Pushing uses the token of `hf auth login` or HF_TOKEN (never a flag: it would land in shell history).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from ..config import Trap2Settings
+from .card import CARD_NAME, ProtectionCardError, read_protection, update_files, write_card
+from .push import HubPushError, create_repo, upload_folder
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trap2 card", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("folder", help="The update folder (adapter_config.json + adapter_model.safetensors).")
+    parser.add_argument("--push", metavar="REPO_ID", help="Upload the folder (no pickles) to this Hub repo.")
+    parser.add_argument("--base_model", help="Hub id of the base model the update was trained on.")
+    parser.add_argument("--license", help="License identifier for the card metadata (e.g. apache-2.0).")
+    parser.add_argument("--model_name", help="Title of the card (default: the repo or folder name).")
+    parser.add_argument("--audit", help="audit.json written by `trap2 audit`: shown as a table and as model-index.")
+    parser.add_argument("--audit_plot", help="The audit's plot (png); uploaded as audit.png and embedded.")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    parser.add_argument("--revision", help="Branch to push to (default: main).")
+    parser.add_argument("--commit_message", default="Upload protected update with its Trap2 card")
+    group = parser.add_argument_group("protection settings (default: the existing card's values)")
+    for f in dataclasses.fields(Trap2Settings):
+        group.add_argument(
+            f"--{f.name}",
+            type=f.type if f.type in (int, float) else str,
+            choices=f.metadata.get("choices"),
+            default=None,
+            help=f.metadata.get("help"),
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        write_folder_card(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"trap2 card: {err}", file=sys.stderr)
+        return 2
+    print(f"Wrote {os.path.join(args.folder, CARD_NAME)}")
+    if not args.push:
+        return 0
+    try:
+        repo_id = create_repo_and_push(args)
+    except HubPushError as err:
+        print(f"trap2 card: {err}", file=sys.stderr)
+        return 1
+    print(f"Pushed {args.folder} to {repo_id}")
+    return 0
+
+
+def write_folder_card(args) -> str:
+    folder = args.folder
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder!r} is not a folder. Pass the folder that holds the saved update.")
+    names = update_files(folder)
+    weights = [n for n in names if n.endswith(".safetensors")]
+    if not weights:
+        pickles = [n for n in sorted(os.listdir(folder)) if n.endswith((".bin", ".pt", ".pth"))]
+        fix = (
+            f" It has {', '.join(pickles)} (pickle): load it with PEFT/transformers and save_pretrained(..., "
+            "safe_serialization=True) first."
+            if pickles
+            else ""
+        )
+        raise ValueError(f"{folder!r} holds no update weights as safetensors.{fix}")
+    previous = _previous_block(folder)
+    names = [f.name for f in dataclasses.fields(Trap2Settings)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if previous is None and "trap_lambda" not in given:
+        raise ValueError(
+            f"{folder!r} has no card with a trap2 block, so the protection settings must be given: pass at least "
+            "--trap_lambda and every other --trap_* value that differs from its default (see `trap2 card --help`)."
+        )
+    defaults = dataclasses.asdict(Trap2Settings())
+    settings = {**defaults, **{k: v for k, v in (previous or {}).items() if k in defaults}, **given}
+    Trap2Settings(**settings).validate_trap_settings()
+    if previous is None:
+        defaulted = sorted(set(defaults) - set(given))
+        print(f"Recording defaults for settings not given: {', '.join(f'{k}={defaults[k]}' for k in defaulted)}")
+    update = (previous or {}).get("update") or _update_kind(folder)
+    return write_card(
+        folder,
+        settings,
+        update=update,
+        audit=args.audit,
+        audit_plot=args.audit_plot,
+        base_model_config=(previous or {}).get("base_model_config"),
+        base_model=args.base_model or (previous or {}).get("base_model") or _adapter_base(folder),
+        license=args.license,
+        model_name=args.model_name,
+        repo_id=args.push,
+    )
+
+
+def create_repo_and_push(args) -> str:
+    from huggingface_hub import HfApi
+
+    from .. import __version__
+
+    api = HfApi(library_name="trap2_hf", library_version=__version__)
+    repo_id = create_repo(api, args.push, args.folder, token=None, private=args.private or None)
+    if repo_id != args.push:  # the namespace was added: the card's usage snippet names the full id
+        previous = _previous_block(args.folder)
+        settings = {k: previous[k] for k in dataclasses.asdict(Trap2Settings()) if k in previous}
+        write_card(
+            args.folder,
+            settings,
+            update=previous["update"],
+            sha256=previous["sha256"],
+            base_model_config=previous.get("base_model_config"),
+            base_model=previous.get("base_model"),
+            repo_id=repo_id,
+            model_name=args.model_name,
+        )
+    upload_folder(api, args.folder, repo_id, token=None, commit_message=args.commit_message, revision=args.revision)
+    return repo_id
+
+
+def _previous_block(folder: str) -> dict | None:
+    path = os.path.join(folder, CARD_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return read_protection(text, path)
+    except ProtectionCardError:
+        return None
+
+
+def _update_kind(folder: str) -> str:
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(path):
+        return "full"
+    with open(path, encoding="utf-8") as f:
+        return str(json.load(f).get("peft_type", "lora")).lower()
+
+
+def _adapter_base(folder: str) -> str | None:
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        name = json.load(f).get("base_model_name_or_path")
+    return name if name and not os.path.isdir(name) else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
