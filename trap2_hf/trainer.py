@@ -165,7 +165,7 @@ class Trap2TrainerMixin:
                 finally:
                     self._trap_coefficient = None
             self._trap_record("rescaled_loss", rescaled / coefficient / len(scales))
-            self._trap_record("scale", scale, per_step=False)
+            self._trap_record("scale" if k == 0 else f"scale_{k + 1}", scale, per_step=False)
         return nominal
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -192,8 +192,10 @@ class Trap2TrainerMixin:
         if self.model.training and self._trap_metrics:
             steps = max(len(self._trap_steps_logged), 1)
             for key, values in self._trap_metrics.items():
-                # Losses are summed over a step's micro-batches (as `loss` is), scales averaged.
-                logs[f"trap/{key}"] = sum(values) / steps if key != "scale" else sum(values) / len(values)
+                # Losses are summed over a step's micro-batches (as `loss` is); the k-th scale of each step is
+                # logged as trap/scale_k (trap/scale for the first), averaged over the logged steps.
+                is_scale = key.startswith("scale")
+                logs[f"trap/{key}"] = sum(values) / (len(values) if is_scale else steps)
             self._trap_metrics.clear()
             self._trap_steps_logged.clear()
         if "loss" in logs or self.trap_skipped_steps:
