@@ -212,7 +212,7 @@ def test_full_target_on_peft_model_is_refused(tmp_out):
 
 
 def test_plain_training_arguments_get_default_protection(tmp_out):
-    args = TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True, max_steps=1, learning_rate=3e-3)
+    args = TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True, max_steps=1, learning_rate=3e-3, logging_steps=1)
     trainer = Trap2Trainer(model=lora_model(), args=args, train_dataset=token_dataset(4))
     assert isinstance(trainer.args, Trap2TrainingArguments)
     assert trainer.args.learning_rate == 3e-3 and trainer.args.trap_lambda == 0.01

@@ -33,6 +33,9 @@ class Trap2TrainerMixin:
     """Adds the Trap² joint loss to a `transformers.Trainer` subclass."""
 
     _trap_args_class = Trap2TrainingArguments
+    # Only the last backward of a micro-batch may end DeepSpeed's accumulation window (_trap_not_last_backward);
+    # recipes/sft_protect.py refuses DeepSpeed with trap_lambda > 0 unless this is set.
+    trap_supports_deepspeed = True
 
     def __init__(self, *args, trap_reference: dict[str, torch.Tensor] | None = None, **kwargs):
         if len(args) >= 2:
@@ -147,7 +150,7 @@ class Trap2TrainerMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         scales = self.trap_scales()
         rng_state = _capture_rng_state()
-        with self.accelerator.no_sync(model):
+        with self._trap_not_last_backward(model):
             nominal = super().training_step(model, dict(inputs), num_items_in_batch)
         self._trap_record("nominal_loss", nominal)
         for k, scale in enumerate(scales):
@@ -156,7 +159,7 @@ class Trap2TrainerMixin:
             last = k == len(scales) - 1
             with contextlib.ExitStack() as stack:
                 if not last:
-                    stack.enter_context(self.accelerator.no_sync(model))
+                    stack.enter_context(self._trap_not_last_backward(model))
                 stack.enter_context(self.trap_rescaled(scale))
                 stack.enter_context(self._trap_side_pass())
                 self._trap_coefficient = coefficient
@@ -167,6 +170,23 @@ class Trap2TrainerMixin:
             self._trap_record("rescaled_loss", rescaled / coefficient / len(scales))
             self._trap_record("scale" if k == 0 else f"scale_{k + 1}", scale, per_step=False)
         return nominal
+
+    @contextlib.contextmanager
+    def _trap_not_last_backward(self, model):
+        """Around every backward of a micro-batch but its last: no gradient reduction where the backend can defer
+        it, and never the end of the accumulation window, since DeepSpeed steps its optimizer inside the backward
+        that ends it (accelerate's DeepSpeedEngineWrapper.backward)."""
+        gradient_state = self.accelerator.gradient_state
+        syncs = gradient_state.sync_gradients
+        # Off a step boundary the Trainer's loop already holds no_sync; entering it again would re-enable the
+        # reduction on exit under FSDP2 (accelerate's no_sync ends with set_requires_gradient_sync(True)).
+        hold = self.accelerator.no_sync(model) if syncs else contextlib.nullcontext()
+        gradient_state._set_sync_gradients(False)
+        try:
+            with hold:
+                yield
+        finally:
+            gradient_state._set_sync_gradients(syncs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         output = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -189,13 +209,20 @@ class Trap2TrainerMixin:
             self._trap_steps_logged.add(self.state.global_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training and self._trap_metrics:
+        # The training-loss log is written on every rank (the Trainer gathers `loss` there), so the
+        # trap metrics can be averaged over ranks at the same point; other logs leave them alone.
+        if self.model.training and self._trap_metrics and "loss" in logs:
             steps = max(len(self._trap_steps_logged), 1)
-            for key, values in self._trap_metrics.items():
-                # Losses are summed over a step's micro-batches (as `loss` is); the k-th scale of each step is
-                # logged as trap/scale_k (trap/scale for the first), averaged over the logged steps.
-                is_scale = key.startswith("scale")
-                logs[f"trap/{key}"] = sum(values) / (len(values) if is_scale else steps)
+            # Losses are summed over a step's micro-batches (as `loss` is); the k-th scale of each step is
+            # logged as trap/scale_k (trap/scale for the first), averaged over the logged steps.
+            keys = list(self._trap_metrics)
+            values = [
+                sum(v) / (len(v) if key.startswith("scale") else steps) for key, v in self._trap_metrics.items()
+            ]
+            if self.args.world_size > 1:
+                reduced = self.accelerator.reduce(torch.tensor(values, device=self.args.device), reduction="mean")
+                values = reduced.tolist()
+            logs.update({f"trap/{key}": value for key, value in zip(keys, values)})
             self._trap_metrics.clear()
             self._trap_steps_logged.clear()
         if "loss" in logs or self.trap_skipped_steps:

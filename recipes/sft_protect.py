@@ -1,0 +1,270 @@
+"""Train a protected (unmergeable) update with Trap² and TRL's SFT: LoRA or full fine-tuning.
+
+Run from the repository root. Every YAML key is a field name of `Trap2ScriptArguments` (below),
+`trap2_hf.Trap2SFTConfig` (TRL's `SFTConfig` plus `trap_*`) or TRL's `ModelConfig`; flags given
+on the command line override the YAML; an unknown key or flag is an error.
+
+# The embedded tiny recipe: CPU, no download, under a minute
+```bash
+python recipes/sft_protect.py --config recipes/tiny/config_lora.yaml
+python recipes/sft_protect.py --config recipes/tiny/config_full.yaml
+```
+
+# Two CPU processes (DDP over gloo): the same weights as one process with the same global batch
+```bash
+ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 29511 \
+    recipes/sft_protect.py --config recipes/tiny/config_lora.yaml --per_device_train_batch_size 4
+```
+
+# One GPU: LoRA on a 0.5B instruct model (chat data)
+```bash
+accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/sft_protect.py \
+    --config recipes/qwen2.5-0.5b-instruct/sft/config_lora.yaml
+```
+
+# 8 GPUs, DDP: Llama-3.1-8B on GSM8K, LoRA r=32 with the paper's settings
+```bash
+accelerate launch --config_file recipes/accelerate_configs/ddp.yaml --num_processes 8 recipes/sft_protect.py \
+    --config recipes/llama-3.1-8b/sft/config_lora_r32.yaml
+```
+
+# FSDP2 (LoRA only) and a full fine-tune on DDP
+```bash
+accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml --num_processes 8 recipes/sft_protect.py \
+    --config recipes/llama-3.1-8b/sft/config_lora_r32.yaml
+accelerate launch --config_file recipes/accelerate_configs/ddp.yaml --num_processes 8 recipes/sft_protect.py \
+    --config recipes/qwen2.5-0.5b-instruct/sft/config_full.yaml
+```
+DeepSpeed (zero2.yaml, zero3.yaml): see recipes/README.md, "What is verified", before using it.
+
+# Override fields, audit the result, push it
+```bash
+python recipes/sft_protect.py --config recipes/tiny/config_lora.yaml \
+    --trap_lambda 0.005 --output_dir out/tiny-l0.005 \
+    --audit_tasks my_tasks.py --audit_protected_task topic \
+    --audit_other city=out/city-lora kind=out/kind-lora --audit_unprotected out/topic-plain \
+    --push_to_hub --hub_model_id me/tiny-trap2
+```
+The audit tasks file defines `get_tasks(model, tokenizer) -> list[trap2_hf.audit.AuditTask]` (see
+`trap2 audit --help`); its report lands in `<output_dir>/_audit/` and in the model card.
+"""
+
+import os
+import string
+import sys
+from dataclasses import dataclass, field
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class Trap2ScriptArguments:
+    """What to train on, and what to do with the result besides saving it."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset to train on: a Hub dataset name (e.g. trl-lib/Capybara), a local folder of data files, "
+            "or one local file (" + ", ".join(DATA_FILE_BUILDERS) + ")."
+        },
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Dataset configuration name (the `name` of datasets.load_dataset)."}
+    )
+    dataset_train_split: str = field(
+        default="train", metadata={"help": "Training split; slices work, e.g. 'train[:20000]'."}
+    )
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Evaluation split, used only when eval_strategy is not 'no'."}
+    )
+    dataset_prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Python format string over the dataset's columns that builds a `prompt` column, e.g. "
+            "'Question: {question}\\nAnswer: '. Set with dataset_completion_template to turn any dataset into "
+            "TRL's prompt-completion format (loss on the completion only)."
+        },
+    )
+    dataset_completion_template: str | None = field(
+        default=None, metadata={"help": "Format string that builds the `completion` column, e.g. '{answer}'."}
+    )
+    audit_tasks: str | None = field(
+        default=None,
+        metadata={
+            "help": "Python file defining get_tasks(model, tokenizer) -> list[AuditTask]. When set, the merge-attack "
+            "audit runs after training and its result goes into the model card."
+        },
+    )
+    audit_protected_task: str | None = field(
+        default=None, metadata={"help": "Name (in the tasks file) of the task this update is trained for."}
+    )
+    audit_other: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Updates of other tasks to merge with, as TASK=FOLDER (at least one for an audit)."},
+    )
+    audit_unprotected: str | None = field(
+        default=None, metadata={"help": "Folder of an unprotected twin of this update, for comparison (optional)."}
+    )
+
+    def __post_init__(self):
+        if not self.dataset_name:
+            raise ValueError("dataset_name is required: a Hub dataset name, a local folder or a local data file.")
+        if bool(self.dataset_prompt_template) != bool(self.dataset_completion_template):
+            raise ValueError(
+                "dataset_prompt_template and dataset_completion_template go together: set both (to build "
+                "prompt/completion columns) or neither."
+            )
+        if self.audit_tasks:
+            if not os.path.isfile(self.audit_tasks):
+                raise ValueError(f"audit_tasks {self.audit_tasks!r} is not a file; pass a Python file defining get_tasks.")
+            if not self.audit_protected_task or not self.audit_other:
+                raise ValueError(
+                    "audit_tasks needs audit_protected_task and at least one audit_other TASK=FOLDER (the updates "
+                    "the protected one is merged with)."
+                )
+            bad = [item for item in self.audit_other if not all(item.partition("="))]
+            if bad:
+                raise ValueError(f"audit_other entries must be TASK=FOLDER, e.g. city=out/city-lora; got {bad}.")
+
+
+def load_split(script_args: Trap2ScriptArguments, split: str):
+    """One split of the dataset, in a format TRL's SFT understands."""
+    from datasets import load_dataset
+
+    name = script_args.dataset_name
+    if os.path.isfile(name):
+        extension = os.path.splitext(name)[1].lower()
+        if extension not in DATA_FILE_BUILDERS:
+            raise ValueError(
+                f"dataset_name {name!r}: cannot read {extension!r} files; use one of {', '.join(DATA_FILE_BUILDERS)} "
+                "or a folder."
+            )
+        dataset = load_dataset(DATA_FILE_BUILDERS[extension], data_files=name, split=split)
+    else:
+        dataset = load_dataset(name, name=script_args.dataset_config, split=split)
+    if script_args.dataset_prompt_template:
+        dataset = _prompt_completion(
+            dataset, script_args.dataset_prompt_template, script_args.dataset_completion_template
+        )
+    return dataset
+
+
+def _prompt_completion(dataset, prompt_template: str, completion_template: str):
+    used = {f for template in (prompt_template, completion_template) for _, f, _, _ in string.Formatter().parse(template) if f}
+    missing = sorted(used - set(dataset.column_names))
+    if missing:
+        raise ValueError(
+            f"The dataset templates use columns {missing} that the dataset lacks; its columns are {dataset.column_names}."
+        )
+    return dataset.map(
+        lambda row: {"prompt": prompt_template.format(**row), "completion": completion_template.format(**row)},
+        remove_columns=dataset.column_names,
+    )
+
+
+def check_launcher(trainer) -> None:
+    """Refuse the backend combinations whose Trap² step would be silently wrong (see recipes/README.md)."""
+    from accelerate.utils import DistributedType
+
+    args, accelerator = trainer.args, trainer.accelerator
+    kind = accelerator.distributed_type
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if kind == DistributedType.DEEPSPEED else None
+    if args.trap_target == "full" and (kind == DistributedType.FSDP or zero_stage == 3):
+        raise NotImplementedError(
+            "trap_target='full' with FSDP or DeepSpeed ZeRO-3 is not supported: theta0 is snapshotted before the "
+            "parameters are sharded and the re-scaling writes whole parameters. Use DDP or ZeRO-2 for a full "
+            "fine-tune, or a LoRA adapter (trap_target='adapter') with FSDP/ZeRO-3."
+        )
+    if kind == DistributedType.DEEPSPEED and args.trap_lambda > 0 and not getattr(trainer, "trap_supports_deepspeed", False):
+        raise NotImplementedError(
+            "DeepSpeed steps its optimizer inside every backward at an accumulation boundary (accelerate's "
+            "DeepSpeedEngineWrapper.backward), and a Trap² step runs 1 + trap_scales_per_step backwards per "
+            "micro-batch, so this trainer would take that many optimizer steps per step. Use DDP or FSDP "
+            "(recipes/accelerate_configs/), or trap_lambda=0; see recipes/README.md."
+        )
+
+
+def main(script_args, training_args, model_args, callbacks=None):
+    """Train, save (with the protection card), audit if asked, push if asked; returns the trainer."""
+    from trl import get_peft_config, get_quantization_config
+
+    from trap2_hf import Trap2SFTTrainer
+
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is required: a local model folder or a Hub repo id.")
+    # The trainer loads the model (AutoModelForCausalLM.from_pretrained) after seeding, so LoRA starts the same
+    # on every rank and in every run with this seed.
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    train_dataset = load_split(script_args, script_args.dataset_train_split)
+    eval_dataset = load_split(script_args, script_args.dataset_test_split) if training_args.eval_strategy != "no" else None
+
+    trainer = Trap2SFTTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
+    )
+    check_launcher(trainer)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Saved the protected update and its card to {training_args.output_dir}")
+
+    if script_args.audit_tasks:
+        audit_dir = run_audit(script_args, training_args, model_args, trainer)
+        trainer.create_model_card(
+            audit=os.path.join(audit_dir, "audit.json"), audit_plot=os.path.join(audit_dir, "audit.png")
+        )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Pushed to the Hub: {trainer.hub_model_id}")
+    trainer.end()
+    return trainer
+
+
+def run_audit(script_args, training_args, model_args, trainer) -> str:
+    """The merge-attack audit of the saved update (main process; the others wait): `trap2 audit`."""
+    from trap2_hf.audit import cli
+
+    # "_audit" stays local: the card carries audit.json and audit.png, and `_*` entries are never uploaded.
+    audit_dir = os.path.join(training_args.output_dir, "_audit")
+    argv = [
+        "--base_model", model_args.model_name_or_path,
+        "--tasks", script_args.audit_tasks,
+        "--protected_task", script_args.audit_protected_task,
+        "--protected", training_args.output_dir,
+        "--target", training_args.trap_target,
+        "--seed", str(training_args.seed),
+        "--output_dir", audit_dir,
+    ]
+    argv += [arg for other in script_args.audit_other for arg in ("--other", other)]
+    if script_args.audit_unprotected:
+        argv += ["--unprotected", script_args.audit_unprotected]
+    if trainer.accelerator.is_main_process:
+        cli.main(argv)
+    trainer.accelerator.wait_for_everyone()
+    return audit_dir
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    from trap2_hf import Trap2SFTConfig
+
+    return TrlParser((Trap2ScriptArguments, Trap2SFTConfig, ModelConfig), prog="sft_protect.py")
+
+
+def parse_args(argv: list[str] | None = None):
+    """(script_args, training_args, model_args) from `--config recipe.yaml` and flags; unknown keys raise."""
+    return make_parser().parse_args_and_config(args=argv, fail_with_unknown_args=True)
+
+
+if __name__ == "__main__":
+    main(*parse_args(sys.argv[1:]))

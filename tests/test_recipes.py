@@ -1,0 +1,344 @@
+"""recipes/: every recipe parses with the real parser; the tiny recipe trains end to end in one process
+and in two (CPU DDP): the same weights as one process with the same global batch, the same scales on
+every rank, and one gradient all-reduce per optimizer step."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trap2_hf import Trap2SFTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+SCRIPT = RECIPES / "sft_protect.py"
+ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
+TRAINING_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name != "accelerate_configs")
+TINY_LORA = "recipes/tiny/config_lora.yaml"
+
+# Strong protection and two scales per step, so a wrong Trap² term under DDP would show in the weights;
+# no dropout, so one process and two see the same computation.
+TRAP_FLAGS = ["--trap_lambda", "0.5", "--trap_scales_per_step", "2", "--lora_dropout", "0", "--max_steps", "4"]
+STEPS, SCALES_PER_STEP = 4, 2
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("sft_protect", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse(argv):
+    # The GPU recipes ask for bf16, which TrainingArguments refuses on a CPU-only machine unless use_cpu.
+    device = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    return load_recipe().parse_args([*argv, *device])
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(RECIPES))
+
+
+# ----------------------------------------------------------------------------- every recipe parses
+@pytest.mark.parametrize("path", TRAINING_RECIPES, ids=rel)
+def test_training_recipe_parses(path):
+    script_args, training_args, model_args = parse(["--config", str(path)])
+    assert isinstance(training_args, Trap2SFTConfig)
+    assert model_args.model_name_or_path and script_args.dataset_name
+    assert training_args.trap_target == ("adapter" if model_args.use_peft else "full")
+
+
+def test_recipe_folders_hold_the_promised_recipes():
+    names = {rel(p) for p in TRAINING_RECIPES}
+    assert {
+        "tiny/config_lora.yaml",
+        "tiny/config_full.yaml",
+        "qwen2.5-0.5b-instruct/sft/config_lora.yaml",
+        "qwen2.5-0.5b-instruct/sft/config_full.yaml",
+        "llama-3.1-8b/sft/config_lora_r32.yaml",
+    } <= names
+    assert {p.name for p in ACCELERATE_CONFIGS} == {"single_gpu.yaml", "ddp.yaml", "zero2.yaml", "zero3.yaml", "fsdp2.yaml"}
+
+
+def test_paper_recipe_has_the_paper_settings():
+    script_args, args, model_args = parse(["--config", str(RECIPES / "llama-3.1-8b/sft/config_lora_r32.yaml")])
+    assert (args.trap_lambda, args.trap_weighting, model_args.lora_r) == (0.01, "inv_sqrt", 32)
+    assert (args.trap_scale_min, args.trap_scale_max, args.trap_margin, args.max_grad_norm) == (0.05, 2.0, 0.05, 1.0)
+    assert script_args.dataset_prompt_template.endswith("step by step.\n")
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=rel)
+def test_accelerate_config_loads(path):
+    """accelerate's own loader rejects unknown top-level keys; nested keys must be launcher options."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    config = load_config_from_file(str(path))
+    options = {action.dest for action in launch_command_parser()._actions}
+    nested = dict(config.deepspeed_config or {})
+    nested |= {k if k.startswith("fsdp") else f"fsdp_{k}": v for k, v in (config.fsdp_config or {}).items()}
+    assert set(nested) <= options, sorted(set(nested) - options)
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text((ROOT / TINY_LORA).read_text() + "trap_lamda: 0.1\n")
+    with pytest.raises(ValueError, match="trap_lamda"):
+        parse(["--config", str(bad)])
+
+
+def test_unknown_flag_is_an_error():
+    with pytest.raises(ValueError, match="trap_lamda"):
+        parse(["--config", str(ROOT / TINY_LORA), "--trap_lamda", "0.1"])
+
+
+def test_flags_override_yaml():
+    _, args, model_args = parse(["--config", str(ROOT / TINY_LORA), "--trap_lambda", "0.25", "--lora_r", "2"])
+    assert (args.trap_lambda, model_args.lora_r, args.trap_weighting) == (0.25, 2, "inv_sqrt")
+
+
+def test_invalid_trap_value_names_the_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / TINY_LORA).read_text().replace("trap_weighting: inv_sqrt", "trap_weighting: cubic"))
+    with pytest.raises(ValueError, match="trap_weighting must be one of"):
+        parse(["--config", str(bad)])
+    with pytest.raises(SystemExit):
+        parse(["--config", str(ROOT / TINY_LORA), "--trap_weighting", "cubic"])
+    assert "--trap_weighting" in capsys.readouterr().err
+
+
+def test_prompt_completion_templates():
+    from datasets import Dataset
+
+    recipe = load_recipe()
+    data = Dataset.from_list([{"question": "1+1?", "answer": "2", "id": 7}])
+    pairs = recipe._prompt_completion(data, "Q: {question}\nA: ", "{answer}")
+    assert pairs.column_names == ["prompt", "completion"] and pairs[0] == {"prompt": "Q: 1+1?\nA: ", "completion": "2"}
+    with pytest.raises(ValueError, match="qestion"):
+        recipe._prompt_completion(data, "Q: {qestion}", "{answer}")
+
+
+def _launch(kind: str, zero_stage=None, trap_target="adapter", trap_lambda=0.01, **trainer_attrs):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(deepspeed_plugin=plugin))
+    args = SimpleNamespace(trap_target=trap_target, trap_lambda=trap_lambda)
+    return SimpleNamespace(args=args, accelerator=accelerator, **trainer_attrs)
+
+
+def test_launcher_check_refuses_silently_wrong_combinations():
+    check = load_recipe().check_launcher
+    for ok in [_launch("MULTI_GPU"), _launch("MULTI_GPU", trap_target="full"), _launch("FSDP"), _launch("NO"),
+               _launch("DEEPSPEED", zero_stage=2, trap_lambda=0.0),
+               _launch("DEEPSPEED", zero_stage=3, trap_supports_deepspeed=True)]:
+        check(ok)
+    with pytest.raises(NotImplementedError, match="optimizer steps per step"):
+        check(_launch("DEEPSPEED", zero_stage=2))
+    for kind, stage in [("FSDP", None), ("DEEPSPEED", 3)]:
+        with pytest.raises(NotImplementedError, match="trap_target='full'"):
+            check(_launch(kind, zero_stage=stage, trap_target="full", trap_supports_deepspeed=True))
+
+
+# ----------------------------------------------------------------------------- end to end
+def _env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _run(command, env, timeout=300):
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(map(str, command))}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RECIPE_FILES = {"lora": TINY_LORA, "full": "recipes/tiny/config_full.yaml"}
+WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+
+
+_ONE_PROCESS_RUNS = {}
+
+
+def one_process(kind: str, tmp_path_factory) -> Path:
+    """A tiny recipe as users run it: `python recipes/sft_protect.py --config ...`, global batch 4 (run once)."""
+    if kind not in _ONE_PROCESS_RUNS:
+        out = tmp_path_factory.mktemp(f"one-{kind}") / "out"
+        _run(
+            [sys.executable, str(SCRIPT), "--config", RECIPE_FILES[kind], "--output_dir", str(out),
+             "--per_device_train_batch_size", "4", "--disable_tqdm", "true", *TRAP_FLAGS],
+            _env(out.parent),
+        )
+        _ONE_PROCESS_RUNS[kind] = out
+    return _ONE_PROCESS_RUNS[kind]
+
+
+@pytest.fixture(scope="module", params=sorted(RECIPE_FILES))
+def one_process_run(request, tmp_path_factory):
+    return request.param, one_process(request.param, tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_tiny_recipe_single_process(one_process_run):
+    kind, out = one_process_run
+    files = set(os.listdir(out))
+    assert {WEIGHTS[kind], "README.md"} <= files
+    assert ("adapter_config.json" if kind == "lora" else "config.json") in files
+    card = (out / "README.md").read_text()
+    assert "trap_lambda: 0.5" in card and "trap_scales_per_step: 2" in card
+    assert f"trap_target: {'adapter' if kind == 'lora' else 'full'}" in card
+    assert all(torch.isfinite(t).all() for t in load_file(out / WEIGHTS[kind]).values())
+
+
+AUDIT_TASKS = textwrap.dedent(
+    """
+    import json
+    import torch
+    from trap2_hf.audit import AuditTask
+
+    def get_tasks(model, tokenizer):
+        rows = [json.loads(line)["text"] for line in open("recipes/tiny/data/train.jsonl")]
+
+        def last_word(name, texts):
+            def evaluate(model, split):
+                chosen = texts[:6] if split == "validation" else texts[6:12]
+                hits = 0
+                for text in chosen:
+                    ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
+                    with torch.no_grad():
+                        hits += int(model(input_ids=ids[:, :-1]).logits[0, -1].argmax() == ids[0, -1])
+                return hits / len(chosen)
+            return AuditTask(name, evaluate, chance=1 / len(tokenizer))
+
+        return [last_word("head", rows), last_word("tail", rows[::-1])]
+    """
+)
+
+
+@pytest.mark.slow
+def test_tiny_recipe_with_audit(tmp_path, tmp_path_factory):
+    """--audit_tasks: the audit runs on the saved adapter after training and lands in the card."""
+    tasks, out = tmp_path / "tasks.py", tmp_path / "out"
+    tasks.write_text(AUDIT_TASKS)
+    other = one_process("lora", tmp_path_factory)
+    _run(
+        [sys.executable, str(SCRIPT), "--config", TINY_LORA, "--output_dir", str(out), "--max_steps", "2",
+         "--disable_tqdm", "true", "--audit_tasks", str(tasks), "--audit_protected_task", "head",
+         "--audit_other", f"tail={other}"],
+        _env(tmp_path),
+    )
+    results = json.loads((out / "_audit" / "audit.json").read_text())
+    assert results["protected_task"] == "head" and results["methods"]
+    assert "audit.png" in (out / "README.md").read_text()
+
+
+# Runs the recipe's own main() under `accelerate launch`, recording per rank what a log cannot show: the
+# scales each re-scaled pass used, every backward, and every DDP gradient all-reduce (a comm hook).
+PROBE = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    import accelerate
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from trap2_hf import Trap2SFTTrainer
+
+    script, record_path = sys.argv[1], sys.argv[2]
+    spec = importlib.util.spec_from_file_location("sft_protect", script)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    record = {"allreduces": 0, "buckets": 0, "backwards": 0, "scales": []}
+
+    def counting_hook(state, bucket):
+        record["buckets"] += 1
+        record["allreduces"] += bucket.is_last()  # one gradient all-reduce = all buckets of one backward
+        return allreduce_hook(state, bucket)
+
+    ddp_init = DistributedDataParallel.__init__
+    def init(self, *args, **kwargs):
+        ddp_init(self, *args, **kwargs)
+        self.register_comm_hook(None, counting_hook)
+    DistributedDataParallel.__init__ = init
+
+    backward = accelerate.Accelerator.backward
+    def counting_backward(self, loss, **kwargs):
+        record["backwards"] += 1
+        return backward(self, loss, **kwargs)
+    accelerate.Accelerator.backward = counting_backward
+
+    rescaled = Trap2SFTTrainer.trap_rescaled
+    def recording_rescaled(self, scale):
+        record["scales"].append([self.state.global_step, scale])
+        return rescaled(self, scale)
+    Trap2SFTTrainer.trap_rescaled = recording_rescaled
+
+    trainer = recipe.main(*recipe.parse_args(sys.argv[3:]))
+    record["rank"], record["world_size"] = trainer.args.process_index, trainer.args.world_size
+    record["global_step"] = trainer.state.global_step
+    record["drawn"] = {step: trainer.trap_scales(step) for step in range(trainer.state.global_step)}
+    with open(f"{record_path}.rank{record['rank']}.json", "w") as f:
+        json.dump(record, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_tiny_recipe_two_process_ddp_matches_one_process(tmp_path, one_process_run):
+    """2 ranks x batch 1 x 2 accumulation steps == 1 process x batch 4: the same samples per optimizer step
+    (accelerate shards the seeded sampler's batches round-robin), so the same trained LoRA adapter or model."""
+    kind, one_out = one_process_run
+    probe, record, out = tmp_path / "probe.py", tmp_path / "record", tmp_path / "out"
+    probe.write_text(PROBE)
+    env = _env(tmp_path)
+    env["ACCELERATE_USE_CPU"] = "1"
+    _run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()),
+         str(probe), str(SCRIPT), str(record),
+         "--config", RECIPE_FILES[kind], "--output_dir", str(out), "--per_device_train_batch_size", "1",
+         "--gradient_accumulation_steps", "2", "--disable_tqdm", "true", *TRAP_FLAGS],
+        env,
+        timeout=400,
+    )
+    ranks = [json.loads((tmp_path / f"record.rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [STEPS, STEPS]
+
+    # Every rank re-scaled with the same scales: per micro-batch, the step's draws, in order.
+    micro_batches = 2
+    assert ranks[0]["scales"] == ranks[1]["scales"]
+    expected = [[step, s] for step in range(STEPS) for _ in range(micro_batches) for s in ranks[0]["drawn"][str(step)]]
+    assert ranks[0]["scales"] == expected
+    assert len({s for _, s in expected}) == STEPS * SCALES_PER_STEP
+
+    # (1 nominal + 2 re-scaled) backwards per micro-batch, but one gradient all-reduce per optimizer step.
+    for r in ranks:
+        assert r["backwards"] == STEPS * micro_batches * (1 + SCALES_PER_STEP)
+        assert r["allreduces"] == STEPS, r
+
+    one, two = load_file(one_out / WEIGHTS[kind]), load_file(out / WEIGHTS[kind])
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
