@@ -238,3 +238,25 @@ def test_quantized_base_is_refused_clearly_without_a_gpu(tmp_out):
         pytest.skip("bitsandbytes can run here")
     with pytest.raises(ValueError, match="quantized with bitsandbytes.*load the base unquantized"):
         Trap2Trainer(model=model, args=args, train_dataset=token_dataset(4))
+
+
+def test_a_checkpoint_interrupted_while_saving_is_never_resumed_from(tmp_out):
+    """A crash while checkpoint-4 was being written (its trainer state, written last, is missing): resuming with
+    True takes checkpoint-2 and finishes the job, equal to a run that never crashed; naming checkpoint-4 fails."""
+    overrides = dict(trap_lambda=0.2, optim="adamw_torch", learning_rate=1e-2, save_strategy="steps", save_steps=2)
+    straight, _ = train_weights(tmp_out + "straight", 4, 1, 6, **overrides)
+    run_dir = tmp_out + "crashed"
+    train_weights(run_dir, 4, 1, 4, **overrides)
+    os.remove(os.path.join(run_dir, "checkpoint-4", "trainer_state.json"))
+
+    def resumed_trainer():
+        args = Trap2TrainingArguments(output_dir=run_dir, max_steps=6, per_device_train_batch_size=4, **sgd_args(**overrides))
+        return Trap2Trainer(model=lora_model_with_seed(5), args=args, train_dataset=token_dataset(16, ragged=True))
+
+    with pytest.raises(ValueError, match="checkpoint-4 is incomplete.*checkpoint-2"):
+        resumed_trainer().train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-4"))
+    trainer = resumed_trainer()
+    trainer.train(resume_from_checkpoint=True)
+    resumed = trainable_state(trainer.model)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)

@@ -10,13 +10,17 @@ The maths lives in `objective.py`, the re-scaling in `rescale.py`.
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import re
 from collections import defaultdict
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from .config import Trap2SFTConfig, Trap2Settings, Trap2TrainingArguments
@@ -229,6 +233,23 @@ class Trap2TrainerMixin:
             logs["trap/skipped_steps"] = self.trap_skipped_steps
         super().log(logs, start_time)
 
+    # ----------------------------------------------------------------------------- resuming
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """As `Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint, so a run
+        that crashed while saving resumes from the one before and finishes the job."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+        elif isinstance(resume_from_checkpoint, str) and not is_complete_checkpoint(resume_from_checkpoint):
+            previous = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
+            raise ValueError(
+                f"Checkpoint {resume_from_checkpoint} is incomplete (its {TRAINER_STATE_NAME}, written last, is "
+                f"missing or unreadable: the save was interrupted). Resume from {previous or 'an earlier checkpoint'} "
+                "or pass resume_from_checkpoint=True to take the last complete one."
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     # ----------------------------------------------------------------------------- theta0 in checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -298,6 +319,27 @@ class _SkipNonFiniteStep(TrainerCallback):
             state.global_step + 1,
             self.trainer.trap_skipped_steps,
         )
+
+
+def is_complete_checkpoint(folder: str) -> bool:
+    """A Trainer checkpoint is complete once its trainer state, which the Trainer writes last, reads back."""
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME)) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    if not os.path.isdir(output_dir):
+        return None
+    steps = {}
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and is_complete_checkpoint(os.path.join(output_dir, name)):
+            steps[int(match.group(1))] = os.path.join(output_dir, name)
+    return steps[max(steps)] if steps else None
 
 
 def _capture_rng_state():
