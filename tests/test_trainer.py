@@ -260,3 +260,12 @@ def test_a_checkpoint_interrupted_while_saving_is_never_resumed_from(tmp_out):
     resumed = trainable_state(trainer.model)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_peft_method_is_refused_by_name(tmp_out):
+    from peft import PromptTuningConfig
+
+    model = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    args = Trap2TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True)
+    with pytest.raises(NotImplementedError, match="PROMPT_TUNING.*not supported yet"):
+        Trap2Trainer(model=model, args=args, train_dataset=token_dataset(4))

@@ -86,6 +86,12 @@ class Trap2TrainerMixin:
         model = self.accelerator.unwrap_model(self.model)
         has_adapter = any(isinstance(module, BaseTunerLayer) for module in model.modules())
         if self.args.trap_target == "adapter":
+            if not has_adapter and getattr(model, "peft_config", None):
+                kinds = sorted({str(getattr(c, "peft_type", type(c).__name__)) for c in model.peft_config.values()})
+                raise NotImplementedError(
+                    f"Protecting PEFT method(s) {kinds} is not supported yet: they add no weight update W0 + dW "
+                    "that merging re-scales. Use LoRA (or DoRA, LoHa, LoKr, IA3), or trap_target='full' without PEFT."
+                )
             if not has_adapter:
                 raise ValueError(
                     "trap_target='adapter' but the model has no PEFT adapter. Wrap the model with "
