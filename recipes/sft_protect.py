@@ -198,8 +198,6 @@ def main(script_args, training_args, model_args, callbacks=None):
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
-        # Only ever what the user set (ModelConfig defaults to False): remote code is never enabled implicitly.
-        "trust_remote_code": model_args.trust_remote_code,
         **(training_args.model_init_kwargs or {}),
     }
     train_dataset = load_split(script_args, script_args.dataset_train_split)
