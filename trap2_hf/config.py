@@ -14,6 +14,9 @@ TARGETS = ("adapter", "full")
 SCALE_SAMPLINGS = ("uniform", "stratified")
 REFERENCE_DEVICES = ("same", "cpu")
 REFERENCE_DTYPES = ("same", "float32", "bfloat16", "float16")
+TRAP_MODES = ("two_pass", "sub_batch", "fused")
+# What trap_rescaled_fraction defaults to when unset: two_pass re-scales the whole micro-batch.
+DEFAULT_RESCALED_FRACTION = {"two_pass": 1.0, "sub_batch": 0.25, "fused": 0.25}
 
 
 @dataclass
@@ -59,8 +62,8 @@ class Trap2Settings:
     trap_scales_per_step: int = field(
         default=1,
         metadata={
-            "help": "How many scales are drawn per optimizer step; each costs one more forward/backward pass. "
-            "The re-scaled term is averaged over them."
+            "help": "How many scales are drawn per optimizer step; each costs one more forward/backward pass "
+            "(on a fraction of the rows in sub_batch and fused modes). The re-scaled term is averaged over them."
         },
     )
     trap_scale_sampling: str = field(
@@ -87,6 +90,37 @@ class Trap2Settings:
             "choices": list(REFERENCE_DTYPES),
         },
     )
+
+    trap_mode: str = field(
+        default="two_pass",
+        metadata={
+            "help": "How a step computes the re-scaled term. 'two_pass': the reference algorithm, exact: one more "
+            "forward/backward over the whole micro-batch per scale (about 2x a plain step; the two graphs are never "
+            "alive at once, so peak memory stays at plain's). 'sub_batch': the same on a random fraction "
+            "trap_rescaled_fraction of the rows (any update and model; unbiased; plain's memory). 'fused': ONE "
+            "forward/backward over the micro-batch plus re-scaled copies of a random fraction of its rows, each "
+            "copy at its own scale (LoRA/rsLoRA on causal LMs, TRL SFT and sequence classifiers; unbiased; about "
+            "1.2-1.3x a plain step, 1 + trap_scales_per_step * fraction times the activation memory). See "
+            "benchmarks/README.md.",
+            "choices": list(TRAP_MODES),
+        },
+    )
+    trap_rescaled_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of each micro-batch's rows that each drawn scale re-scales, in (0, 1]; rows are drawn "
+            "at random and weighted by 1/fraction, so the re-scaled loss is unbiased. Unset: 1 for two_pass (which "
+            "takes only 1), 0.25 for sub_batch and fused."
+        },
+    )
+
+    def __post_init__(self):
+        self.derive_trap_defaults()
+
+    def derive_trap_defaults(self) -> None:
+        """Fill in the settings whose default depends on others, so what is recorded is what runs."""
+        if self.trap_rescaled_fraction is None and self.trap_mode in DEFAULT_RESCALED_FRACTION:
+            self.trap_rescaled_fraction = DEFAULT_RESCALED_FRACTION[self.trap_mode]
 
     def validate_trap_settings(self) -> None:
         """Raise a ValueError that names the field, the value and what is allowed."""
@@ -121,6 +155,23 @@ class Trap2Settings:
             )
         if not (isinstance(self.trap_scales_per_step, int) and self.trap_scales_per_step >= 1):
             raise ValueError(f"trap_scales_per_step must be an integer >= 1, got {self.trap_scales_per_step!r}.")
+        _check_choice("trap_mode", self.trap_mode, TRAP_MODES)
+        fraction = self.trap_rescaled_fraction
+        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+            raise ValueError(
+                f"trap_rescaled_fraction must be in (0, 1], got {fraction!r}. Use e.g. 0.25 (a quarter of each "
+                "micro-batch is re-scaled) or 1 (all of it)."
+            )
+        if self.trap_mode == "two_pass" and fraction not in (None, 1, 1.0):
+            raise ValueError(
+                f"trap_rescaled_fraction={fraction} needs trap_mode='sub_batch' or 'fused'; trap_mode='two_pass' "
+                "always re-scales the whole micro-batch."
+            )
+        if self.trap_mode == "fused" and self.trap_target != "adapter":
+            raise ValueError(
+                "trap_mode='fused' re-scales each row of the batch by its own scale, which only a LoRA adapter can "
+                f"do in one pass; trap_target={self.trap_target!r} needs trap_mode='two_pass' or 'sub_batch'."
+            )
 
     def trap_settings_dict(self) -> dict:
         """The protection settings as plain values: what the model card and the audit record."""
@@ -150,6 +201,7 @@ class Trap2TrainingArguments(TrainingArguments, Trap2Settings):
 
     def __post_init__(self):
         super().__post_init__()
+        self.derive_trap_defaults()
         self.validate_trap_settings()
 
 
@@ -164,4 +216,5 @@ class Trap2SFTConfig(SFTConfig, Trap2Settings):
 
     def __post_init__(self):
         super().__post_init__()
+        self.derive_trap_defaults()
         self.validate_trap_settings()

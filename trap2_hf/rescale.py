@@ -7,6 +7,8 @@
   (re-scaling B is not).
 - Full fine-tuning: every trainable parameter holds theta0 + s*(theta - theta0) while inside; a
   gradient hook multiplies its gradient by s, so backward inside the context gives d/dtheta.
+- Per sample (`rescaled_adapter_per_sample`): row i of the batch computes with W0 + s_i*dW, for the
+  fused step; only LoRA and rsLoRA, whose branch output is linear in s.
 
 Run each backward inside the context that made its forward: activation checkpointing recomputes the
 forward during backward.
@@ -15,6 +17,7 @@ forward during backward.
 import types
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -127,6 +130,114 @@ def rescaled_update(
             yield
     else:
         raise ValueError(f"Unknown target {target!r}; use 'adapter' or 'full'.")
+
+
+@contextmanager
+def rescaled_adapter_per_sample(
+    model: nn.Module,
+    scales: torch.Tensor,
+    adapter_names: Iterable[str] | None = None,
+    targets: list[tuple[str, nn.Module, str]] | None = None,
+) -> Iterator[None]:
+    """While inside, row i of every batch computes with W0 + scales[i]*dW of the named (default: trained)
+    adapters: each LoRA branch's output is multiplied row by row (exact: the branch is B@A@x*scaling), and
+    affine `modules_to_save` copies are blended row by row. Raises NotImplementedError for anything else.
+    `targets`: `per_sample_targets(model, adapter_names)`, computed once by a caller that re-enters often."""
+    targets = per_sample_targets(model, adapter_names) if targets is None else targets
+    row_scales = _RowScales(scales)
+    handles = []
+    with ExitStack() as stack:
+        try:
+            for layer_name, module, kind in targets:
+                if kind == "lora_B":
+                    handles.append(module.register_forward_hook(partial(_scale_rows, row_scales, layer_name)))
+                else:
+                    blend = partial(_blend_rows, module.original_module, row_scales, layer_name)
+                    stack.enter_context(_patched_forward(module, blend))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def per_sample_targets(
+    model: nn.Module, adapter_names: Iterable[str] | None = None
+) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, kind) for every place a per-sample scale acts: LoRA B matrices ('lora_B') and
+    modules_to_save wrappers ('modules_to_save').
+
+    Raises NotImplementedError, naming the layer and trap_mode='two_pass', where a per-sample scale
+    cannot be exact at the cost of a multiply (DoRA and other LoRA variants, LoRA on embeddings or
+    parameters, LoHa/LoKr/IA3, non-affine modules_to_save)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    names = set(trained_adapter_names(model) if adapter_names is None else adapter_names)
+    if not names:
+        raise ValueError("The model has no trainable PEFT adapter to re-scale per sample; use trap_mode='two_pass'.")
+    targets = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            if names & set(module.modules_to_save.keys()) & set(module.active_adapters):
+                if not isinstance(module.original_module, AFFINE_LAYERS):
+                    raise NotImplementedError(
+                        f"modules_to_save entry {module_name} ({type(module.original_module).__name__}) is not affine "
+                        "in its weights, so it cannot be re-scaled per sample; use trap_mode='two_pass'."
+                    )
+                targets.append((module_name, module, "modules_to_save"))
+            continue
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for adapter in sorted(names & _adapters_of(module)):
+            lora_b = getattr(module, "lora_B", {})
+            if (
+                not isinstance(module, LoraLayer)
+                or adapter in getattr(module, "lora_variant", {})
+                or adapter not in lora_b
+                or type(module).__name__ in ("ParamWrapper", "MultiheadAttention")
+            ):
+                raise NotImplementedError(
+                    f"trap_mode='fused' re-scales each row by multiplying the LoRA branch's output, which is exact "
+                    f"for plain LoRA and rsLoRA on Linear and Conv layers only; {module_name} "
+                    f"({type(module).__name__}, adapter {adapter!r}) is not one. Use trap_mode='two_pass' (or "
+                    "'sub_batch'), which re-scale every adapter kind exactly."
+                )
+            targets.append((f"{module_name}.lora_B.{adapter}", lora_b[adapter], "lora_B"))
+    if not targets:
+        raise ValueError(f"No layer of the model carries the adapter(s) {sorted(names)}; nothing would be re-scaled.")
+    return targets
+
+
+class _RowScales:
+    """The per-row scales, cast once per (device, dtype) and shaped to broadcast over a layer's output."""
+
+    def __init__(self, scales: torch.Tensor):
+        self.scales = scales
+        self.cast = {}
+
+    def like(self, output: torch.Tensor, layer_name: str) -> torch.Tensor:
+        rows = self.scales.shape[0]
+        if output.dim() == 0 or output.shape[0] != rows:
+            raise RuntimeError(
+                f"Per-sample re-scaling needs every re-scaled layer to see the batch on dimension 0, but {layer_name} "
+                f"returned shape {tuple(output.shape)} for a batch of {rows} rows (flattened tokens?). Use "
+                "trap_mode='two_pass' or 'sub_batch' for this model."
+            )
+        key = (output.device, output.dtype)
+        if key not in self.cast:
+            self.cast[key] = self.scales.to(device=output.device, dtype=output.dtype)
+        return self.cast[key].view(-1, *([1] * (output.dim() - 1)))
+
+
+def _scale_rows(scales: _RowScales, layer_name: str, module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output * scales.like(output, layer_name)
+
+
+def _blend_rows(base: nn.Module, scales: _RowScales, layer_name: str, adapted_forward, *args, **kwargs) -> torch.Tensor:
+    adapted = adapted_forward(*args, **kwargs)
+    base_out = base(*args, **kwargs)
+    return base_out + scales.like(adapted, layer_name) * (adapted - base_out)
 
 
 def snapshot_parameters(

@@ -1,11 +1,13 @@
 """Trap2Trainer and Trap2SFTTrainer: the Trap² step and its bookkeeping.
 
-One optimizer step, per micro-batch:
+One optimizer step, per micro-batch (trap_mode='two_pass', the reference):
 1. nominal loss at s = 1 and its backward (never the step's gradient all-reduce);
 2. for each scale drawn for this optimizer step (the same for all its micro-batches and all ranks):
    restore the RNG so dropout masks match, forward and backward inside the re-scaling context with
    the loss multiplied by -lambda*w(s)/K. The last of these backwards carries the DDP all-reduce.
-The maths lives in `objective.py`, the re-scaling in `rescale.py`.
+'sub_batch' runs step 2 on random rows of the micro-batch; 'fused' folds step 2 into step 1 as
+re-scaled copies of random rows (see `fused.py`). The maths lives in `objective.py` and `fused.py`,
+the re-scaling in `rescale.py`.
 """
 
 import contextlib
@@ -25,8 +27,15 @@ from trl import SFTTrainer
 
 from .config import Trap2SFTConfig, Trap2Settings, Trap2TrainingArguments
 from .hub.push import Trap2HubMixin
+from .fused import FusedPlan, batch_size_of, fused_batch, rescaled_rows, row_loss_function, rows_generator, select_rows
 from .objective import rescaled_loss_coefficient, sample_scales, step_generator
-from .rescale import rescaled_update, snapshot_parameters, trained_adapter_names
+from .rescale import (
+    per_sample_targets,
+    rescaled_adapter_per_sample,
+    rescaled_update,
+    snapshot_parameters,
+    trained_adapter_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +60,14 @@ class Trap2TrainerMixin:
         self._trap_steps_logged = set()
         self._trap_scales_cache = (None, [])
         self._trap_coefficient = None
+        self._trap_micro_batch = (None, -1)
+        self._trap_row_losses = None
+        self._trap_per_sample_targets = None
+        self._trap_warned_token_mean = False
         self.trap_skipped_steps = 0
         self._trap_check_target()
         self._trap_check_quantization()
+        self._trap_check_mode()
         self.trap_reference = None
         if self.args.trap_target == "full":
             self.trap_reference = trap_reference or snapshot_parameters(
@@ -126,6 +140,19 @@ class Trap2TrainerMixin:
                 "here. Train on a GPU, or load the base unquantized (drop quantization_config / load_in_4bit)."
             )
 
+    def _trap_check_mode(self) -> None:
+        """trap_mode='fused' runs only where it is exact; refuse the rest here, naming the fix."""
+        if self.args.trap_mode != "fused" or self.args.trap_lambda == 0:
+            return
+        if self.compute_loss_func is not None or self.args.label_smoothing_factor:
+            raise ValueError(
+                "trap_mode='fused' weights the model's own per-row losses, which a compute_loss_func or label "
+                "smoothing replaces. Use trap_mode='two_pass' or 'sub_batch'."
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        self._trap_per_sample_targets = per_sample_targets(model)
+        self._trap_row_losses = row_loss_function(model)
+
     # ----------------------------------------------------------------------------- the step
     def trap_scales(self, step: int | None = None) -> list[float]:
         """The scales of an optimizer step: a function of (seed, step) only, so resumed runs and all
@@ -145,6 +172,20 @@ class Trap2TrainerMixin:
             self._trap_scales_cache = (step, scales)
         return scales
 
+    def trap_rows(self, batch_size: int, step: int | None = None, micro_batch: int = 0) -> list[torch.Tensor]:
+        """The rows of a micro-batch that each scale re-scales in 'sub_batch' and 'fused' modes: a function of
+        (seed, step, micro-batch, rank) only."""
+        step = self.state.global_step if step is None else step
+        generator = rows_generator(self.args.seed, step, micro_batch, self.args.process_index)
+        return rescaled_rows(batch_size, self.args.trap_rescaled_fraction, self.args.trap_scales_per_step, generator)
+
+    def _trap_next_rows(self, batch_size: int) -> list[torch.Tensor]:
+        step = self.state.global_step
+        last_step, index = self._trap_micro_batch
+        index = index + 1 if last_step == step else 0
+        self._trap_micro_batch = (step, index)
+        return self.trap_rows(batch_size, step, index)
+
     def trap_rescaled(self, scale: float):
         """Context in which the model computes with its update re-scaled by `scale`."""
         return rescaled_update(
@@ -159,25 +200,86 @@ class Trap2TrainerMixin:
         if args.trap_lambda == 0:
             return super().training_step(model, inputs, num_items_in_batch)
         scales = self.trap_scales()
+        if args.trap_mode == "fused":
+            return self._trap_fused_step(model, inputs, num_items_in_batch, scales)
+        passes = self._trap_rescaled_passes(inputs, num_items_in_batch, len(scales))
+        last = max((k for k, p in enumerate(passes) if p is not None), default=-1)
         rng_state = _capture_rng_state()
-        with self._trap_not_last_backward(model):
+        with self._trap_not_last_backward(model) if last >= 0 else contextlib.nullcontext():
             nominal = super().training_step(model, dict(inputs), num_items_in_batch)
         self._trap_record("nominal_loss", nominal)
         for k, scale in enumerate(scales):
+            if passes[k] is None:  # no row of this micro-batch drawn for this scale: an unbiased zero
+                self._trap_record("rescaled_loss", 0.0)
+                self._trap_record("scale" if k == 0 else f"scale_{k + 1}", scale, per_step=False)
+                continue
+            pass_inputs, pass_items = passes[k]
             _restore_rng_state(rng_state)
             coefficient = rescaled_loss_coefficient(scale, args.trap_lambda, args.trap_weighting, len(scales))
-            last = k == len(scales) - 1
             with contextlib.ExitStack() as stack:
-                if not last:
+                if k != last:
                     stack.enter_context(self._trap_not_last_backward(model))
                 stack.enter_context(self.trap_rescaled(scale))
                 stack.enter_context(self._trap_side_pass())
                 self._trap_coefficient = coefficient
                 try:
-                    rescaled = super().training_step(model, dict(inputs), num_items_in_batch)
+                    rescaled = super().training_step(model, dict(pass_inputs), pass_items)
                 finally:
                     self._trap_coefficient = None
             self._trap_record("rescaled_loss", rescaled / coefficient / len(scales))
+            self._trap_record("scale" if k == 0 else f"scale_{k + 1}", scale, per_step=False)
+        return nominal
+
+    def _trap_rescaled_passes(self, inputs, num_items_in_batch, num_scales: int) -> list:
+        """Per scale, the (inputs, num_items_in_batch) of its re-scaled pass; None where it re-scales no row.
+        sub_batch: the drawn rows, with num_items_in_batch times the fraction (their weight 1/f)."""
+        if self.args.trap_mode == "two_pass":
+            return [(inputs, num_items_in_batch)] * num_scales
+        batch_size = batch_size_of(inputs)
+        fraction = self.args.trap_rescaled_fraction
+        if num_items_in_batch is None and torch.is_tensor(inputs.get("labels")) and inputs["labels"].dim() > 1:
+            self._trap_warn_token_mean()
+        items = num_items_in_batch if num_items_in_batch is None or fraction == 1 else num_items_in_batch * fraction
+        passes = []
+        for rows in self._trap_next_rows(batch_size):
+            if len(rows) == 0:
+                passes.append(None)
+            else:
+                passes.append((inputs if len(rows) == batch_size else select_rows(inputs, rows, batch_size), items))
+        return passes
+
+    def _trap_warn_token_mean(self) -> None:
+        if not self._trap_warned_token_mean:
+            self._trap_warned_token_mean = True
+            logger.warning(
+                "trap_mode='sub_batch' without num_items_in_batch: the model averages its loss over each pass's own "
+                "tokens, so the re-scaled loss of the drawn rows is a ratio estimate (unbiased only when rows have "
+                "equal token counts). Models that accept num_items_in_batch (transformers' causal LMs) are exact."
+            )
+
+    def _trap_fused_step(self, model, inputs, num_items_in_batch, scales: list[float]):
+        """One forward/backward over the micro-batch and re-scaled copies of its drawn rows (`fused.py`)."""
+        args = self.args
+        if self._trap_row_losses is None:  # trap_mode or trap_lambda set after construction
+            self._trap_check_mode()
+        batch_size = batch_size_of(inputs)
+        coefficients = [
+            rescaled_loss_coefficient(scale, args.trap_lambda, args.trap_weighting, len(scales)) for scale in scales
+        ]
+        plan = FusedPlan.build(
+            batch_size, self._trap_next_rows(batch_size), scales, coefficients, args.trap_rescaled_fraction
+        )
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with contextlib.ExitStack() as stack:
+            if plan.num_copies:
+                scales_per_row = plan.sample_scales(args.device)
+                targets = self._trap_per_sample_targets
+                stack.enter_context(rescaled_adapter_per_sample(unwrapped, scales_per_row, targets=targets))
+                stack.enter_context(fused_batch(unwrapped, plan, self._trap_row_losses))
+            nominal = super().training_step(model, dict(inputs), num_items_in_batch)
+        self._trap_record("nominal_loss", nominal)
+        self._trap_record("rescaled_loss", plan.rescaled_loss(nominal))
+        for k, scale in enumerate(scales):
             self._trap_record("scale" if k == 0 else f"scale_{k + 1}", scale, per_step=False)
         return nominal
 
@@ -290,6 +392,17 @@ class Trap2SFTTrainer(Trap2HubMixin, Trap2TrainerMixin, SFTTrainer):
     """TRL's `SFTTrainer` that trains a protected (unmergeable) update. Settings: `Trap2SFTConfig`."""
 
     _trap_args_class = Trap2SFTConfig
+
+    def _trap_check_mode(self) -> None:
+        super()._trap_check_mode()
+        if self.args.trap_mode != "fused" or self.args.trap_lambda == 0:
+            return
+        if self.args.loss_type != "nll" or self.padding_free:
+            raise ValueError(
+                f"trap_mode='fused' folds re-scaled copies into TRL's per-token log-probs, which is exact for "
+                f"loss_type='nll' on rows that are samples; got loss_type={self.args.loss_type!r}, padding_free="
+                f"{self.padding_free} (packing). Use trap_mode='two_pass' or 'sub_batch'."
+            )
 
     @contextlib.contextmanager
     def _trap_side_pass(self):

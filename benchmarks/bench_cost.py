@@ -1,0 +1,304 @@
+"""Cost of protection: step time and peak memory of Trap2Trainer / Trap2SFTTrainer in each `trap_mode`, as
+ratios to the plain Trainer / SFTTrainer on the same model and data, alternating in one process.
+
+    python benchmarks/bench_cost.py                 # CPU: a tiny (overhead-bound) and a small (compute-bound) model
+    python benchmarks/bench_cost.py --device cuda   # GPU, bf16: ~0.34B (launch-bound) and ~1.6B (compute-bound)
+    python benchmarks/bench_cost.py --trainers sft --modes fused --trap_rescaled_fraction 0.125 --rounds 5
+
+Every round runs each variant (plain, then each mode, in an order rotated every round) for
+`warmup + steps + 1` optimizer steps with a fresh trainer on the same LoRA model; machine load
+therefore affects all variants alike. Reported per variant:
+- step time: median over all rounds' timed steps of one optimizer step (forward, backward, clipping,
+  optimizer), data loading excluded; CUDA events on GPU, perf_counter on CPU;
+- step peak: the most tensor memory live during one step above what was live when it began
+  (weights, optimizer state): activations, gradients, temporaries. GPU: max_memory_allocated minus
+  memory_allocated at the step's start. CPU: the running sum of the profiler's allocation/free
+  events over the step (torch's CPU tensor allocations; the allocator's caching and Python objects
+  are not counted). Measured on the run's last step, which is not timed;
+- total peak: step peak plus what was live at the step's start (GPU: max_memory_allocated).
+"""
+
+import gc
+import itertools
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import datasets
+import torch
+import transformers
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
+from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments
+
+# name: (Llama config, sequence length, batch size)
+SHAPES = {
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256), 64, 8),
+    "small": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=4, vocab_size=1024), 128, 4),
+    "launch": (dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                    num_key_value_heads=8, vocab_size=32000), 1024, 8),
+    "compute": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=28, num_attention_heads=16,
+                     num_key_value_heads=16, vocab_size=32000), 2048, 4),
+}
+DEFAULT_SHAPES = {"cpu": ["tiny", "small"], "cuda": ["launch", "compute"]}
+MODES = ["two_pass", "sub_batch", "fused"]
+
+
+@dataclass
+class BenchArguments:
+    device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto' (cuda when available)."})
+    shapes: list[str] = field(
+        default_factory=list,
+        metadata={"help": f"Model shapes among {list(SHAPES)}; default tiny+small on CPU, launch+compute on GPU."},
+    )
+    trainers: list[str] = field(
+        default_factory=lambda: ["trainer", "sft"], metadata={"help": "'trainer' and/or 'sft'."}
+    )
+    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": f"trap_mode values among {MODES}."})
+    trap_rescaled_fraction: float = field(default=0.25, metadata={"help": "For sub_batch and fused."})
+    trap_scales_per_step: int = field(default=1, metadata={"help": "Scales drawn per optimizer step."})
+    trap_lambda: float = field(default=0.01, metadata={"help": "lambda (its value does not change the cost)."})
+    rounds: int = field(default=4, metadata={"help": "How many times every variant runs, alternating."})
+    steps: int = field(default=8, metadata={"help": "Timed optimizer steps per run."})
+    warmup: int = field(default=2, metadata={"help": "Untimed steps at the start of every run."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank, on q/k/v/o projections."})
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "Activation checkpointing, for every variant."}
+    )
+    threads: int = field(default=1, metadata={"help": "torch threads on CPU."})
+    seed: int = field(default=0, metadata={"help": "Seed of the model and data."})
+    output_json: str | None = field(default=None, metadata={"help": "Also write the results here."})
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser(BenchArguments, description=__doc__.split("\n")[0])
+
+
+class StepClock(TrainerCallback):
+    """Times steps warmup..warmup+steps-1 and measures memory on step warmup+steps (untimed)."""
+
+    def __init__(self, device: str, warmup: int, steps: int, trainer_ref: list):
+        self.device, self.warmup, self.steps, self.trainer_ref = device, warmup, steps, trainer_ref
+        self.marks, self.seconds, self.memory = [], [], {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step == self.warmup + self.steps:
+            self._memory_begin()
+        elif step >= self.warmup:
+            self.marks.append([self._now()])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step - 1
+        if step == self.warmup + self.steps:
+            self._memory_end()
+        elif step >= self.warmup:
+            self.marks[-1].append(self._now())
+
+    def _now(self):
+        if self.device == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def finish(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.seconds = [begin.elapsed_time(end) / 1000 for begin, end in self.marks]
+        else:
+            self.seconds = [end - begin for begin, end in self.marks]
+
+    def _memory_begin(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.memory["resident"] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.memory["resident"] = resident_bytes(self.trainer_ref[0])
+            cpu = torch.profiler.ProfilerActivity.CPU
+            self.profiler = torch.profiler.profile(activities=[cpu], profile_memory=True)
+            self.profiler.start()
+
+    def _memory_end(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.memory["total_peak"] = torch.cuda.max_memory_allocated()
+            self.memory["step_peak"] = self.memory["total_peak"] - self.memory["resident"]
+        else:
+            self.profiler.stop()
+            events = [e for e in self.profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+            events.sort(key=lambda e: e.start_ns())
+            self.memory["step_peak"] = max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+            self.memory["total_peak"] = self.memory["resident"] + self.memory["step_peak"]
+            del self.profiler
+
+
+def resident_bytes(trainer) -> int:
+    """Bytes of the tensors live between steps: parameters, buffers, gradients, optimizer state."""
+    tensors = list(trainer.model.parameters()) + list(trainer.model.buffers())
+    tensors += [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    if trainer.optimizer is not None:
+        tensors += [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def build_model(shape: str, rank: int, device: str, seed: int):
+    config, _, _ = SHAPES[shape]
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        base = LlamaForCausalLM(LlamaConfig(**config, max_position_embeddings=4096, tie_word_embeddings=False))
+    base = base.to(dtype)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    return get_peft_model(base, lora)
+
+
+def build_data(shape: str, num_rows: int, seed: int, with_labels: bool) -> Dataset:
+    config, seq_len, _ = SHAPES[shape]
+    ids = torch.randint(0, config["vocab_size"], (num_rows, seq_len), generator=torch.Generator().manual_seed(seed))
+    rows = {"input_ids": ids.tolist()}
+    if with_labels:
+        rows |= {"attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+    return Dataset.from_dict(rows)
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose ids cover the model's vocabulary; SFTTrainer needs one for padding."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>")
+
+
+def run_variant(
+    bench: BenchArguments, shape: str, kind: str, variant: str, model, data, tokenizer, device: str
+) -> StepClock:
+    _, seq_len, batch = SHAPES[shape]
+    common = dict(
+        output_dir="/tmp/trap2_bench", max_steps=bench.warmup + bench.steps + 1, per_device_train_batch_size=batch,
+        learning_rate=1e-4, lr_scheduler_type="constant", optim="adamw_torch", logging_steps=100_000,
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=bench.seed, use_cpu=device == "cpu",
+        bf16=device == "cuda", activation_checkpointing=bench.activation_checkpointing, dataloader_drop_last=True,
+    )
+    if kind == "sft":
+        common |= dict(max_length=seq_len)
+    trap = dict(
+        trap_lambda=bench.trap_lambda, trap_mode=variant, trap_scales_per_step=bench.trap_scales_per_step,
+        trap_weighting="inv_sqrt",
+    )
+    if variant != "two_pass":
+        trap["trap_rescaled_fraction"] = bench.trap_rescaled_fraction
+    if variant == "plain":
+        trainer_cls = SFTTrainer if kind == "sft" else Trainer
+        args = SFTConfig(**common) if kind == "sft" else TrainingArguments(**common)
+    elif kind == "sft":
+        trainer_cls, args = Trap2SFTTrainer, Trap2SFTConfig(**common, **trap)
+    else:
+        trainer_cls, args = Trap2Trainer, Trap2TrainingArguments(**common, **trap)
+    extra = {"processing_class": tokenizer} if kind == "sft" else {}
+    holder = []
+    clock = StepClock(device, bench.warmup, bench.steps, holder)
+    trainer = trainer_cls(model=model, args=args, train_dataset=data, callbacks=[clock], **extra)
+    trainer.remove_callback(PrinterCallback)
+    holder.append(trainer)
+    trainer.train()
+    clock.finish()
+    holder.clear()
+    del trainer
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return clock
+
+
+def bench_one(bench: BenchArguments, shape: str, kind: str, device: str) -> dict:
+    _, seq_len, batch = SHAPES[shape]
+    model = build_model(shape, bench.lora_rank, device, bench.seed)
+    rows = batch * (bench.warmup + bench.steps + 1)
+    data = build_data(shape, rows, bench.seed, with_labels=kind == "trainer")
+    tokenizer = word_tokenizer(SHAPES[shape][0]["vocab_size"]) if kind == "sft" else None
+    variants = ["plain", *bench.modes]
+    seconds = {v: [] for v in variants}
+    memory = {}
+    for round_index in range(bench.rounds):
+        order = variants[round_index % len(variants):] + variants[: round_index % len(variants)]
+        for variant in order:
+            clock = run_variant(bench, shape, kind, variant, model, data, tokenizer, device)
+            seconds[variant] += clock.seconds
+            memory.setdefault(variant, clock.memory)
+    results = {}
+    for variant in variants:
+        median = statistics.median(seconds[variant])
+        results[variant] = {
+            "median_step_s": median,
+            "time_ratio": median / statistics.median(seconds["plain"]),
+            "step_peak_bytes": memory[variant]["step_peak"],
+            "step_peak_ratio": memory[variant]["step_peak"] / memory["plain"]["step_peak"],
+            "total_peak_bytes": memory[variant]["total_peak"],
+            "total_peak_ratio": memory[variant]["total_peak"] / memory["plain"]["total_peak"],
+            "timed_steps": len(seconds[variant]),
+        }
+    params = sum(p.numel() for p in model.parameters())
+    return {"shape": shape, "trainer": kind, "params": params, "seq_len": seq_len, "batch": batch, "variants": results}
+
+
+def print_table(result: dict, bench: BenchArguments, device: str) -> None:
+    trainer = "Trainer/Trap2Trainer" if result["trainer"] == "trainer" else "SFTTrainer/Trap2SFTTrainer"
+    print(
+        f"\n{result['shape']} ({result['params'] / 1e6:.1f}M params, seq {result['seq_len']} x batch {result['batch']}, "
+        f"LoRA r={bench.lora_rank} q/k/v/o, {device}) -- {trainer}"
+    )
+    print("| variant | step ms | time x plain | step peak MB | x plain | total peak MB | x plain |")
+    print("|---|---|---|---|---|---|---|")
+    for variant, r in result["variants"].items():
+        print(
+            f"| {variant} | {1000 * r['median_step_s']:.1f} | {r['time_ratio']:.2f} | {r['step_peak_bytes'] / 2**20:.1f} "
+            f"| {r['step_peak_ratio']:.2f} | {r['total_peak_bytes'] / 2**20:.1f} | {r['total_peak_ratio']:.2f} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    (bench,) = make_parser().parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if bench.device == "auto" else bench.device
+    unknown = [m for m in bench.modes if m not in MODES] + [t for t in bench.trainers if t not in ("trainer", "sft")]
+    if unknown:
+        raise ValueError(f"Unknown modes/trainers {unknown}; modes: {MODES}, trainers: ['trainer', 'sft'].")
+    shapes = bench.shapes or DEFAULT_SHAPES[device]
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    if device == "cpu":
+        torch.set_num_threads(bench.threads)
+    print(
+        f"torch {torch.__version__}, {device}" + (f" ({torch.cuda.get_device_name()}, bf16)" if device == "cuda" else
+        f" ({bench.threads} thread(s), fp32)") + f"; trap_lambda {bench.trap_lambda}, scales/step "
+        f"{bench.trap_scales_per_step}, fraction {bench.trap_rescaled_fraction} (sub_batch, fused); {bench.rounds} rounds "
+        f"x {bench.steps} timed steps per variant"
+    )
+    results = []
+    for shape, kind in itertools.product(shapes, bench.trainers):
+        result = bench_one(bench, shape, kind, device)
+        print_table(result, bench, device)
+        results.append(result)
+    if bench.output_json:
+        fields = {k: v for k, v in asdict(bench).items()}
+        with open(bench.output_json, "w") as f:
+            json.dump({"device": device, "settings": fields, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

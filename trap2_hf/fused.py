@@ -1,0 +1,322 @@
+"""The re-scaled term on part of a batch: which rows, with what weight, and the fused step's one loss.
+
+`sub_batch` and `fused` re-scale, for each scale s_k of the step, a random set R_k of rows of each
+micro-batch. Each row lands in R_k with probability f (`trap_rescaled_fraction`: floor(f*b) rows,
+one more with probability frac(f*b)), so weighting those rows by 1/f makes the re-scaled loss an
+unbiased estimate of the whole micro-batch's, micro-batch by micro-batch, under any gradient
+accumulation. f = 1 takes every row, in order: exactly two_pass.
+
+The fused step runs ONE forward/backward over the b rows plus copies of the rows of every R_k, copy
+j computing with its own scale s_j (`rescale.rescaled_adapter_per_sample`), with the loss
+
+    loss = sum_{i<b} l_i / D  +  sum_j c_j * l_{b+j} / D,      c_j = -lambda * w(s_j) / (K * f),
+
+l_i the summed loss of row i (its tokens, or its one label), K the scales per step and D the
+normaliser of the model's own loss: num_items_in_batch where that loss divides by it (transformers'
+causal LMs, TRL's SFT: the items of the whole optimizer step, all micro-batches and ranks), else
+the micro-batch's own item count (sequence classifiers: its rows). The first sum is exactly the
+nominal loss, so the gradient is, in expectation over the drawn rows, two_pass's gradient of J,
+micro-batch by micro-batch, for any accumulation. The loss's value is the nominal loss alone (the
+copies enter as x - x.detach()), so logs read as two_pass's.
+"""
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+# Batch keys that describe several sequences packed into one row: rows are not samples there.
+PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")
+
+
+def rows_generator(seed: int, step: int, micro_batch: int, rank: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, optimizer step, micro-batch, rank), like the scales'."""
+    mixed = seed * 1_000_003 + step * 7_919 + micro_batch * 104_729 + rank * 15_485_863 + 99_991
+    return torch.Generator().manual_seed(mixed % (2**63 - 1))
+
+
+def rescaled_rows(batch_size: int, fraction: float, num_scales: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The rows each of `num_scales` scales re-scales in one micro-batch (see the module docstring).
+
+    The scales take consecutive slices of one random permutation, so they share no row while
+    num_scales * rows <= batch_size."""
+    expected = fraction * batch_size
+    count = math.floor(expected)
+    extra = torch.rand((), generator=generator, dtype=torch.float64).item() < expected - count
+    permutation = torch.randperm(batch_size, generator=generator)
+    count = min(count + int(extra), batch_size)
+    if count == batch_size:
+        return [torch.arange(batch_size) for _ in range(num_scales)]
+    return [permutation[(torch.arange(count) + k * count) % batch_size] for k in range(num_scales)]
+
+
+def batch_size_of(inputs: dict) -> int:
+    for key in ("input_ids", "labels", "attention_mask", "inputs_embeds", "pixel_values"):
+        if torch.is_tensor(inputs.get(key)) and inputs[key].dim() > 0:
+            return inputs[key].shape[0]
+    for value in inputs.values():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError(f"Cannot tell the batch size of inputs with keys {sorted(inputs)}: no tensor among them.")
+
+
+def select_rows(inputs: dict, rows: torch.Tensor, batch_size: int) -> dict:
+    """The inputs restricted to `rows`: every tensor whose first dimension is the batch."""
+    return {key: _rows_of(value, rows, batch_size) for key, value in inputs.items()}
+
+
+def append_rows(inputs: dict, rows: torch.Tensor, batch_size: int) -> dict:
+    """The inputs followed by copies of `rows`, tensor by tensor."""
+    packed = sorted(key for key in PACKED_KEYS if key in inputs)
+    if packed:
+        raise NotImplementedError(
+            f"The batch packs several sequences into one row ({', '.join(packed)}), so a row is not a sample and "
+            "cannot be copied on its own; use trap_mode='two_pass' or 'sub_batch', or turn packing/padding_free off."
+        )
+    return {
+        key: torch.cat([value, _rows_of(value, rows, batch_size)]) if _is_batched(value, batch_size) else value
+        for key, value in inputs.items()
+    }
+
+
+def _is_batched(value, batch_size: int) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch_size
+
+
+def _rows_of(value, rows: torch.Tensor, batch_size: int):
+    return value.index_select(0, rows.to(value.device)) if _is_batched(value, batch_size) else value
+
+
+@dataclass
+class FusedPlan:
+    """One micro-batch of the fused step: b original rows, then copies of `rows` at `copy_scales`.
+
+    `nominal_sum` and `rescaled_sums` (per scale, already weighted 1/f) are filled by the forward, for the logs."""
+
+    batch_size: int
+    rows: torch.Tensor
+    copy_scales: torch.Tensor
+    copy_weights: torch.Tensor
+    copy_scale_index: torch.Tensor
+    num_scales: int
+    fraction: float
+    nominal_sum: torch.Tensor | None = None
+    rescaled_sums: torch.Tensor | None = None
+    calls: int = field(default=0)
+
+    @classmethod
+    def build(
+        cls, batch_size: int, rows: list[torch.Tensor], scales: list[float], coefficients: list[float], fraction: float
+    ) -> "FusedPlan":
+        """`coefficients[k]` multiplies L(s_k) in J (-lambda * w(s_k) / K); copies weigh it 1/fraction."""
+        counts = [len(r) for r in rows]
+
+        def per_copy(values, dtype):
+            return torch.tensor([v for v, n in zip(values, counts) for _ in range(n)], dtype=dtype)
+
+        return cls(
+            batch_size=batch_size,
+            rows=torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long),
+            copy_scales=per_copy(scales, torch.float32),
+            copy_weights=per_copy([c / fraction for c in coefficients], torch.float64),
+            copy_scale_index=per_copy(range(len(rows)), torch.long),
+            num_scales=len(scales),
+            fraction=fraction,
+        )
+
+    @property
+    def num_copies(self) -> int:
+        return len(self.rows)
+
+    def sample_scales(self, device) -> torch.Tensor:
+        """The scale of every row of the fused batch: 1 for the originals, then the copies'."""
+        return torch.cat([torch.ones(self.batch_size), self.copy_scales]).to(device)
+
+    def combine(self, row_sums: torch.Tensor, normaliser) -> torch.Tensor:
+        """sum_{i<b} l_i / D + (x - x.detach()) with x = sum_j c_j l_{b+j} / D: J's gradient, the nominal value."""
+        b = self.batch_size
+        normaliser = torch.as_tensor(normaliser, device=row_sums.device)
+        nominal = row_sums[:b].sum() / normaliser
+        weights = self.copy_weights.to(device=row_sums.device, dtype=row_sums.dtype)
+        copies = (row_sums[b:] * weights).sum() / normaliser
+        self.record(row_sums[:b].sum(), row_sums[b:])
+        return nominal + (copies - copies.detach())
+
+    def record(self, nominal_sum: torch.Tensor, copy_sums: torch.Tensor) -> None:
+        """Keep the originals' summed loss and, per scale, the copies' (weighted 1/f), for the logs."""
+        index = self.copy_scale_index.to(copy_sums.device)
+        per_scale = torch.zeros(self.num_scales, device=copy_sums.device, dtype=torch.float32)
+        per_scale.index_add_(0, index, copy_sums.detach().float())
+        self.nominal_sum = nominal_sum.detach().float()
+        self.rescaled_sums = per_scale / self.fraction
+
+    def rescaled_loss(self, nominal_loss: torch.Tensor) -> torch.Tensor:
+        """The re-scaled loss averaged over the scales, scaled like the nominal loss: two_pass's trap/rescaled_loss."""
+        if not self.num_copies:
+            return torch.zeros(())
+        ratio = self.rescaled_sums.mean() / self.nominal_sum
+        return torch.where(self.nominal_sum != 0, nominal_loss * ratio, torch.zeros_like(ratio))
+
+
+# ----------------------------------------------------------------------------- per-row losses
+@dataclass(frozen=True)
+class RowLosses:
+    """`compute(outputs, labels, shift_labels) -> (loss sum, item count)` per row, and whether the model's own loss
+    divides by num_items_in_batch when given one (else by the micro-batch's own item count)."""
+
+    compute: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    uses_num_items: bool
+
+
+def causal_lm_row_losses(outputs, labels: torch.Tensor, shift_labels: torch.Tensor | None = None):
+    """(sum of token losses, number of tokens) per row, as transformers' ForCausalLMLoss counts them."""
+    logits = outputs["logits"].float()
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    shift_labels = shift_labels.to(logits.device)
+    tokens = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return tokens.view(shift_labels.shape).sum(-1), (shift_labels != IGNORE_INDEX).sum(-1)
+
+
+def sequence_classification_row_losses(config, outputs, labels: torch.Tensor, shift_labels=None):
+    """(loss, item count) per row, as transformers' ForSequenceClassificationLoss averages them."""
+    logits = outputs["logits"]
+    labels = labels.to(logits.device)
+    num_labels = config.num_labels
+    problem = config.problem_type
+    if problem is None:
+        if num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    rows = logits.shape[0]
+    per_item = torch.full((rows,), num_labels, device=logits.device)
+    if problem == "regression":
+        diff = logits.reshape(rows, -1) - labels.reshape(rows, -1).to(logits.dtype)
+        return diff.pow(2).sum(-1), per_item
+    if problem == "single_label_classification":
+        labels = labels.view(-1)
+        losses = F.cross_entropy(logits.view(-1, num_labels), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return losses, (labels != IGNORE_INDEX).long()
+    if problem == "multi_label_classification":
+        losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+        return losses.reshape(rows, -1).sum(-1), per_item
+    raise NotImplementedError(f"Unknown problem_type {problem!r}; use trap_mode='two_pass'.")
+
+
+def row_loss_function(model: nn.Module) -> RowLosses:
+    """How to compute the per-row losses of `model`'s own training loss, or NotImplementedError naming the fix.
+
+    Known: transformers causal LMs (ForCausalLMLoss) and sequence classifiers; any model with a method
+    `trap_sample_losses(outputs, labels) -> (loss sums, item counts)` per row, whose training loss is
+    sums.sum() / counts.sum() over the micro-batch (a mean over rows: counts of ones)."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss, ForSequenceClassificationLoss
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    norms = [name for name, m in inner.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise NotImplementedError(
+            f"trap_mode='fused' needs rows that do not interact, but {norms[0]} is a batch norm; "
+            "use trap_mode='two_pass'."
+        )
+    config = getattr(inner, "config", None)
+    if getattr(config, "output_router_logits", False):
+        raise NotImplementedError(
+            "trap_mode='fused' cannot weight a mixture-of-experts router loss per row; use trap_mode='two_pass'."
+        )
+    custom = getattr(model, "trap_sample_losses", None) or getattr(inner, "trap_sample_losses", None)
+    if custom is not None:
+        return RowLosses(lambda outputs, labels, shift_labels=None: custom(outputs, labels), uses_num_items=False)
+    loss = None if "_loss_function" in vars(inner) else LOSS_MAPPING.get(getattr(inner, "loss_type", None))
+    if loss is ForCausalLMLoss and not getattr(config, "is_encoder_decoder", False):
+        return RowLosses(causal_lm_row_losses, uses_num_items=True)
+    if loss is ForSequenceClassificationLoss:  # a mean over the micro-batch's rows, whatever num_items_in_batch says
+        compute = partial(sequence_classification_row_losses, config)
+        return RowLosses(lambda outputs, labels, shift_labels=None: compute(outputs, labels), uses_num_items=False)
+    raise NotImplementedError(
+        f"trap_mode='fused' computes per-row losses for causal LMs and sequence classifiers; {type(inner).__name__} "
+        f"(loss_type {getattr(inner, 'loss_type', None)!r}) is neither. Use trap_mode='two_pass' or 'sub_batch', or "
+        "give the model a method trap_sample_losses(outputs, labels) -> (per-row loss sums, per-row item counts)."
+    )
+
+
+# ----------------------------------------------------------------------------- the fused forward
+@contextmanager
+def fused_batch(model: nn.Module, plan: FusedPlan, row_losses: RowLosses) -> Iterator[None]:
+    """While inside, `model(**inputs)` runs on the inputs plus the plan's copies and returns outputs for the
+    original rows whose loss is the fused loss (TRL's per-token log-probs get the copies folded in instead)."""
+    state = {}
+
+    def before(module, args, kwargs):
+        plan.calls += 1
+        if plan.calls > 1:
+            raise RuntimeError("trap_mode='fused' expects one model call per micro-batch; use trap_mode='two_pass'.")
+        if args:
+            raise RuntimeError("trap_mode='fused' needs the model called with keyword arguments, as Trainer does.")
+        kwargs = append_rows(kwargs, plan.rows, plan.batch_size)
+        state["token_log_probs"] = bool(kwargs.get("fused_lm_head"))
+        if not state["token_log_probs"]:
+            if kwargs.get("labels") is None:
+                raise RuntimeError("trap_mode='fused' needs labels in the model's inputs; use trap_mode='two_pass'.")
+            state["labels"] = kwargs.pop("labels")
+            state["shift_labels"] = kwargs.pop("shift_labels", None)
+            state["num_items"] = kwargs.pop("num_items_in_batch", None)
+        return args, kwargs
+
+    def after(module, args, kwargs, outputs):
+        if state["token_log_probs"]:
+            return fold_token_log_probs(outputs, plan)
+        sums, counts = row_losses.compute(outputs, state["labels"], state["shift_labels"])
+        if row_losses.uses_num_items and state["num_items"] is not None:
+            normaliser = state["num_items"]
+        else:
+            normaliser = counts[: plan.batch_size].sum()
+        return _original_rows(outputs, plan, loss=plan.combine(sums, normaliser))
+
+    handles = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def fold_token_log_probs(outputs, plan: FusedPlan):
+    """TRL's fused-head outputs for the original rows, each copy's weighted log-probs added (as x - x.detach())
+    to the row it copies: TRL's loss -sum(log_probs)/D then is the fused loss, its metrics the nominal ones."""
+    b = plan.batch_size
+    log_probs = outputs["log_probs"]
+    weights = plan.copy_weights.to(device=log_probs.device, dtype=log_probs.dtype)
+    copies = log_probs[b:] * weights.view(-1, *([1] * (log_probs.dim() - 1)))
+    added = torch.zeros_like(log_probs[:b]).index_add(0, plan.rows.to(log_probs.device), copies)
+    plan.record(-log_probs[:b].sum(), -log_probs[b:].flatten(1).sum(-1))
+    folded = log_probs[:b] + (added - added.detach())
+    label_mask = outputs["label_mask"][:b]
+    return _original_rows(outputs, plan, loss=-folded.sum() / label_mask.sum().clamp(min=1), log_probs=folded)
+
+
+def _original_rows(outputs, plan: FusedPlan, **replace):
+    """The outputs cut to the original rows, with `replace`d fields (a new object, loss first)."""
+    if not isinstance(outputs, dict):
+        raise RuntimeError("trap_mode='fused' needs dict-like model outputs (return_dict=True).")
+    total = plan.batch_size + plan.num_copies
+    values = {
+        key: value[: plan.batch_size] if _is_batched(value, total) else value
+        for key, value in outputs.items()
+        if key not in replace
+    }
+    values = {**replace, **values}
+    return type(outputs)(**values) if type(outputs) is not dict else values
