@@ -1,6 +1,7 @@
 """Hub round trip of protected adapters, against the local Hub in hub_server.py (no network)."""
 
 import json
+import logging
 import os
 
 import pytest
@@ -108,7 +109,8 @@ def all_local_files(folder):
 
 
 # ----------------------------------------------------------------------------- the round trip
-def test_push_from_trainer_and_pull_back(hub_server, tmp_path):
+def test_push_from_trainer_and_pull_back(hub_server, tmp_path, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
     out = str(tmp_path / "out")
     trainer = make_trainer(
         out,
@@ -170,6 +172,10 @@ def test_push_from_trainer_and_pull_back(hub_server, tmp_path):
     assert facts["revision"] == hub_server.repos["alice/tiny-protected"]["commits"][-1][0]
     assert_same_weights(trained, PeftModel.from_pretrained(tiny_llama(), "alice/tiny-protected"))
     assert all(auth in (None, f"Bearer {WRITE_TOKEN}") for _, _, auth in hub_server.requests)
+    # Nor in any log line or console output of the whole round trip.
+    captured = capsys.readouterr()
+    assert caplog.text and WRITE_TOKEN not in caplog.text
+    assert WRITE_TOKEN not in captured.out + captured.err
 
 
 def test_trl_rewrites_keep_the_protection(hub_server, tmp_path):
