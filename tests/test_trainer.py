@@ -215,7 +215,7 @@ def test_plain_training_arguments_get_default_protection(tmp_out):
     args = TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True, max_steps=1, learning_rate=3e-3, logging_steps=1)
     trainer = Trap2Trainer(model=lora_model(), args=args, train_dataset=token_dataset(4))
     assert isinstance(trainer.args, Trap2TrainingArguments)
-    assert trainer.args.learning_rate == 3e-3 and trainer.args.trap_lambda == 0.01
+    assert trainer.args.learning_rate == 3e-3 and trainer.args.trap_lambda == 0.05
     trainer.train()
     assert any("trap/rescaled_loss" in log for log in trainer.state.log_history)
 
