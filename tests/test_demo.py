@@ -1,0 +1,175 @@
+"""The embedded demo: its task generators, its model, its criteria, and protection with the library's
+default settings on the task set nobody tuned them on."""
+
+import json
+
+import pytest
+import torch
+
+from trap2_hf import Trap2Settings
+from trap2_hf.demo import tasks as demo_tasks
+from trap2_hf.demo.tasks import SPLITS, TASK_SETS, make_task, make_task_set
+
+SIZES = {"train": 64, "validation": 16, "test": 32}
+LINEAR = ("task_arithmetic", "peft_cat", "peft_linear", "peft_svd")
+
+
+# ----------------------------------------------------------------------------- tasks
+@pytest.mark.parametrize("task_set", list(TASK_SETS))
+def test_tasks_are_a_function_of_the_seed(task_set):
+    first, again, other = (make_task_set(task_set, seed, SIZES) for seed in (0, 0, 1))
+    assert [t.splits for t in first] == [t.splits for t in again]
+    assert [t.splits["train"][0] for t in first] != [t.splits["train"][0] for t in other]
+
+
+@pytest.mark.parametrize("task_set", list(TASK_SETS))
+def test_labels_balanced_and_splits_disjoint(task_set):
+    for task in make_task_set(task_set, 0, SIZES):
+        assert task.num_labels == 4 and task.chance == 0.25
+        seen = set()
+        for split in SPLITS:
+            texts, labels = task.splits[split]
+            assert len(texts) == SIZES[split]
+            assert sorted(labels.count(k) for k in range(4)) == [SIZES[split] // 4] * 4
+            assert len(set(texts)) == len(texts)
+            assert not seen & set(texts), f"{task.name}: {split} overlaps an earlier split"
+            seen |= set(texts)
+
+
+def test_every_sentence_carries_its_class_cues_only():
+    classes = TASK_SETS["demo"]["object"]
+    task = make_task("object", classes, seed=3, sizes=SIZES)
+    for text, label in zip(*task.splits["train"]):
+        words = set(text.split())
+        assert len(words & set(classes[task.labels[label]])) == 2
+        for other in task.labels:
+            if other != task.labels[label]:
+                assert not words & set(classes[other])
+
+
+def test_the_two_task_sets_share_no_cue_word():
+    def cues(task_set):
+        return {w for task in TASK_SETS[task_set].values() for words in task.values() for w in words}
+
+    assert not cues("demo") & cues("heldout")
+    template_words = set(" ".join(demo_tasks.TEMPLATES).replace("{", " ").replace("}", " ").split())
+    for task_set in TASK_SETS:
+        assert not cues(task_set) & (set(demo_tasks.FILLERS) | template_words)
+
+
+def test_bad_requests_are_refused():
+    with pytest.raises(ValueError, match="multiple of the 4 classes"):
+        make_task_set("demo", 0, {"train": 10})
+    with pytest.raises(ValueError, match="heldout"):
+        make_task_set("nope")
+
+
+# ----------------------------------------------------------------------------- model
+def test_minilm_classifier_trains_one_adapter_only():
+    from trap2_hf.demo import model as demo_model
+
+    encoder, tokenizer = demo_model.load_encoder()
+    seeds = {"a": 1, "b": 2, "a_twin": 1}
+    peft_model = demo_model.add_adapters(encoder, list(seeds), demo_model.lora_config(4), seeds)
+    demo_model.train_only(peft_model, "b")
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".b." in n for n in trainable)
+    modules = {n.split(".lora_")[0] for n in trainable}
+    assert any(n.endswith("attention.self.query") for n in modules)
+    assert any(n.endswith("intermediate.dense") for n in modules)
+    state = peft_model.state_dict()
+    twins = [k for k in state if ".a." in k and "lora_A" in k]
+    assert all(torch.equal(state[k], state[k.replace(".a.", ".a_twin.")]) for k in twins)
+
+    head = demo_model.random_head(encoder.config.hidden_size, 4, seed=0)
+    assert torch.equal(head.weight, demo_model.random_head(encoder.config.hidden_size, 4, seed=0).weight)
+    task = make_task_set("demo", 0, SIZES)[0]
+    batch = demo_model.encode(tokenizer, *task.splits["validation"])
+    out = demo_model.TaskClassifier(peft_model, head)(**batch)
+    out["loss"].backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert head.weight.grad is None
+    assert 0.0 <= demo_model.accuracy(peft_model, head, batch) <= 1.0
+
+
+# ----------------------------------------------------------------------------- criteria
+def audit_result(protected_cat=0.27, unprotected_best=1.0, standalone=1.0):
+    tasks = {"topic": 0.23, "object": 0.24, "region": 0.26}
+
+    def entry(method, mode, protected_topic, unprotected):
+        return {
+            "method": method, "mode": mode, "params": {},
+            "protected": {"topic": protected_topic, "object": 1.0, "region": 1.0},
+            "unprotected": {t: unprotected for t in tasks},
+        }
+
+    return {
+        "protected_task": "topic",
+        "base": tasks,
+        "chance": {t: 0.25 for t in tasks},
+        "finetuned": {t: 1.0 for t in tasks},
+        "standalone": {"protected": standalone, "unprotected": 1.0},
+        "methods": [entry(m, "average", protected_cat, 1.0) for m in LINEAR]
+        + [entry("ties", "average", 0.9, 1.0), entry("peft_cat", "best", 0.9, unprotected_best)],
+    }
+
+
+def test_criteria_pass_and_fail_for_the_right_reasons():
+    from trap2_hf.demo.run import check_criteria
+
+    assert all(ok for _, ok, _ in check_criteria(audit_result()))
+    results = [ok for _, ok, _ in check_criteria(audit_result(protected_cat=0.4))]
+    assert results == [True, True, False]
+    results = [ok for _, ok, _ in check_criteria(audit_result(unprotected_best=0.5))]
+    assert results == [False, True, True]
+    results = [ok for _, ok, _ in check_criteria(audit_result(standalone=0.98))]
+    assert results == [True, False, True]
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_demo_command_writes_the_report(tmp_path, capsys):
+    from trap2_hf.cli import main
+
+    out = tmp_path / "demo"
+    code = main([
+        "demo", "--output_dir", str(out), "--steps", "2", "--protected_max_steps", "2", "--curve_every", "1",
+        "--train_size", "32", "--validation_size", "8", "--test_size", "8", "--threads", "2",
+        "--methods", "task_arithmetic", "peft_cat",
+    ])
+    assert code == 0
+    assert {"audit.json", "audit.md", "audit.png", "demo.json"} <= {p.name for p in out.iterdir()}
+    printed = capsys.readouterr().out
+    assert "| task_arithmetic | average |" in printed
+    assert "[PASS]" in printed or "[FAIL]" in printed
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["protection"] == Trap2Settings().trap_settings_dict()
+    assert [run["adapter"] for run in summary["training"]["runs"]] == [
+        "topic_unprotected", "object", "region", "topic_protected"
+    ]
+
+
+@pytest.mark.slow
+def test_default_settings_protect_on_the_task_set_nobody_tuned_them_on(tmp_path):
+    """The library defaults, on the `heldout` task set (never used to choose them): protected alone
+    as good as its twin, and naive 3-way linear merges leave its task at the base model's level."""
+    from trap2_hf.audit.run import run_audit
+    from trap2_hf.demo.run import DemoArguments, audit_tasks, build, train_all
+
+    sizes = {"train": 256, "validation": 32, "test": 100}
+    demo = DemoArguments(output_dir=str(tmp_path), task_set="heldout", steps=60, protected_max_steps=300)
+    setup = build("heldout", None, seed=0, sizes=sizes)
+    training = train_all(setup, demo, Trap2Settings())
+    results = run_audit(
+        setup.model, audit_tasks(setup), setup.protected_task, setup.protected, setup.unprotected, setup.others,
+        methods=["task_arithmetic", "peft_linear", "peft_cat"], modes=("average",), sweep_scales=(1.0,),
+        progress=False,
+    )
+    task = setup.protected_task
+    standalone = results["standalone"]
+    assert standalone["protected"] >= standalone["unprotected"] - 0.03, training
+    ceiling = max(results["base"][task], results["chance"][task]) + 0.05
+    merged = {m["method"]: m["protected"][task] for m in results["methods"]}
+    assert all(value <= ceiling for value in merged.values()), (merged, ceiling, training["runs"][-1]["curve"])
+    twin_merged = {m["method"]: m["unprotected"][task] for m in results["methods"]}
+    assert min(twin_merged.values()) > ceiling + 0.2, twin_merged  # merging works when nothing is protected

@@ -1,0 +1,329 @@
+"""The embedded demo behind `make demo`: protection holding against the merges people use.
+
+On one shared base (a pretrained MiniLM) it trains, with the project's own trainer, a protected and
+an unprotected LoRA for one task and plain LoRAs for the other tasks, then runs the merge audit and
+writes audit.json, audit.md and audit.png. CPU only, no network.
+
+    trap2 demo --output_dir demo_output
+    trap2 demo --output_dir demo_output --seed 1 --trap_lambda 0.1      # any protection setting
+    trap2 demo --task_set heldout --protected_task emotion               # the other task set
+
+The protected update uses the library's default protection settings (`Trap2Settings`; every field
+is a flag) and trains until its re-scale curve on validation data shows the trap on both sides of
+s = 1 with its accuracy intact (`RescaleCurveCallback`), at most `--protected_max_steps` steps.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from peft import PeftModel
+from transformers import HfArgumentParser, PrinterCallback, TrainerCallback
+
+from ..callbacks import RescaleCurveCallback
+from ..config import Trap2Settings, Trap2TrainingArguments
+from ..trainer import Trap2Trainer
+from . import model as demo_model
+from .tasks import TASK_SETS, make_task_set
+
+# The audit's merges that combine updates linearly, W0 + sum_i w_i dW_i (up to peft's cross terms or
+# rank truncation): the ones the demo's protection criterion covers.
+LINEAR_METHODS = ("task_arithmetic", "peft_linear", "peft_cat", "peft_svd")
+
+
+@dataclass
+class DemoArguments:
+    """The demo's own settings; the protection settings are `Trap2Settings`' fields."""
+
+    output_dir: str = field(default="demo_output", metadata={"help": "Where audit.json, audit.md, audit.png go."})
+    task_set: str = field(
+        default="demo", metadata={"help": "Which synthetic task set to train on.", "choices": list(TASK_SETS)}
+    )
+    protected_task: str | None = field(
+        default=None, metadata={"help": "The task whose update is protected (default: the set's first task)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the data, the random heads, the adapters and training."})
+    steps: int = field(default=60, metadata={"help": "Training steps of the plain updates and the unprotected twin."})
+    protected_max_steps: int = field(
+        default=350, metadata={"help": "Most steps for the protected update; it stops once the trap has formed."}
+    )
+    curve_every: int = field(default=25, metadata={"help": "Evaluate the re-scale curve every this many steps."})
+    stop_when_trapped: bool = field(
+        default=True, metadata={"help": "Stop the protected run once the re-scale curve shows the trap."}
+    )
+    trapped_margin: float = field(
+        default=0.0,
+        metadata={"help": "The trap has formed when off-nominal validation accuracy is <= max(base, chance) + this."},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Training batch size."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of every update."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (alpha = 2 * rank)."})
+    train_size: int = field(default=512, metadata={"help": "Training sentences per task (multiple of 4)."})
+    validation_size: int = field(default=32, metadata={"help": "Validation sentences per task (multiple of 4)."})
+    test_size: int = field(default=120, metadata={"help": "Test sentences per task (multiple of 4)."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
+    methods: list[str] | None = field(default=None, metadata={"help": "Audit only these merge methods (default: all)."})
+
+
+@dataclass
+class DemoSetup:
+    """Everything trained and audited: one PeftModel (one adapter per update) over one base."""
+
+    model: "PeftModel"
+    tasks: list
+    data: dict
+    heads: dict
+    protected_task: str
+
+    @property
+    def protected(self) -> str:
+        return f"{self.protected_task}_protected"
+
+    @property
+    def unprotected(self) -> str:
+        return f"{self.protected_task}_unprotected"
+
+    @property
+    def others(self) -> dict[str, str]:
+        return {task.name: task.name for task in self.tasks if task.name != self.protected_task}
+
+    def accuracy(self, task: str, split: str, adapter: str | None = None) -> float:
+        """`task`'s accuracy on `split` with `adapter` active (default: whatever is active now)."""
+        if adapter is not None:
+            self.model.set_adapter(adapter, inference_mode=True)
+        return demo_model.accuracy(self.model, self.heads[task], self.data[task][split])
+
+    def chance(self, task: str) -> float:
+        return next(t.chance for t in self.tasks if t.name == task)
+
+
+def build(
+    task_set: str = "demo",
+    protected_task: str | None = None,
+    seed: int = 0,
+    lora_rank: int = 8,
+    sizes: dict[str, int] | None = None,
+) -> DemoSetup:
+    """Load the base, generate the tasks and attach one fresh LoRA per update."""
+    tasks = make_task_set(task_set, seed, sizes)
+    names = [task.name for task in tasks]
+    protected_task = protected_task or names[0]
+    if protected_task not in names:
+        raise ValueError(f"protected_task {protected_task!r} is not in task set {task_set!r}: {', '.join(names)}.")
+    encoder, tokenizer = demo_model.load_encoder()
+    data = {t.name: {split: demo_model.encode(tokenizer, *rows) for split, rows in t.splits.items()} for t in tasks}
+    hidden = encoder.config.hidden_size
+    heads = {t.name: demo_model.random_head(hidden, t.num_labels, seed * 1000 + i) for i, t in enumerate(tasks)}
+    setup = DemoSetup(model=None, tasks=tasks, data=data, heads=heads, protected_task=protected_task)
+    adapters = [setup.protected, setup.unprotected, *setup.others]
+    # The twins start from the same initialisation: they differ only in the protection.
+    init_seeds = {name: seed * 1000 + 100 + i for i, name in enumerate(adapters)}
+    init_seeds[setup.unprotected] = init_seeds[setup.protected]
+    setup.model = demo_model.add_adapters(encoder, adapters, demo_model.lora_config(lora_rank), init_seeds)
+    return setup
+
+
+def train_update(
+    setup: DemoSetup,
+    adapter: str,
+    task: str,
+    max_steps: int,
+    trap: Trap2Settings | None = None,
+    batch_size: int = 16,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    callbacks: tuple = (),
+) -> dict:
+    """Train one adapter on one task with `Trap2Trainer`: protected with `trap`'s settings, plain
+    (lambda = 0, the ordinary Trainer step) without. Returns steps and seconds."""
+    demo_model.train_only(setup.model, adapter)
+    settings = trap.trap_settings_dict() if trap is not None else {"trap_lambda": 0.0}
+    classifier = demo_model.TaskClassifier(setup.model, setup.heads[task])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:  # nothing is saved: the adapters stay in the model
+        args = Trap2TrainingArguments(
+            output_dir=scratch,
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate,
+            lr_scheduler_type="constant",
+            seed=seed,
+            logging_steps=max(1, max_steps // 4),
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=True,
+            dataloader_pin_memory=False,
+            **settings,
+        )
+        train_data = demo_model.EncodedDataset(setup.data[task]["train"])
+        trainer = Trap2Trainer(
+            model=classifier, args=args, train_dataset=train_data, data_collator=demo_model.trimmed_collate
+        )
+        trainer.remove_callback(PrinterCallback)
+        for callback in callbacks:
+            if isinstance(callback, RescaleCurveCallback):
+                callback.attach(trainer)
+            else:
+                trainer.add_callback(callback)
+        trainer.train()
+    demo_model.freeze_all_adapters(setup.model)
+    seconds = time.perf_counter() - start
+    return {"adapter": adapter, "task": task, "steps": trainer.state.global_step, "seconds": seconds}
+
+
+def base_accuracy(setup: DemoSetup, task: str, split: str) -> float:
+    with setup.model.disable_adapter():
+        return setup.accuracy(task, split)
+
+
+def audit_tasks(setup: DemoSetup) -> list:
+    """One `AuditTask` per task: accuracy of the model's current weights with the task's head."""
+    from ..audit.run import AuditTask
+
+    def evaluator(task):
+        return lambda model, split: demo_model.accuracy(model, setup.heads[task], setup.data[task][split])
+
+    return [AuditTask(name=t.name, evaluate=evaluator(t.name), chance=t.chance) for t in setup.tasks]
+
+
+def train_all(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings, log=print) -> dict:
+    """The demo's four-plus updates: twin and others plain, then the protected one until trapped."""
+    common = dict(batch_size=demo.batch_size, learning_rate=demo.learning_rate, seed=demo.seed)
+    runs = []
+    for adapter, task in [(setup.unprotected, setup.protected_task), *((a, t) for t, a in setup.others.items())]:
+        runs.append(train_update(setup, adapter, task, demo.steps, **common))
+        log(f"[demo] {adapter}: {runs[-1]['steps']} steps in {runs[-1]['seconds']:.0f}s, "
+            f"validation accuracy {setup.accuracy(task, 'validation', adapter):.2f}")
+    twin = setup.accuracy(setup.protected_task, "validation", setup.unprotected)
+    floor = max(base_accuracy(setup, setup.protected_task, "validation"), setup.chance(setup.protected_task))
+    curve = RescaleCurveCallback(
+        lambda _: setup.accuracy(setup.protected_task, "validation"),
+        scales=(0.25, 0.5, 1.5, 2.0),
+        every_n_steps=demo.curve_every,
+        stop_when_trapped=demo.stop_when_trapped,
+        nominal_min=twin - 0.01,
+        trapped_max=floor + demo.trapped_margin,
+        metric_name="accuracy",
+    )
+    run = train_update(
+        setup, setup.protected, setup.protected_task, demo.protected_max_steps, trap,
+        callbacks=(curve, _CurvePrinter(log)), **common,
+    )
+    run["curve"] = [{"step": h["step"], "curve": {f"{s:g}": m for s, m in h["curve"].items()}} for h in curve.history]
+    run["trapped_at_step"] = curve.trapped_at_step
+    runs.append(run)
+    formed = f"trap formed at step {curve.trapped_at_step}" if curve.trapped_at_step else "trap NOT formed"
+    last = curve.history[-1]["curve"] if curve.history else {}
+    log(f"[demo] {setup.protected}: {run['steps']} steps in {run['seconds']:.0f}s, {formed}; "
+        "validation curve " + ", ".join(f"s={s:g}: {m:.2f}" for s, m in last.items()))
+    return {"runs": runs, "twin_validation": twin, "floor_validation": floor}
+
+
+class _CurvePrinter(TrainerCallback):
+    """One line per re-scale curve evaluation, so a long protected run shows the trap forming."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        points = {k.split("@")[1]: v for k, v in (logs or {}).items() if k.startswith("rescale/") and "@" in k}
+        if points:
+            self.log(f"[demo]   step {state.global_step}: validation accuracy "
+                     + ", ".join(f"s={s}: {v:.2f}" for s, v in points.items()))
+
+
+def check_criteria(results: dict) -> list[tuple[str, bool, str]]:
+    """The demo's pass/fail criteria (issue 3) on an audit result: (name, ok, detail)."""
+    checks = []
+    base, finetuned = results["base"], results["finetuned"]
+    best_unprotected = [m for m in results["methods"] if m["mode"] == "best"]
+    worst = {}
+    for task, tuned in finetuned.items():
+        gain = tuned - base[task]
+        kept = [(m["unprotected"][task] - base[task]) / gain if gain > 0 else 1.0 for m in best_unprotected]
+        worst[task] = min(kept, default=float("nan"))
+    checks.append(
+        (
+            "best-mode unprotected merges keep >= 60% of each task's gain",
+            bool(worst) and all(v >= 0.6 for v in worst.values()),
+            ", ".join(f"{t}: worst {v:.0%}" for t, v in worst.items()),
+        )
+    )
+    standalone = results["standalone"]
+    gap = abs(standalone["unprotected"] - standalone["protected"])
+    checks.append(
+        (
+            "protected standalone within 1 point of its twin",
+            gap <= 0.01 + 1e-9,
+            f"{standalone['protected']:.3f} vs {standalone['unprotected']:.3f}",
+        )
+    )
+    task = results["protected_task"]
+    ceiling = max(base[task], results["chance"][task]) + 0.05
+    linear = [m for m in results["methods"] if m["mode"] == "average" and m["method"] in LINEAR_METHODS]
+    ok = bool(linear) and all(m["protected"][task] <= ceiling + 1e-9 for m in linear)
+    detail = ", ".join(f"{m['method']}: {m['protected'][task]:.2f}" for m in linear) + f" (ceiling {ceiling:.2f})"
+    checks.append(("average-mode linear merges leave the protected task <= max(base, chance) + 5 points", ok, detail))
+    return checks
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((DemoArguments, Trap2Settings), prog="trap2 demo", description=__doc__.split("\n")[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    demo, trap = make_parser().parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    trap.validate_trap_settings()
+    if trap.trap_target != "adapter":
+        raise SystemExit(
+            f"trap2 demo: the demo's updates are LoRA adapters; trap_target must be 'adapter', not {trap.trap_target!r}."
+        )
+    if demo.threads:
+        torch.set_num_threads(demo.threads)
+    from ..audit.report import format_table, write_report
+    from ..audit.run import run_audit
+
+    start = time.perf_counter()
+    sizes = {"train": demo.train_size, "validation": demo.validation_size, "test": demo.test_size}
+    setup = build(demo.task_set, demo.protected_task, demo.seed, demo.lora_rank, sizes)
+    training = train_all(setup, demo, trap)
+    trained = time.perf_counter()
+    results = run_audit(
+        setup.model,
+        audit_tasks(setup),
+        protected_task=setup.protected_task,
+        protected=setup.protected,
+        unprotected=setup.unprotected,
+        others=setup.others,
+        target="adapter",
+        methods=demo.methods,
+        seed=demo.seed,
+    )
+    paths = write_report(results, demo.output_dir)
+    end = time.perf_counter()
+    timings = {"train_s": trained - start, "audit_s": end - trained, "total_s": end - start}
+    checks = check_criteria(results)
+    summary = {
+        "demo": asdict(demo),
+        "protection": trap.trap_settings_dict(),
+        "training": training,
+        "timings": timings,
+        "criteria": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks],
+    }
+    with open(os.path.join(demo.output_dir, "demo.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    print(format_table(results))
+    for name, ok, detail in checks:
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}")
+    print(f"[demo] trained in {timings['train_s']:.0f}s, audited in {timings['audit_s']:.0f}s; wrote "
+          + ", ".join(sorted(paths.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
