@@ -26,6 +26,17 @@ from torch import nn
 AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm)
 
 
+def refuse_methods_without_weight_delta(model: nn.Module) -> None:
+    """Prompt/prefix tuning and the like add no W0 + dW: there is nothing a merge re-scales."""
+    if getattr(model, "peft_config", None):
+        kinds = sorted({str(getattr(c, "peft_type", type(c).__name__)) for c in model.peft_config.values()})
+        raise NotImplementedError(
+            f"Re-scaling (protecting) PEFT method(s) {kinds} is not supported yet: they add no weight update "
+            "W0 + dW that merging re-scales. Use LoRA, rsLoRA, DoRA or another layer adapter (LoHa, LoKr, IA3, ...), "
+            "or trap_target='full' without PEFT."
+        )
+
+
 def trained_adapter_names(model: nn.Module) -> list[str]:
     """The adapters of a PEFT model that have trainable parameters: the update being protected."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -49,13 +60,8 @@ def rescaled_adapter(model: nn.Module, scale: float, adapter_names: Iterable[str
     from peft.utils.other import ModulesToSaveWrapper
 
     names = set(trained_adapter_names(model) if adapter_names is None else adapter_names)
-    if not names and getattr(model, "peft_config", None):
-        kinds = sorted({str(getattr(c, "peft_type", type(c).__name__)) for c in model.peft_config.values()})
-        raise NotImplementedError(
-            f"Re-scaling is not supported yet for PEFT method(s) {kinds}: they add no weight update "
-            "W0 + dW to re-scale. Supported: LoRA, rsLoRA, DoRA and other layer adapters (LoHa, LoKr, IA3, ...)."
-        )
     if not names:
+        refuse_methods_without_weight_delta(model)
         raise ValueError(
             "The model has no trainable PEFT adapter to re-scale. Wrap it with peft.get_peft_model(...) "
             "(or pass peft_config to the SFT trainer), or set trap_target='full' for full fine-tuning."

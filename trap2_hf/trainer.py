@@ -31,6 +31,7 @@ from .fused import FusedPlan, batch_size_of, fused_batch, rescaled_rows, row_los
 from .objective import rescaled_loss_coefficient, sample_scales, step_generator
 from .rescale import (
     per_sample_targets,
+    refuse_methods_without_weight_delta,
     rescaled_adapter_per_sample,
     rescaled_update,
     snapshot_parameters,
@@ -100,13 +101,8 @@ class Trap2TrainerMixin:
         model = self.accelerator.unwrap_model(self.model)
         has_adapter = any(isinstance(module, BaseTunerLayer) for module in model.modules())
         if self.args.trap_target == "adapter":
-            if not has_adapter and getattr(model, "peft_config", None):
-                kinds = sorted({str(getattr(c, "peft_type", type(c).__name__)) for c in model.peft_config.values()})
-                raise NotImplementedError(
-                    f"Protecting PEFT method(s) {kinds} is not supported yet: they add no weight update W0 + dW "
-                    "that merging re-scales. Use LoRA (or DoRA, LoHa, LoKr, IA3), or trap_target='full' without PEFT."
-                )
             if not has_adapter:
+                refuse_methods_without_weight_delta(model)
                 raise ValueError(
                     "trap_target='adapter' but the model has no PEFT adapter. Wrap the model with "
                     "peft.get_peft_model(model, LoraConfig(...)) (or pass peft_config=... to Trap2SFTTrainer), "
