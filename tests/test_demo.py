@@ -133,9 +133,8 @@ def test_demo_command_writes_the_report(tmp_path, capsys):
 
     out = tmp_path / "demo"
     code = main([
-        "demo", "--output_dir", str(out), "--steps", "2", "--protected_max_steps", "2", "--curve_every", "1",
-        "--train_size", "32", "--validation_size", "8", "--test_size", "8", "--threads", "2",
-        "--methods", "task_arithmetic", "peft_cat",
+        "demo", "--output_dir", str(out), "--steps", "1", "--protected_max_steps", "2", "--curve_every", "1",
+        "--train_size", "16", "--validation_size", "8", "--test_size", "8", "--methods", "task_arithmetic",
     ])
     assert code == 0
     assert {"audit.json", "audit.md", "audit.png", "demo.json"} <= {p.name for p in out.iterdir()}
