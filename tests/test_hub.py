@@ -237,6 +237,10 @@ def test_tampered_adapter_fails_the_checksum(trained, hub_server, tmp_path, monk
         load_protected_adapter(tiny_llama(), "alice/tampered")
     load_protected_adapter(tiny_llama(), "alice/tampered", revision=oid)  # the pushed commit is intact
 
+    os.remove(weights)  # a missing file is named as such
+    with pytest.raises(ChecksumMismatchError, match=r"adapter_model\.safetensors of .* is missing, but the model card"):
+        load_protected_adapter(tiny_llama(), out)
+
 
 def test_cards_without_a_valid_trap2_block_fail_clearly(trained, tmp_path):
     out = str(tmp_path / "copy")
