@@ -35,7 +35,7 @@ from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Traine
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments
+from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Settings, Trap2Trainer, Trap2TrainingArguments
 
 # name: (Llama config, sequence length, batch size)
 SHAPES = {
@@ -49,7 +49,7 @@ SHAPES = {
                      num_key_value_heads=16, vocab_size=32000), 2048, 4),
 }
 DEFAULT_SHAPES = {"cpu": ["tiny", "small"], "cuda": ["launch", "compute"]}
-MODES = ["two_pass", "sub_batch", "fused"]
+MODES = ["auto", "two_pass", "sub_batch", "fused"]
 
 
 @dataclass
@@ -63,9 +63,16 @@ class BenchArguments:
         default_factory=lambda: ["trainer", "sft"], metadata={"help": "'trainer' and/or 'sft'."}
     )
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": f"trap_mode values among {MODES}."})
-    trap_rescaled_fraction: float = field(default=0.25, metadata={"help": "For sub_batch and fused."})
-    trap_scales_per_step: int = field(default=1, metadata={"help": "Scales drawn per optimizer step."})
-    trap_lambda: float = field(default=0.01, metadata={"help": "lambda (its value does not change the cost)."})
+    trap_rescaled_fraction: float | None = field(
+        default=None,
+        metadata={"help": "For sub_batch and fused (and auto where it fuses); unset: the library's default."},
+    )
+    trap_scales_per_step: int = field(
+        default=Trap2Settings.trap_scales_per_step, metadata={"help": "Scales drawn per optimizer step."}
+    )
+    trap_lambda: float = field(
+        default=Trap2Settings.trap_lambda, metadata={"help": "lambda (its value does not change the cost)."}
+    )
     rounds: int = field(default=4, metadata={"help": "How many times every variant runs, alternating."})
     steps: int = field(default=8, metadata={"help": "Timed optimizer steps per run."})
     warmup: int = field(default=2, metadata={"help": "Untimed steps at the start of every run."})
@@ -199,7 +206,7 @@ def run_variant(
         trap_lambda=bench.trap_lambda, trap_mode=variant, trap_scales_per_step=bench.trap_scales_per_step,
         trap_weighting="inv_sqrt",
     )
-    if variant != "two_pass":
+    if variant != "two_pass" and bench.trap_rescaled_fraction is not None:
         trap["trap_rescaled_fraction"] = bench.trap_rescaled_fraction
     if variant == "plain":
         trainer_cls = SFTTrainer if kind == "sft" else Trainer
@@ -214,6 +221,8 @@ def run_variant(
     trainer = trainer_cls(model=model, args=args, train_dataset=data, callbacks=[clock], **extra)
     trainer.remove_callback(PrinterCallback)
     holder.append(trainer)
+    clock.mode = getattr(trainer.args, "trap_mode", None)  # what 'auto' chose
+    clock.fraction = getattr(trainer.args, "trap_rescaled_fraction", None)
     trainer.train()
     clock.finish()
     holder.clear()
@@ -234,12 +243,14 @@ def bench_one(bench: BenchArguments, shape: str, kind: str, device: str) -> dict
     variants = ["plain", *bench.modes]
     seconds = {v: [] for v in variants}
     memory = {}
+    chosen = {}
     for round_index in range(bench.rounds):
         order = variants[round_index % len(variants):] + variants[: round_index % len(variants)]
         for variant in order:
             clock = run_variant(bench, shape, kind, variant, model, data, tokenizer, device)
             seconds[variant] += clock.seconds
             memory.setdefault(variant, clock.memory)
+            chosen.setdefault(variant, (clock.mode, clock.fraction))
     results = {}
     for variant in variants:
         median = statistics.median(seconds[variant])
@@ -251,6 +262,8 @@ def bench_one(bench: BenchArguments, shape: str, kind: str, device: str) -> dict
             "total_peak_bytes": memory[variant]["total_peak"],
             "total_peak_ratio": memory[variant]["total_peak"] / memory["plain"]["total_peak"],
             "timed_steps": len(seconds[variant]),
+            "trap_mode": chosen[variant][0],
+            "trap_rescaled_fraction": chosen[variant][1],
         }
     params = sum(p.numel() for p in model.parameters())
     return {"shape": shape, "trainer": kind, "params": params, "seq_len": seq_len, "batch": batch, "variants": results}
@@ -265,8 +278,13 @@ def print_table(result: dict, bench: BenchArguments, device: str) -> None:
     print("| variant | step ms | time x plain | step peak MB | x plain | total peak MB | x plain |")
     print("|---|---|---|---|---|---|---|")
     for variant, r in result["variants"].items():
+        label = variant
+        if r["trap_mode"] not in (None, variant):
+            label += f" ({r['trap_mode']})"
+        if r["trap_mode"] in ("sub_batch", "fused"):
+            label += f", f={r['trap_rescaled_fraction']:g}"
         print(
-            f"| {variant} | {1000 * r['median_step_s']:.1f} | {r['time_ratio']:.2f} | {r['step_peak_bytes'] / 2**20:.1f} "
+            f"| {label} | {1000 * r['median_step_s']:.1f} | {r['time_ratio']:.2f} | {r['step_peak_bytes'] / 2**20:.1f} "
             f"| {r['step_peak_ratio']:.2f} | {r['total_peak_bytes'] / 2**20:.1f} | {r['total_peak_ratio']:.2f} |"
         )
 
@@ -285,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, {device}" + (f" ({torch.cuda.get_device_name()}, bf16)" if device == "cuda" else
         f" ({bench.threads} thread(s), fp32)") + f"; trap_lambda {bench.trap_lambda}, scales/step "
-        f"{bench.trap_scales_per_step}, fraction {bench.trap_rescaled_fraction} (sub_batch, fused); {bench.rounds} rounds "
+        f"{bench.trap_scales_per_step}; {bench.rounds} rounds "
         f"x {bench.steps} timed steps per variant"
     )
     results = []

@@ -14,7 +14,14 @@ from torch import nn
 from torch.func import functional_call
 
 from conftest import VOCAB, text_dataset, tiny_llama, tiny_tokenizer, token_dataset
-from trap_checks import assert_grads_close, direct_lora_gradients, lora_effective_weights, sgd_args, trainable_state
+from trap_checks import (
+    assert_grads_close,
+    direct_lora_gradients,
+    exact_trap_args,
+    lora_effective_weights,
+    sgd_args,
+    trainable_state,
+)
 from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments, rescaled_adapter
 from trap2_hf.fused import rescaled_rows
 from trap2_hf.objective import rescaled_loss_coefficient
@@ -37,7 +44,7 @@ def train(model, tmp_out, dataset, batch_size, accumulation=1, **overrides):
     """One SGD step; returns the trainer, the step's gradients and the micro-batches it saw, in order."""
     args = Trap2TrainingArguments(
         output_dir=tmp_out, max_steps=1, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, **sgd_args(**overrides),
+        gradient_accumulation_steps=accumulation, **exact_trap_args(**overrides),
     )
     trainer = Trap2Trainer(model=model, args=args, train_dataset=dataset)
     seen, training_step = [], trainer.training_step
@@ -111,7 +118,7 @@ def test_fraction_below_one_equals_direct_computation_on_the_drawn_rows(tmp_out,
     settings = dict(trap_lambda=0.3, trap_mode=mode, trap_rescaled_fraction=0.25, **TWO_SCALES)
     trainer, grads, seen = train(model, tmp_out, dataset, 8, **settings)
     rows = trainer.trap_rows(8, step=0, micro_batch=0)
-    assert [len(r) for r in rows] == [2, 2] and not set(rows[0].tolist()) & set(rows[1].tolist())
+    assert sum(len(r) for r in rows) == 4  # 2 scales x 8 rows x 0.25 (a row may serve both scales)
     expected = direct_row_gradients(reference, seen, trainer.trap_scales(0), 0.25, [rows], 0.3, "inv")
     assert_grads_close(grads, expected)
 
@@ -221,13 +228,17 @@ def test_per_sample_scales_equal_each_rows_own_scale():
 
 
 def test_rows_are_drawn_with_probability_fraction():
-    hits, counts = torch.zeros(6), []
+    hits, counts, totals = torch.zeros(2, 6), [], set()
     for seed in range(4000):
         rows = rescaled_rows(6, 0.3, 2, torch.Generator().manual_seed(seed))
         counts.append(len(rows[0]))
-        hits[rows[1]] += 1
-    assert set(counts) == {1, 2} and sum(counts) / len(counts) == pytest.approx(1.8, abs=0.03)
-    torch.testing.assert_close(hits / 4000, torch.full((6,), 0.3), atol=0.025, rtol=0)
+        totals.add(sum(len(r) for r in rows))
+        for k in range(2):
+            assert len(set(rows[k].tolist())) == len(rows[k])  # a scale never takes a row twice
+            hits[k, rows[k]] += 1
+    # 2 scales x 6 rows x 0.3 = 3.6 copies: 3 or 4, never more, so fused's memory is bounded.
+    assert totals == {3, 4} and sum(counts) / len(counts) == pytest.approx(1.8, abs=0.05)
+    torch.testing.assert_close(hits / 4000, torch.full((2, 6), 0.3), atol=0.025, rtol=0)
     assert [r.tolist() for r in rescaled_rows(5, 1.0, 2, torch.Generator())] == [list(range(5))] * 2
 
 
@@ -271,7 +282,8 @@ def test_fused_sft_refuses_other_losses(tmp_out):
         ({"trap_mode": "fast"}, "trap_mode"),
         ({"trap_mode": "fused", "trap_rescaled_fraction": 0.0}, "trap_rescaled_fraction"),
         ({"trap_mode": "sub_batch", "trap_rescaled_fraction": 1.5}, "trap_rescaled_fraction"),
-        ({"trap_rescaled_fraction": 0.5}, "trap_rescaled_fraction=0.5 needs trap_mode='sub_batch' or 'fused'"),
+        ({"trap_mode": "two_pass", "trap_rescaled_fraction": 0.5},
+         "trap_rescaled_fraction=0.5 needs trap_mode='sub_batch' or 'fused'"),
         ({"trap_mode": "fused", "trap_target": "full"}, "trap_mode='fused'.*'two_pass' or 'sub_batch'"),
     ],
 )
@@ -284,5 +296,74 @@ def test_fraction_default_depends_on_the_mode():
     def fraction(**kwargs):
         return Trap2TrainingArguments(output_dir="unused", report_to="none", **kwargs).trap_rescaled_fraction
 
-    assert fraction() == 1.0 and fraction(trap_mode="fused") == 0.25 and fraction(trap_mode="sub_batch") == 0.25
+    assert fraction() == 1.0  # two_pass, the default
+    assert fraction(trap_mode="auto") is None  # the trainer decides, knowing the model
+    # The scales of a step together re-scale a quarter of the rows: 2 scales (the default) an eighth each.
+    assert fraction(trap_mode="fused") == 0.125 and fraction(trap_mode="sub_batch") == 0.125
+    assert fraction(trap_mode="fused", trap_scales_per_step=1) == 0.25
     assert fraction(trap_mode="fused", trap_rescaled_fraction=0.5) == 0.5
+
+
+def auto_trainer(tmp_out, model, dataset=None, **settings):
+    args = Trap2TrainingArguments(
+        output_dir=tmp_out, max_steps=1, per_device_train_batch_size=8, **sgd_args(trap_lambda=0.3, trap_mode="auto", **settings)
+    )
+    return args, Trap2Trainer(model=model, args=args, train_dataset=dataset if dataset is not None else token_dataset(8))
+
+
+@pytest.mark.parametrize(
+    "make_model, settings, chosen",
+    [
+        (lora_model, {}, "fused"),
+        (TaskClassifier, {}, "fused"),  # a custom model that declares its per-row losses
+        (lambda: lora_model(use_dora=True), {}, "two_pass"),
+        (CustomClassifier, {}, "two_pass"),  # no known per-row loss
+        (lora_model, {"label_smoothing_factor": 0.1}, "two_pass"),
+        (tiny_llama, {"trap_target": "full"}, "two_pass"),
+    ],
+    ids=["lora", "declared_row_losses", "dora", "unknown_loss", "label_smoothing", "full"],
+)
+def test_auto_mode_fuses_only_where_exact(tmp_out, make_model, settings, chosen):
+    torch.manual_seed(0)
+    args, trainer = auto_trainer(tmp_out, make_model(), **settings)
+    assert trainer.args.trap_mode == chosen
+    assert trainer.args.trap_rescaled_fraction == (0.125 if chosen == "fused" else 1.0)
+    assert trainer.args.trap_settings_dict()["trap_mode"] == chosen  # what the model card records
+    assert args.trap_mode == "auto"  # the caller's arguments are left as given, for reuse with another model
+
+
+def test_auto_mode_trains_exactly_like_the_mode_it_chose(tmp_out):
+    dataset = token_dataset(8, ragged=True)
+    reference = lora_model()
+    _, auto, _ = train(copy.deepcopy(reference), tmp_out + "a", dataset, 8, trap_lambda=0.3, trap_mode="auto")
+    _, fused, _ = train(copy.deepcopy(reference), tmp_out + "b", dataset, 8, trap_lambda=0.3, trap_mode="fused")
+    _, two_pass, _ = train(copy.deepcopy(reference), tmp_out + "c", dataset, 8, trap_lambda=0.3)
+    for key in fused:
+        torch.testing.assert_close(auto[key], fused[key], rtol=0, atol=0)
+    assert any(not torch.allclose(fused[k], two_pass[k], rtol=1e-3, atol=1e-7) for k in fused)  # a real choice
+
+
+def test_auto_mode_falls_back_to_two_pass_on_packed_batches(tmp_out, caplog):
+    from transformers import DataCollatorWithFlattening
+
+    dataset = token_dataset(8, ragged=True)
+    reference = lora_model()
+    results = {}
+    for mode in ("auto", "two_pass"):
+        args = Trap2TrainingArguments(
+            output_dir=f"{tmp_out}/{mode}", max_steps=1, per_device_train_batch_size=8,
+            **sgd_args(trap_lambda=0.3, trap_mode=mode, **TWO_SCALES),
+        )
+        model = copy.deepcopy(reference)
+        trainer = Trap2Trainer(
+            model=model, args=args, train_dataset=dataset,
+            data_collator=DataCollatorWithFlattening(return_flash_attn_kwargs=True),
+        )
+        before = trainable_state(model)
+        with caplog.at_level("WARNING"):
+            trainer.train()
+        results[mode] = ({k: before[k] - v for k, v in trainable_state(model).items()}, trainer.args.trap_mode)
+    assert results["auto"][1] == "two_pass"
+    assert "switches from 'fused' to 'two_pass'" in caplog.text and "packs several sequences" in caplog.text
+    assert_grads_close(results["auto"][0], results["two_pass"][0])
+

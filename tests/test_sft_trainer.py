@@ -8,14 +8,15 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from conftest import text_dataset, tiny_llama, tiny_tokenizer
-from trap_checks import assert_grads_close, direct_lora_gradients, sgd_args, step_gradients, trainable_state
-from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer
+from trap_checks import assert_grads_close, direct_lora_gradients, exact_trap_args, sgd_args, step_gradients, trainable_state
+from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Settings
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights=False)
 
 
 def sft_args(config_cls, tmp_out, **overrides):
-    return config_cls(output_dir=tmp_out, **sgd_args(**{"bf16": False, "max_length": 16, "per_device_train_batch_size": 8, **overrides}))
+    make_args = exact_trap_args if issubclass(config_cls, Trap2Settings) else sgd_args
+    return config_cls(output_dir=tmp_out, **make_args(**{"bf16": False, "max_length": 16, "per_device_train_batch_size": 8, **overrides}))
 
 
 def test_sft_step_gradients_equal_direct_computation(tmp_out):

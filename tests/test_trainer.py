@@ -13,11 +13,12 @@ from trap_checks import (
     assert_grads_close,
     direct_full_gradients,
     direct_lora_gradients,
+    exact_trap_args,
     sgd_args,
     step_gradients,
     trainable_state,
 )
-from trap2_hf import Trap2Trainer, Trap2TrainingArguments
+from trap2_hf import Trap2Settings, Trap2Trainer, Trap2TrainingArguments
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
 
@@ -37,7 +38,8 @@ def full_batch(dataset):
 
 
 def one_step(model, tmp_out, dataset, trainer_cls=Trap2Trainer, args_cls=Trap2TrainingArguments, **overrides):
-    args = args_cls(output_dir=tmp_out, max_steps=1, per_device_train_batch_size=len(dataset), **sgd_args(**overrides))
+    make_args = exact_trap_args if issubclass(args_cls, Trap2Settings) else sgd_args
+    args = args_cls(output_dir=tmp_out, max_steps=1, per_device_train_batch_size=len(dataset), **make_args(**overrides))
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset)
     before = trainable_state(model)
     trainer.train()
@@ -93,7 +95,7 @@ def test_full_finetune_step_gradients_equal_direct_computation(tmp_out, checkpoi
         output_dir=tmp_out,
         max_steps=1,
         per_device_train_batch_size=8,
-        **sgd_args(trap_target="full", trap_lambda=0.5, trap_weighting="inv_sqrt", gradient_checkpointing=checkpointing),
+        **exact_trap_args(trap_target="full", trap_lambda=0.5, trap_weighting="inv_sqrt", gradient_checkpointing=checkpointing),
     )
     trainer = Trap2Trainer(model=model, args=args, train_dataset=dataset, trap_reference=theta0)
     before = trainable_state(model)
@@ -119,7 +121,7 @@ def train_weights(tmp_out, batch_size, accumulation, steps, model_fn=lora_model,
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
-        **sgd_args(**{"learning_rate": 0.5, **overrides}),
+        **exact_trap_args(**{"learning_rate": 0.5, **overrides}),
     )
     trainer = Trap2Trainer(model=model, args=args, train_dataset=token_dataset(16, ragged=True))
     trainer.train()
@@ -151,7 +153,7 @@ def test_resume_equals_a_straight_run(tmp_out, target):
         assert os.path.exists(os.path.join(checkpoint, "trap2_reference.safetensors"))
     # Other trainable weights (same frozen base): weights, optimizer and theta0 must all come from the checkpoint.
     model = tiny_llama(seed=1) if target == "full" else lora_model_with_seed(99)
-    args = Trap2TrainingArguments(output_dir=run_dir, max_steps=4, per_device_train_batch_size=4, **sgd_args(**overrides))
+    args = Trap2TrainingArguments(output_dir=run_dir, max_steps=4, per_device_train_batch_size=4, **exact_trap_args(**overrides))
     trainer = Trap2Trainer(model=model, args=args, train_dataset=token_dataset(16, ragged=True))
     trainer.train(resume_from_checkpoint=checkpoint)
     resumed = trainable_state(model)
@@ -161,7 +163,7 @@ def test_resume_equals_a_straight_run(tmp_out, target):
 
 def test_non_finite_gradients_skip_the_step_and_training_continues(tmp_out, caplog):
     model = lora_model()
-    args = Trap2TrainingArguments(output_dir=tmp_out, max_steps=3, per_device_train_batch_size=4, **sgd_args(learning_rate=0.1, trap_lambda=0.1))
+    args = Trap2TrainingArguments(output_dir=tmp_out, max_steps=3, per_device_train_batch_size=4, **exact_trap_args(learning_rate=0.1, trap_lambda=0.1))
     trainer = Trap2Trainer(model=model, args=args, train_dataset=token_dataset(16))
     original_rescaled = trainer.trap_rescaled
     states = []
@@ -250,7 +252,7 @@ def test_a_checkpoint_interrupted_while_saving_is_never_resumed_from(tmp_out):
     os.remove(os.path.join(run_dir, "checkpoint-4", "trainer_state.json"))
 
     def resumed_trainer():
-        args = Trap2TrainingArguments(output_dir=run_dir, max_steps=6, per_device_train_batch_size=4, **sgd_args(**overrides))
+        args = Trap2TrainingArguments(output_dir=run_dir, max_steps=6, per_device_train_batch_size=4, **exact_trap_args(**overrides))
         return Trap2Trainer(model=lora_model_with_seed(5), args=args, train_dataset=token_dataset(16, ragged=True))
 
     with pytest.raises(ValueError, match="checkpoint-4 is incomplete.*checkpoint-2"):

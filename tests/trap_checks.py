@@ -85,3 +85,10 @@ def assert_grads_close(got, expected, rtol=2e-4, atol=1e-6):
     assert set(got) == set(expected)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def exact_trap_args(**overrides):
+    """sgd_args for Trap2 arguments, with the reference step (trap_mode='two_pass') unless told otherwise:
+    the gradient checks compare against the exact objective, which 'auto' only estimates where it fuses."""
+    return sgd_args(**{"trap_mode": "two_pass", **overrides})
+

@@ -14,9 +14,10 @@ TARGETS = ("adapter", "full")
 SCALE_SAMPLINGS = ("uniform", "stratified")
 REFERENCE_DEVICES = ("same", "cpu")
 REFERENCE_DTYPES = ("same", "float32", "bfloat16", "float16")
-TRAP_MODES = ("two_pass", "sub_batch", "fused")
-# What trap_rescaled_fraction defaults to when unset: two_pass re-scales the whole micro-batch.
-DEFAULT_RESCALED_FRACTION = {"two_pass": 1.0, "sub_batch": 0.25, "fused": 0.25}
+TRAP_MODES = ("auto", "two_pass", "sub_batch", "fused")
+# sub_batch and fused re-scale, all scales of a step together, this fraction of each micro-batch's rows
+# when trap_rescaled_fraction is unset (each scale gets its share); two_pass re-scales all of them.
+DEFAULT_RESCALED_SHARE = 0.25
 
 
 @dataclass
@@ -95,14 +96,16 @@ class Trap2Settings:
     trap_mode: str = field(
         default="two_pass",
         metadata={
-            "help": "How a step computes the re-scaled term. 'two_pass': the reference algorithm, exact: one more "
-            "forward/backward over the whole micro-batch per scale (about 2x a plain step; the two graphs are never "
-            "alive at once, so peak memory stays at plain's). 'sub_batch': the same on a random fraction "
+            "help": "How a step computes the re-scaled term. 'auto': 'fused' where it is exact (a LoRA/"
+            "rsLoRA adapter on a causal LM, TRL SFT, a sequence classifier, or a model declaring "
+            "trap_sample_losses), else 'two_pass'; the trainer logs its choice and the model card records it. "
+            "'two_pass' (default): the reference algorithm, exact: one more forward/backward over the whole micro-batch per "
+            "scale (about 1 + trap_scales_per_step times a plain step; the graphs are never alive at once, so peak "
+            "memory stays at plain's: the memory-saving mode). 'sub_batch': the same on a random fraction "
             "trap_rescaled_fraction of the rows (any update and model; unbiased; plain's memory). 'fused': ONE "
             "forward/backward over the micro-batch plus re-scaled copies of a random fraction of its rows, each "
-            "copy at its own scale (LoRA/rsLoRA on causal LMs, TRL SFT and sequence classifiers; unbiased; about "
-            "1.2-1.3x a plain step, 1 + trap_scales_per_step * fraction times the activation memory). See "
-            "benchmarks/README.md.",
+            "copy at its own scale (unbiased; about 1.2-1.3x a plain step and 1 + trap_scales_per_step * fraction "
+            "times the activation memory). See benchmarks/README.md.",
             "choices": list(TRAP_MODES),
         },
     )
@@ -111,7 +114,8 @@ class Trap2Settings:
         metadata={
             "help": "Fraction of each micro-batch's rows that each drawn scale re-scales, in (0, 1]; rows are drawn "
             "at random and weighted by 1/fraction, so the re-scaled loss is unbiased. Unset: 1 for two_pass (which "
-            "takes only 1), 0.25 for sub_batch and fused."
+            "takes only 1); for sub_batch and fused 0.25 / trap_scales_per_step, so the scales of a step together "
+            "re-scale a quarter of the rows whatever their number."
         },
     )
 
@@ -120,8 +124,12 @@ class Trap2Settings:
 
     def derive_trap_defaults(self) -> None:
         """Fill in the settings whose default depends on others, so what is recorded is what runs."""
-        if self.trap_rescaled_fraction is None and self.trap_mode in DEFAULT_RESCALED_FRACTION:
-            self.trap_rescaled_fraction = DEFAULT_RESCALED_FRACTION[self.trap_mode]
+        if self.trap_rescaled_fraction is None and self.trap_mode == "two_pass":
+            self.trap_rescaled_fraction = 1.0
+        elif self.trap_rescaled_fraction is None and self.trap_mode in ("sub_batch", "fused"):
+            scales = self.trap_scales_per_step if isinstance(self.trap_scales_per_step, int) else 1
+            self.trap_rescaled_fraction = DEFAULT_RESCALED_SHARE / max(1, scales)
+        # 'auto' is resolved by the trainer, which knows the model (Trap2TrainerMixin._trap_resolve_mode).
 
     def validate_trap_settings(self) -> None:
         """Raise a ValueError that names the field, the value and what is allowed."""

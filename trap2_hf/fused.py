@@ -1,10 +1,12 @@
 """The re-scaled term on part of a batch: which rows, with what weight, and the fused step's one loss.
 
 `sub_batch` and `fused` re-scale, for each scale s_k of the step, a random set R_k of rows of each
-micro-batch. Each row lands in R_k with probability f (`trap_rescaled_fraction`: floor(f*b) rows,
-one more with probability frac(f*b)), so weighting those rows by 1/f makes the re-scaled loss an
-unbiased estimate of the whole micro-batch's, micro-batch by micro-batch, under any gradient
-accumulation. f = 1 takes every row, in order: exactly two_pass.
+micro-batch. Each of the K*b (scale, row) pairs is drawn with probability f (`trap_rescaled_fraction`):
+floor(K*f*b) pairs, one more with probability frac(K*f*b), without replacement. So weighting those
+rows by 1/f makes each scale's re-scaled loss an unbiased estimate of the whole micro-batch's,
+micro-batch by micro-batch, under any gradient accumulation, and a micro-batch never carries more
+than ceil(K*f*b) re-scaled copies, which bounds fused's memory. f = 1 takes every row, in order:
+exactly two_pass.
 
 The fused step runs ONE forward/backward over the b rows plus copies of the rows of every R_k, copy
 j computing with its own scale s_j (`rescale.rescaled_adapter_per_sample`), with the loss
@@ -35,6 +37,10 @@ IGNORE_INDEX = -100
 PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")
 
 
+class FusedUnsupported(NotImplementedError):
+    """This batch cannot be run fused (found at its first forward, before any computation); two_pass can."""
+
+
 def rows_generator(seed: int, step: int, micro_batch: int, rank: int = 0) -> torch.Generator:
     """A generator that depends only on (seed, optimizer step, micro-batch, rank), like the scales'."""
     mixed = seed * 1_000_003 + step * 7_919 + micro_batch * 104_729 + rank * 15_485_863 + 99_991
@@ -42,18 +48,15 @@ def rows_generator(seed: int, step: int, micro_batch: int, rank: int = 0) -> tor
 
 
 def rescaled_rows(batch_size: int, fraction: float, num_scales: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """The rows each of `num_scales` scales re-scales in one micro-batch (see the module docstring).
-
-    The scales take consecutive slices of one random permutation, so they share no row while
-    num_scales * rows <= batch_size."""
-    expected = fraction * batch_size
-    count = math.floor(expected)
-    extra = torch.rand((), generator=generator, dtype=torch.float64).item() < expected - count
-    permutation = torch.randperm(batch_size, generator=generator)
-    count = min(count + int(extra), batch_size)
-    if count == batch_size:
+    """The rows each of `num_scales` scales re-scales in one micro-batch (see the module docstring)."""
+    if fraction >= 1:
         return [torch.arange(batch_size) for _ in range(num_scales)]
-    return [permutation[(torch.arange(count) + k * count) % batch_size] for k in range(num_scales)]
+    expected = fraction * batch_size * num_scales
+    count = math.floor(expected)
+    count += int(torch.rand((), generator=generator, dtype=torch.float64).item() < expected - count)
+    pairs = torch.randperm(num_scales * batch_size, generator=generator)[:count]
+    scale_of, row_of = pairs // batch_size, pairs % batch_size
+    return [row_of[scale_of == k].sort().values for k in range(num_scales)]
 
 
 def batch_size_of(inputs: dict) -> int:
@@ -71,14 +74,19 @@ def select_rows(inputs: dict, rows: torch.Tensor, batch_size: int) -> dict:
     return {key: _rows_of(value, rows, batch_size) for key, value in inputs.items()}
 
 
-def append_rows(inputs: dict, rows: torch.Tensor, batch_size: int) -> dict:
-    """The inputs followed by copies of `rows`, tensor by tensor."""
+def check_rows_are_samples(inputs: dict) -> None:
+    """FusedUnsupported where the batch packs several sequences into one row (packing, padding_free)."""
     packed = sorted(key for key in PACKED_KEYS if key in inputs)
     if packed:
-        raise NotImplementedError(
+        raise FusedUnsupported(
             f"The batch packs several sequences into one row ({', '.join(packed)}), so a row is not a sample and "
             "cannot be copied on its own; use trap_mode='two_pass' or 'sub_batch', or turn packing/padding_free off."
         )
+
+
+def append_rows(inputs: dict, rows: torch.Tensor, batch_size: int) -> dict:
+    """The inputs followed by copies of `rows`, tensor by tensor."""
+    check_rows_are_samples(inputs)
     return {
         key: torch.cat([value, _rows_of(value, rows, batch_size)]) if _is_batched(value, batch_size) else value
         for key, value in inputs.items()
@@ -262,12 +270,12 @@ def fused_batch(model: nn.Module, plan: FusedPlan, row_losses: RowLosses) -> Ite
         if plan.calls > 1:
             raise RuntimeError("trap_mode='fused' expects one model call per micro-batch; use trap_mode='two_pass'.")
         if args:
-            raise RuntimeError("trap_mode='fused' needs the model called with keyword arguments, as Trainer does.")
+            raise FusedUnsupported("trap_mode='fused' needs the model called with keyword arguments, as Trainer does")
         kwargs = append_rows(kwargs, plan.rows, plan.batch_size)
         state["token_log_probs"] = bool(kwargs.get("fused_lm_head"))
         if not state["token_log_probs"]:
             if kwargs.get("labels") is None:
-                raise RuntimeError("trap_mode='fused' needs labels in the model's inputs; use trap_mode='two_pass'.")
+                raise FusedUnsupported("trap_mode='fused' needs labels in the model's inputs; use trap_mode='two_pass'.")
             state["labels"] = kwargs.pop("labels")
             state["shift_labels"] = kwargs.pop("shift_labels", None)
             state["num_items"] = kwargs.pop("num_items_in_batch", None)

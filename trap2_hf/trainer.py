@@ -6,11 +6,13 @@ One optimizer step, per micro-batch (trap_mode='two_pass', the reference):
    restore the RNG so dropout masks match, forward and backward inside the re-scaling context with
    the loss multiplied by -lambda*w(s)/K. The last of these backwards carries the DDP all-reduce.
 'sub_batch' runs step 2 on random rows of the micro-batch; 'fused' folds step 2 into step 1 as
-re-scaled copies of random rows (see `fused.py`). The maths lives in `objective.py` and `fused.py`,
+re-scaled copies of random rows (see `fused.py`); 'auto' is 'fused' where that is
+exact for the model and settings, else 'two_pass'. The maths lives in `objective.py` and `fused.py`,
 the re-scaling in `rescale.py`.
 """
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -27,7 +29,17 @@ from trl import SFTTrainer
 
 from .config import Trap2SFTConfig, Trap2Settings, Trap2TrainingArguments
 from .hub.push import Trap2HubMixin
-from .fused import FusedPlan, batch_size_of, fused_batch, rescaled_rows, row_loss_function, rows_generator, select_rows
+from .fused import (
+    FusedPlan,
+    FusedUnsupported,
+    batch_size_of,
+    check_rows_are_samples,
+    fused_batch,
+    rescaled_rows,
+    row_loss_function,
+    rows_generator,
+    select_rows,
+)
 from .objective import rescaled_loss_coefficient, sample_scales, step_generator
 from .rescale import (
     per_sample_targets,
@@ -68,6 +80,7 @@ class Trap2TrainerMixin:
         self.trap_skipped_steps = 0
         self._trap_check_target()
         self._trap_check_quantization()
+        self._trap_resolve_mode()
         self._trap_check_mode()
         self.trap_reference = None
         if self.args.trap_target == "full":
@@ -136,10 +149,45 @@ class Trap2TrainerMixin:
                 "here. Train on a GPU, or load the base unquantized (drop quantization_config / load_in_4bit)."
             )
 
+    def _trap_resolve_mode(self) -> None:
+        """trap_mode='auto': 'fused' where it is exact for this model and these settings, else 'two_pass'.
+
+        The choice goes into this trainer's own copy of the arguments (a user may share one arguments object
+        between trainers of different models), so the logs, checkpoints and model card record what runs."""
+        self._trap_mode_requested = self.args.trap_mode
+        if self.args.trap_mode != "auto":
+            return
+        self.args = copy.copy(self.args)
+        reason = None
+        if self.args.trap_target != "adapter":
+            reason = f"trap_target={self.args.trap_target!r} re-scales parameters, not a LoRA branch"
+        else:
+            try:
+                self._trap_prepare_fused()
+            except (ValueError, NotImplementedError) as error:
+                reason = str(error)
+        self._trap_row_losses = self._trap_per_sample_targets = None
+        self._trap_use_mode("fused" if reason is None else "two_pass")
+        logger.info("trap_mode='auto' chose %r%s.", self.args.trap_mode, "" if reason is None else f": {reason}")
+
+    def _trap_use_mode(self, mode: str) -> None:
+        if mode == "two_pass" and self.args.trap_rescaled_fraction not in (None, 1, 1.0):
+            logger.warning(
+                "trap_rescaled_fraction=%s is not used: trap_mode='auto' chose 'two_pass', which re-scales whole "
+                "micro-batches.",
+                self.args.trap_rescaled_fraction,
+            )
+            self.args.trap_rescaled_fraction = 1.0
+        self.args.trap_mode = mode
+        self.args.derive_trap_defaults()
+
     def _trap_check_mode(self) -> None:
         """trap_mode='fused' runs only where it is exact; refuse the rest here, naming the fix."""
-        if self.args.trap_mode != "fused" or self.args.trap_lambda == 0:
-            return
+        if self.args.trap_mode == "fused" and self.args.trap_lambda != 0:
+            self._trap_prepare_fused()
+
+    def _trap_prepare_fused(self) -> None:
+        """The fused step's per-row losses and per-row scale targets, or the error that names the fix."""
         if self.compute_loss_func is not None or self.args.label_smoothing_factor:
             raise ValueError(
                 "trap_mode='fused' weights the model's own per-row losses, which a compute_loss_func or label "
@@ -197,7 +245,15 @@ class Trap2TrainerMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         scales = self.trap_scales()
         if args.trap_mode == "fused":
-            return self._trap_fused_step(model, inputs, num_items_in_batch, scales)
+            try:
+                return self._trap_fused_step(model, inputs, num_items_in_batch, scales)
+            except FusedUnsupported as error:  # raised before the forward: nothing was computed yet
+                if self._trap_mode_requested != "auto":
+                    raise
+                logger.warning("trap_mode='auto' switches from 'fused' to 'two_pass': %s", error)
+                self.args.trap_rescaled_fraction = None  # fused's derived share; two_pass takes whole micro-batches
+                self._trap_use_mode("two_pass")
+                return self.training_step(model, inputs, num_items_in_batch)
         passes = self._trap_rescaled_passes(inputs, num_items_in_batch, len(scales))
         last = max((k for k, p in enumerate(passes) if p is not None), default=-1)
         rng_state = _capture_rng_state()
@@ -258,6 +314,7 @@ class Trap2TrainerMixin:
         args = self.args
         if self._trap_row_losses is None:  # trap_mode or trap_lambda set after construction
             self._trap_check_mode()
+        check_rows_are_samples(inputs)
         batch_size = batch_size_of(inputs)
         coefficients = [
             rescaled_loss_coefficient(scale, args.trap_lambda, args.trap_weighting, len(scales)) for scale in scales
@@ -389,16 +446,14 @@ class Trap2SFTTrainer(Trap2HubMixin, Trap2TrainerMixin, SFTTrainer):
 
     _trap_args_class = Trap2SFTConfig
 
-    def _trap_check_mode(self) -> None:
-        super()._trap_check_mode()
-        if self.args.trap_mode != "fused" or self.args.trap_lambda == 0:
-            return
+    def _trap_prepare_fused(self) -> None:
         if self.args.loss_type != "nll" or self.padding_free:
             raise ValueError(
                 f"trap_mode='fused' folds re-scaled copies into TRL's per-token log-probs, which is exact for "
                 f"loss_type='nll' on rows that are samples; got loss_type={self.args.loss_type!r}, padding_free="
                 f"{self.padding_free} (packing). Use trap_mode='two_pass' or 'sub_batch'."
             )
+        super()._trap_prepare_fused()
 
     @contextlib.contextmanager
     def _trap_side_pass(self):

@@ -116,6 +116,12 @@ class TaskClassifier(nn.Module):
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return {"loss": loss, "logits": logits}
 
+    @staticmethod
+    def trap_sample_losses(outputs, labels):
+        """Per-row losses and item counts of `forward`'s mean loss, so trap_mode='fused' can weight rows."""
+        losses = nn.functional.cross_entropy(outputs["logits"], labels, reduction="none")
+        return losses, torch.ones_like(losses)
+
 
 def encode(tokenizer, texts: list[str], labels: list[int]) -> dict[str, torch.Tensor]:
     """Token ids padded to the longest sentence of the split, with labels."""

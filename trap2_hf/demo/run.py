@@ -173,7 +173,13 @@ def train_update(
         trainer.train()
     demo_model.freeze_all_adapters(setup.model)
     seconds = time.perf_counter() - start
-    return {"adapter": adapter, "task": task, "steps": trainer.state.global_step, "seconds": seconds}
+    return {
+        "adapter": adapter,
+        "task": task,
+        "steps": trainer.state.global_step,
+        "seconds": seconds,
+        "trap_mode": trainer.args.trap_mode,  # what trap_mode='auto' chose
+    }
 
 
 def base_accuracy(setup: DemoSetup, task: str, split: str) -> float:
