@@ -320,8 +320,9 @@ def auto_trainer(tmp_out, model, dataset=None, **settings):
         (CustomClassifier, {}, "two_pass"),  # no known per-row loss
         (lora_model, {"label_smoothing_factor": 0.1}, "two_pass"),
         (tiny_llama, {"trap_target": "full"}, "two_pass"),
+        (lora_model, {"trap_offray": "dare"}, "two_pass"),  # off-ray terms are extra passes of their own
     ],
-    ids=["lora", "declared_row_losses", "dora", "unknown_loss", "label_smoothing", "full"],
+    ids=["lora", "declared_row_losses", "dora", "unknown_loss", "label_smoothing", "full", "offray"],
 )
 def test_auto_mode_fuses_only_where_exact(tmp_out, make_model, settings, chosen):
     torch.manual_seed(0)

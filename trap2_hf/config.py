@@ -119,6 +119,67 @@ class Trap2Settings:
         },
     )
 
+    trap_offray: str = field(
+        default="",
+        metadata={
+            "help": "Off-ray terms (beyond the paper; off by default): the loss is also maximised where merges other "
+            "than a re-scaling put the update. Comma-separated; each term is at most one own-update transform "
+            "('dare': random drop-and-rescale, 'prune': magnitude top-k, 'factor_dare': drop-and-rescale of each "
+            "LoRA factor at weight sqrt(w) each) and at most one partner ('foreign': the trap_foreign_adapters "
+            "added at coefficients c_j, 'synthetic': a random low-rank update of the layer's own dW norm times c), "
+            "joined by '+', e.g. 'dare,synthetic' or 'dare+foreign'. LoRA adapters only; needs trap_mode='two_pass'."
+        },
+    )
+    trap_offray_lambda: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the off-ray terms (maximised, like trap_lambda). Unset: trap_lambda."},
+    )
+    trap_offray_per_step: int = field(
+        default=1,
+        metadata={
+            "help": "Off-ray passes per optimizer step (each one more forward/backward); the terms of trap_offray "
+            "are taken in turn and averaged."
+        },
+    )
+    trap_offray_weight_min: float = field(
+        default=0.3, metadata={"help": "Smallest weight w of the own update in an off-ray term (uniform draw)."}
+    )
+    trap_offray_weight_max: float = field(
+        default=2.0,
+        metadata={"help": "Largest weight w of the own update in an off-ray term; the range should include 1."},
+    )
+    trap_offray_keep_min: float = field(
+        default=0.1,
+        metadata={"help": "Smallest keep rate of 'dare'/'factor_dare' (density kept by 'prune'), in (0, 1]."},
+    )
+    trap_offray_keep_max: float = field(
+        default=0.9, metadata={"help": "Largest keep rate / density of the sparsifying off-ray terms, in (0, 1]."}
+    )
+    trap_foreign_adapters: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Folders of other LoRA adapters of the same base (PEFT save_pretrained output) used by the "
+            "'foreign' term. Loaded once, frozen, never saved into the protected update."
+        },
+    )
+    trap_foreign_coef_min: float = field(
+        default=0.3,
+        metadata={"help": "Smallest coefficient c of a foreign or synthetic partner update (uniform draw, > 0)."},
+    )
+    trap_foreign_coef_max: float = field(
+        default=2.0, metadata={"help": "Largest coefficient c of a foreign or synthetic partner update."}
+    )
+    trap_guard_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a guard term that is MINIMISED: the loss at dW plus small dense noise (trap_guard_noise "
+            "* ||dW|| per layer), so the update stays robust to quantization-sized perturbations. 0: off."
+        },
+    )
+    trap_guard_noise: float = field(
+        default=0.05, metadata={"help": "Norm of the guard term's noise relative to each layer's ||dW||."}
+    )
+
     def __post_init__(self):
         self.derive_trap_defaults()
 
@@ -130,6 +191,25 @@ class Trap2Settings:
             scales = self.trap_scales_per_step if isinstance(self.trap_scales_per_step, int) else 1
             self.trap_rescaled_fraction = DEFAULT_RESCALED_SHARE / max(1, scales)
         # 'auto' is resolved by the trainer, which knows the model (Trap2TrainerMixin._trap_resolve_mode).
+        if self.trap_offray_lambda is None:
+            self.trap_offray_lambda = self.trap_lambda
+        if isinstance(self.trap_offray, (list, tuple)):
+            self.trap_offray = ",".join(str(t) for t in self.trap_offray)
+        if isinstance(self.trap_foreign_adapters, str):
+            self.trap_foreign_adapters = [p for p in self.trap_foreign_adapters.split(",") if p.strip()]
+        self.trap_foreign_adapters = list(self.trap_foreign_adapters or [])
+
+    @property
+    def trap_offray_terms(self) -> list[str]:
+        """The parsed off-ray terms (empty: off)."""
+        from .offray import parse_terms
+
+        return parse_terms(self.trap_offray)
+
+    @property
+    def trap_offray_active(self) -> bool:
+        """Whether a step runs off-ray or guard passes."""
+        return bool(self.trap_offray_terms and self.trap_offray_lambda) or self.trap_guard_lambda > 0
 
     def validate_trap_settings(self) -> None:
         """Raise a ValueError that names the field, the value and what is allowed."""
@@ -181,6 +261,48 @@ class Trap2Settings:
                 "trap_mode='fused' re-scales each row of the batch by its own scale, which only a LoRA adapter can "
                 f"do in one pass; trap_target={self.trap_target!r} needs trap_mode='two_pass' or 'sub_batch'."
             )
+        self._validate_offray()
+
+    def _validate_offray(self) -> None:
+        terms = self.trap_offray_terms  # raises on an unknown term
+        for name in ("trap_offray_lambda", "trap_guard_lambda", "trap_guard_noise"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be >= 0, got {value!r}.")
+        if not (isinstance(self.trap_offray_per_step, int) and self.trap_offray_per_step >= 1):
+            raise ValueError(f"trap_offray_per_step must be an integer >= 1, got {self.trap_offray_per_step!r}.")
+        for low, high, lo_bound, what in (
+            ("trap_offray_weight_min", "trap_offray_weight_max", 0.0, "a positive weight range such as 0.3-2.0"),
+            ("trap_offray_keep_min", "trap_offray_keep_max", 0.0, "keep rates in (0, 1] such as 0.1-0.9"),
+            ("trap_foreign_coef_min", "trap_foreign_coef_max", 0.0, "a positive coefficient range such as 0.3-2.0"),
+        ):
+            a, b = getattr(self, low), getattr(self, high)
+            if not (a > lo_bound and a <= b):
+                raise ValueError(f"{low} ({a}) must be > 0 and <= {high} ({b}); use {what}.")
+        if self.trap_offray_keep_max > 1:
+            raise ValueError(f"trap_offray_keep_max must be <= 1, got {self.trap_offray_keep_max}.")
+        uses_foreign = any("foreign" in t.split("+") for t in terms)
+        if uses_foreign and not self.trap_foreign_adapters:
+            raise ValueError(
+                f"trap_offray={self.trap_offray!r} has a 'foreign' term but trap_foreign_adapters is empty. List "
+                "the folders of other LoRA adapters of the same base, or use 'synthetic' instead of 'foreign'."
+            )
+        if self.trap_foreign_adapters and not uses_foreign:
+            raise ValueError(
+                f"trap_foreign_adapters is set ({self.trap_foreign_adapters}) but no trap_offray term uses it. Add a "
+                "'foreign' term (e.g. trap_offray='foreign') or drop trap_foreign_adapters."
+            )
+        if terms or self.trap_guard_lambda > 0:
+            if self.trap_target != "adapter":
+                raise ValueError(
+                    f"trap_offray / trap_guard_lambda transform a LoRA adapter's weights; trap_target="
+                    f"{self.trap_target!r} is not supported. Use trap_target='adapter' with a LoRA adapter, or drop them."
+                )
+            if self.trap_mode in ("sub_batch", "fused"):
+                raise ValueError(
+                    f"trap_offray / trap_guard_lambda run extra full passes, which trap_mode={self.trap_mode!r} "
+                    "does not; use trap_mode='two_pass'."
+                )
 
     def trap_settings_dict(self) -> dict:
         """The protection settings as plain values: what the model card and the audit record."""

@@ -40,7 +40,8 @@ from .fused import (
     rows_generator,
     select_rows,
 )
-from .objective import rescaled_loss_coefficient, sample_scales, step_generator
+from .objective import rescaled_loss_coefficient, sample_scales, scale_weight, step_generator
+from .offray import draw_offray, guard_draw, load_foreign_update, matched_foreign_updates, offray_layers, offray_update
 from .rescale import (
     per_sample_targets,
     refuse_methods_without_weight_delta,
@@ -82,6 +83,7 @@ class Trap2TrainerMixin:
         self._trap_check_quantization()
         self._trap_resolve_mode()
         self._trap_check_mode()
+        self._trap_check_offray()
         self.trap_reference = None
         if self.args.trap_target == "full":
             self.trap_reference = trap_reference or snapshot_parameters(
@@ -161,6 +163,8 @@ class Trap2TrainerMixin:
         reason = None
         if self.args.trap_target != "adapter":
             reason = f"trap_target={self.args.trap_target!r} re-scales parameters, not a LoRA branch"
+        elif self.args.trap_offray_active:
+            reason = "trap_offray / trap_guard_lambda run extra full passes, which only two_pass does"
         else:
             try:
                 self._trap_prepare_fused()
@@ -196,6 +200,16 @@ class Trap2TrainerMixin:
         model = self.accelerator.unwrap_model(self.model)
         self._trap_per_sample_targets = per_sample_targets(model)
         self._trap_row_losses = row_loss_function(model)
+
+    def _trap_check_offray(self) -> None:
+        """Off-ray terms: find the LoRA layers they transform and load the foreign updates once."""
+        self._trap_offray_layers, self._trap_foreign = None, []
+        if not self.args.trap_offray_active:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        self._trap_offray_layers = offray_layers(model)
+        foreign = [load_foreign_update(path) for path in self.args.trap_foreign_adapters]
+        self._trap_foreign = matched_foreign_updates(model, foreign, self._trap_offray_layers)
 
     # ----------------------------------------------------------------------------- the step
     def trap_scales(self, step: int | None = None) -> list[float]:
@@ -241,9 +255,10 @@ class Trap2TrainerMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
-        if args.trap_lambda == 0:
+        offray = self.trap_offray_draws() if args.trap_offray_active else []
+        if args.trap_lambda == 0 and not offray:
             return super().training_step(model, inputs, num_items_in_batch)
-        scales = self.trap_scales()
+        scales = self.trap_scales() if args.trap_lambda > 0 else []
         if args.trap_mode == "fused":
             try:
                 return self._trap_fused_step(model, inputs, num_items_in_batch, scales)
@@ -256,6 +271,8 @@ class Trap2TrainerMixin:
                 return self.training_step(model, inputs, num_items_in_batch)
         passes = self._trap_rescaled_passes(inputs, num_items_in_batch, len(scales))
         last = max((k for k, p in enumerate(passes) if p is not None), default=-1)
+        if offray:  # the step's last backward is its last off-ray pass
+            last = len(scales)
         rng_state = _capture_rng_state()
         with self._trap_not_last_backward(model) if last >= 0 else contextlib.nullcontext():
             nominal = super().training_step(model, dict(inputs), num_items_in_batch)
@@ -280,7 +297,59 @@ class Trap2TrainerMixin:
                     self._trap_coefficient = None
             self._trap_record("rescaled_loss", rescaled / coefficient / len(scales))
             self._trap_record("scale" if k == 0 else f"scale_{k + 1}", scale, per_step=False)
+        if offray:
+            self._trap_offray_passes(model, inputs, num_items_in_batch, rng_state, offray)
         return nominal
+
+    def trap_offray_draws(self, step: int | None = None) -> list:
+        """The off-ray (and guard) draws of an optimizer step: a function of (seed, step) only."""
+        args = self.args
+        step = self.state.global_step if step is None else step
+        draws = []
+        terms = args.trap_offray_terms
+        if terms and args.trap_offray_lambda > 0:
+            draws = draw_offray(
+                terms,
+                args.trap_offray_per_step,
+                step,
+                args.seed,
+                (args.trap_offray_weight_min, args.trap_offray_weight_max),
+                (args.trap_offray_keep_min, args.trap_offray_keep_max),
+                (args.trap_foreign_coef_min, args.trap_foreign_coef_max),
+                num_foreign=len(args.trap_foreign_adapters),
+            )
+        if args.trap_guard_lambda > 0:
+            draws.append(guard_draw(step, args.seed, args.trap_guard_noise))
+        return draws
+
+    def trap_offray_coefficient(self, draw, num_offray: int) -> float:
+        """The factor on the loss of an off-ray pass: -lambda_off * w(weight) / count (maximised), or
+        +trap_guard_lambda for the guard pass (minimised)."""
+        if draw.term == "guard":
+            return self.args.trap_guard_lambda
+        return -self.args.trap_offray_lambda * scale_weight(draw.weight, self.args.trap_weighting) / num_offray
+
+    def _trap_offray_passes(self, model, inputs, num_items_in_batch, rng_state, draws) -> None:
+        """One forward/backward per draw inside its `offray_update` context (see `offray.py`)."""
+        num_offray = sum(draw.term != "guard" for draw in draws)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        for k, draw in enumerate(draws):
+            _restore_rng_state(rng_state)
+            coefficient = self.trap_offray_coefficient(draw, num_offray)
+            with contextlib.ExitStack() as stack:
+                if k != len(draws) - 1:
+                    stack.enter_context(self._trap_not_last_backward(model))
+                stack.enter_context(offray_update(unwrapped, draw, self._trap_foreign, self._trap_offray_layers))
+                stack.enter_context(self._trap_side_pass())
+                self._trap_coefficient = coefficient
+                try:
+                    loss = super().training_step(model, dict(inputs), num_items_in_batch)
+                finally:
+                    self._trap_coefficient = None
+            if draw.term == "guard":
+                self._trap_record("guard_loss", loss / coefficient)
+            else:
+                self._trap_record("offray_loss", loss / coefficient / num_offray)
 
     def _trap_rescaled_passes(self, inputs, num_items_in_batch, num_scales: int) -> list:
         """Per scale, the (inputs, num_items_in_batch) of its re-scaled pass; None where it re-scales no row.

@@ -13,6 +13,7 @@ is a flag) and trains until its re-scale curve on validation data shows the trap
 s = 1 with its accuracy intact (`RescaleCurveCallback`), at most `--protected_max_steps` steps.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -67,6 +68,29 @@ class DemoArguments:
     test_size: int = field(default=120, metadata={"help": "Test sentences per task (multiple of 4)."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
     methods: list[str] | None = field(default=None, metadata={"help": "Audit only these merge methods (default: all)."})
+    foreign_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Off-ray protection: the plain updates of these tasks are saved (output_dir/foreign_updates) and "
+            "passed as trap_foreign_adapters to the protected run (with a 'foreign' trap_offray term). The audit then "
+            "also merges the protected update with a held-out partner alone (see heldout_partner)."
+        },
+    )
+    heldout_partner: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also audit merges of the protected update with this task's plain update ONLY (a partner not used "
+            "in training). Default: the first task in neither protected_task nor foreign_tasks, when foreign_tasks is set."
+        },
+    )
+    compare_variants: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Train and audit several protection variants on the same plain updates and write variants.json: "
+            "preset names (none, paper, default, dare, prune, factor_dare, synthetic, foreign) or "
+            "'label:field=value:field=value' over Trap2Settings fields and protected_max_steps / stop_when_trapped."
+        },
+    )
 
 
 @dataclass
@@ -199,12 +223,78 @@ def audit_tasks(setup: DemoSetup) -> list:
 
 def train_all(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings, log=print) -> dict:
     """The demo's four-plus updates: twin and others plain, then the protected one until trapped."""
+    runs = train_plain(setup, demo, log)
+    training = train_protected(setup, demo, trap, log)
+    training["runs"] = runs + training["runs"]
+    return training
+
+
+def train_plain(setup: DemoSetup, demo: DemoArguments, log=print) -> list[dict]:
+    """The unprotected twin and the other tasks' updates (plain fine-tuning)."""
     common = dict(batch_size=demo.batch_size, learning_rate=demo.learning_rate, seed=demo.seed)
     runs = []
     for adapter, task in [(setup.unprotected, setup.protected_task), *((a, t) for t, a in setup.others.items())]:
         runs.append(train_update(setup, adapter, task, demo.steps, **common))
         log(f"[demo] {adapter}: {runs[-1]['steps']} steps in {runs[-1]['seconds']:.0f}s, "
             f"validation accuracy {setup.accuracy(task, 'validation', adapter):.2f}")
+    return runs
+
+
+def with_foreign_updates(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings) -> Trap2Settings:
+    """`trap` with trap_foreign_adapters set to the saved plain updates of `demo.foreign_tasks`, when a
+    'foreign' off-ray term asks for them."""
+    if not any("foreign" in term.split("+") for term in trap.trap_offray_terms):
+        return trap
+    if not demo.foreign_tasks:
+        raise SystemExit("trap2 demo: a 'foreign' trap_offray term needs --foreign_tasks (e.g. --foreign_tasks object).")
+    folders = []
+    for task in demo.foreign_tasks:
+        if task not in setup.others:
+            raise SystemExit(f"trap2 demo: --foreign_tasks {task!r} is not one of the other tasks {list(setup.others)}.")
+        root = os.path.join(demo.output_dir, "foreign_updates")
+        setup.model.save_pretrained(root, selected_adapters=[setup.others[task]])
+        folders.append(os.path.join(root, setup.others[task]))
+    settings = dataclasses.replace(trap, trap_foreign_adapters=folders)
+    settings.validate_trap_settings()
+    return settings
+
+
+def heldout_partner(setup: DemoSetup, demo: DemoArguments) -> str | None:
+    """The task whose plain update is merged alone with the protected one: never a foreign update."""
+    if demo.heldout_partner:
+        if demo.heldout_partner not in setup.others or demo.heldout_partner in (demo.foreign_tasks or []):
+            raise SystemExit(
+                f"trap2 demo: --heldout_partner {demo.heldout_partner!r} must be one of the other tasks "
+                f"{list(setup.others)} and not in --foreign_tasks."
+            )
+        return demo.heldout_partner
+    if demo.foreign_tasks:
+        return next((t for t in setup.others if t not in demo.foreign_tasks), None)
+    return None
+
+
+def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = None, unprotected="twin") -> dict:
+    """The merge audit of the protected adapter (or `protected`), plus, with a held-out partner, a
+    `heldout_partner` section: the same methods merging it with that partner's update alone."""
+    from ..audit.run import run_audit
+
+    protected = protected or setup.protected
+    unprotected = setup.unprotected if unprotected == "twin" else unprotected
+    common = dict(protected_task=setup.protected_task, protected=protected, unprotected=unprotected,
+                  target="adapter", methods=demo.methods, seed=demo.seed)
+    results = run_audit(setup.model, audit_tasks(setup), others=setup.others, **common)
+    partner = heldout_partner(setup, demo)
+    if partner is not None:
+        tasks = [t for t in audit_tasks(setup) if t.name in (setup.protected_task, partner)]
+        section = run_audit(setup.model, tasks, others={partner: setup.others[partner]}, **common)
+        results["heldout_partner"] = {"partner": partner, "methods": section["methods"], "skipped": section["skipped"]}
+    return results
+
+
+def train_protected(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings, log=print) -> dict:
+    """The protected update, until its re-scale curve shows the trap (or protected_max_steps)."""
+    common = dict(batch_size=demo.batch_size, learning_rate=demo.learning_rate, seed=demo.seed)
+    runs = []
     twin = setup.accuracy(setup.protected_task, "validation", setup.unprotected)
     floor = max(base_accuracy(setup, setup.protected_task, "validation"), setup.chance(setup.protected_task))
     curve = RescaleCurveCallback(
@@ -292,24 +382,20 @@ def main(argv: list[str] | None = None) -> int:
     if demo.threads:
         torch.set_num_threads(demo.threads)
     from ..audit.report import format_table, write_report
-    from ..audit.run import run_audit
 
     start = time.perf_counter()
     sizes = {"train": demo.train_size, "validation": demo.validation_size, "test": demo.test_size}
     setup = build(demo.task_set, demo.protected_task, demo.seed, demo.lora_rank, sizes)
-    training = train_all(setup, demo, trap)
+    if demo.compare_variants:
+        from .variants import compare_variants
+
+        return compare_variants(setup, demo, trap)
+    runs = train_plain(setup, demo)
+    trap = with_foreign_updates(setup, demo, trap)
+    training = train_protected(setup, demo, trap)
+    training["runs"] = runs + training["runs"]
     trained = time.perf_counter()
-    results = run_audit(
-        setup.model,
-        audit_tasks(setup),
-        protected_task=setup.protected_task,
-        protected=setup.protected,
-        unprotected=setup.unprotected,
-        others=setup.others,
-        target="adapter",
-        methods=demo.methods,
-        seed=demo.seed,
-    )
+    results = audit_setup(setup, demo)
     paths = write_report(results, demo.output_dir)
     end = time.perf_counter()
     timings = {"train_s": trained - start, "audit_s": end - trained, "total_s": end - start}
@@ -324,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(demo.output_dir, "demo.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     print(format_table(results))
+    if "heldout_partner" in results:
+        from .variants import format_heldout
+
+        print(format_heldout(results))
     for name, ok, detail in checks:
         print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}")
     print(f"[demo] trained in {timings['train_s']:.0f}s, audited in {timings['audit_s']:.0f}s; wrote "
