@@ -47,3 +47,31 @@ def test_protection_holds_only_when_every_merge_including_the_heldout_partner_st
     assert not broken["holds"] and broken["worst"] == 0.9
     table = format_variants([held, broken])
     assert "ties (held-out)" in table and "0.90/0.90" in table
+
+
+@pytest.mark.slow
+def test_compare_variants_end_to_end_writes_the_comparison(tmp_path):
+    """A tiny real comparison: the twin, the defaults and an off-ray variant with a known foreign update;
+    audit.json carries the comparison, with merges against the held-out partner."""
+    import json
+
+    from trap2_hf.cli import main
+
+    out = tmp_path / "compare"
+    code = main([
+        "demo", "--output_dir", str(out), "--steps", "1", "--protected_max_steps", "2", "--curve_every", "1",
+        "--train_size", "16", "--validation_size", "8", "--test_size", "8", "--methods", "task_arithmetic",
+        "--foreign_tasks", "object", "--compare_variants", "none", "default", "offray:trap_offray=dare+foreign",
+    ])
+    assert code == 0
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["audit_of_variant"] == "default"
+    assert [row["label"] for row in audit["variants"]] == ["none", "default", "offray"]
+    assert audit["heldout_partner"]["partner"] == "region"
+    offray = audit["variants"][2]
+    assert offray["settings"]["trap_offray"] == "dare+foreign" and offray["settings"]["trap_foreign_adapters"]
+    assert set(offray["merged"]["task_arithmetic"]) == {"average", "best"}
+    assert offray["partner"] == "region"
+    assert set(offray["heldout_partner"]["task_arithmetic"]) == {"average", "best"}
+    assert json.loads((out / "variants.json").read_text())["variants"] == audit["variants"]
+    assert (out / "variants" / "offray" / "audit.json").exists() and "offray" in (out / "audit.md").read_text()

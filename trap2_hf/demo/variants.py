@@ -79,7 +79,7 @@ def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:
     start = time.perf_counter()
     plain_runs = train_plain(setup, demo, log)
     initial = _adapter_state(setup.model, setup.protected)
-    rows = []
+    rows, audits = [], {}
     for label, overrides, demo_overrides in specs:
         log(f"[demo] variant {label}: {overrides if overrides is not None else 'the unprotected twin'}")
         variant_start = time.perf_counter()
@@ -104,18 +104,27 @@ def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:
         row = summarize(label, settings, training, results)
         row["wall_s"] = time.perf_counter() - variant_start
         rows.append(row)
+        audits[label] = results
         log(format_variants(rows[-1:]))
-        _write(demo, rows, plain_runs, time.perf_counter() - start)
+        _write(demo, rows, plain_runs, time.perf_counter() - start, audits)
     print(format_variants(rows))
     return 0
 
 
-def _write(demo, rows, plain_runs, seconds) -> None:
+def _write(demo, rows, plain_runs, seconds, audits: dict) -> None:
+    """variants.json and demo.json: the comparison; audit.json: the first protected variant's full audit (the
+    library's defaults where 'default' was compared) with the comparison under `variants`; audit.md: its table."""
     os.makedirs(demo.output_dir, exist_ok=True)
     summary = {"demo": dataclasses.asdict(demo), "plain_runs": plain_runs, "total_s": seconds, "variants": rows}
     for name in ("variants.json", "demo.json"):
         with open(os.path.join(demo.output_dir, name), "w") as handle:
             json.dump(summary, handle, indent=2)
+    protected = [row["label"] for row in rows if row["settings"].get("trap_lambda", 0) > 0]
+    shown = "default" if "default" in protected else (protected or [rows[0]["label"]])[0]
+    with open(os.path.join(demo.output_dir, "audit.json"), "w") as handle:
+        json.dump({**audits[shown], "audit_of_variant": shown, "variants": rows}, handle, indent=2)
+    with open(os.path.join(demo.output_dir, "audit.md"), "w") as handle:
+        handle.write(format_variants(rows) + "\n")
 
 
 def summarize(label: str, settings: dict, training: dict, results: dict) -> dict:
