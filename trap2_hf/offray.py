@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rescale import _adapters_of, _patched_forward, trained_adapter_names
+from .rescale import _adapters_of, _patched_forward, replaced_lora_scaling, trained_adapter_names
 
 OWN_TRANSFORMS = ("dare", "prune", "factor_dare")
 PARTNERS = ("foreign", "synthetic")
@@ -346,18 +346,8 @@ def offray_update(
 
             stack.enter_context(_patched_forward(lora_a, delta_forward))
             stack.enter_context(_patched_forward(lora_b, lambda _original, x: x))
-            stack.enter_context(_replaced_scaling(layer, adapter, 1.0))
+            stack.enter_context(replaced_lora_scaling(layer, adapter, 1.0))
         yield
-
-
-@contextmanager
-def _replaced_scaling(layer, adapter: str, value: float) -> Iterator[None]:
-    original = layer.scaling[adapter]
-    layer.scaling[adapter] = value
-    try:
-        yield
-    finally:
-        layer.scaling[adapter] = original
 
 
 def matched_foreign_updates(model: nn.Module, foreign: list[ForeignUpdate], layers) -> list[ForeignUpdate]:

@@ -269,10 +269,15 @@ def _adapters_of(layer) -> set[str]:
     return found
 
 
+def _rescaled_lora_scaling(layer, adapter: str, scale: float):
+    return replaced_lora_scaling(layer, adapter, layer.scaling[adapter] * scale)
+
+
 @contextmanager
-def _rescaled_lora_scaling(layer, adapter: str, scale: float) -> Iterator[None]:
+def replaced_lora_scaling(layer, adapter: str, value: float) -> Iterator[None]:
+    """While inside, the LoRA layer's scaling for `adapter` is `value`; restored on exit."""
     original = layer.scaling[adapter]
-    layer.scaling[adapter] = original * scale
+    layer.scaling[adapter] = value
     try:
         yield
     finally:

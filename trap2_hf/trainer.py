@@ -283,23 +283,30 @@ class Trap2TrainerMixin:
                 self._trap_record("scale" if k == 0 else f"scale_{k + 1}", scale, per_step=False)
                 continue
             pass_inputs, pass_items = passes[k]
-            _restore_rng_state(rng_state)
             coefficient = rescaled_loss_coefficient(scale, args.trap_lambda, args.trap_weighting, len(scales))
-            with contextlib.ExitStack() as stack:
-                if k != last:
-                    stack.enter_context(self._trap_not_last_backward(model))
-                stack.enter_context(self.trap_rescaled(scale))
-                stack.enter_context(self._trap_side_pass())
-                self._trap_coefficient = coefficient
-                try:
-                    rescaled = super().training_step(model, dict(pass_inputs), pass_items)
-                finally:
-                    self._trap_coefficient = None
+            rescaled = self._trap_side_backward(
+                model, pass_inputs, pass_items, rng_state, self.trap_rescaled(scale), coefficient, last=k == last
+            )
             self._trap_record("rescaled_loss", rescaled / coefficient / len(scales))
             self._trap_record("scale" if k == 0 else f"scale_{k + 1}", scale, per_step=False)
         if offray:
             self._trap_offray_passes(model, inputs, num_items_in_batch, rng_state, offray)
         return nominal
+
+    def _trap_side_backward(self, model, inputs, num_items_in_batch, rng_state, context, coefficient, last: bool):
+        """One off-nominal forward/backward inside `context`: the nominal pass's dropout masks, the loss times
+        `coefficient`, TRL's metrics untouched; only the micro-batch's last backward reduces gradients."""
+        _restore_rng_state(rng_state)
+        with contextlib.ExitStack() as stack:
+            if not last:
+                stack.enter_context(self._trap_not_last_backward(model))
+            stack.enter_context(context)
+            stack.enter_context(self._trap_side_pass())
+            self._trap_coefficient = coefficient
+            try:
+                return super().training_step(model, dict(inputs), num_items_in_batch)
+            finally:
+                self._trap_coefficient = None
 
     def trap_offray_draws(self, step: int | None = None) -> list:
         """The off-ray (and guard) draws of an optimizer step: a function of (seed, step) only."""
@@ -334,18 +341,11 @@ class Trap2TrainerMixin:
         num_offray = sum(draw.term != "guard" for draw in draws)
         unwrapped = self.accelerator.unwrap_model(self.model)
         for k, draw in enumerate(draws):
-            _restore_rng_state(rng_state)
             coefficient = self.trap_offray_coefficient(draw, num_offray)
-            with contextlib.ExitStack() as stack:
-                if k != len(draws) - 1:
-                    stack.enter_context(self._trap_not_last_backward(model))
-                stack.enter_context(offray_update(unwrapped, draw, self._trap_foreign, self._trap_offray_layers))
-                stack.enter_context(self._trap_side_pass())
-                self._trap_coefficient = coefficient
-                try:
-                    loss = super().training_step(model, dict(inputs), num_items_in_batch)
-                finally:
-                    self._trap_coefficient = None
+            context = offray_update(unwrapped, draw, self._trap_foreign, self._trap_offray_layers)
+            loss = self._trap_side_backward(
+                model, inputs, num_items_in_batch, rng_state, context, coefficient, last=k == len(draws) - 1
+            )
             if draw.term == "guard":
                 self._trap_record("guard_loss", loss / coefficient)
             else:
