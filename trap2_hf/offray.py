@@ -190,15 +190,16 @@ def load_foreign_update(folder: str) -> ForeignUpdate:
 
 
 def _load_adapter_state(folder: str) -> dict[str, torch.Tensor]:
+    """The adapter's weights, from safetensors only: the library never unpickles a file."""
     path = os.path.join(folder, "adapter_model.safetensors")
-    if os.path.isfile(path):
-        from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"trap_foreign_adapters entry {folder!r} has no adapter_model.safetensors; adapters are read as "
+            "safetensors only. Re-save it with model.save_pretrained(folder) (safe_serialization is the default)."
+        )
+    from safetensors.torch import load_file
 
-        return load_file(path)
-    path = os.path.join(folder, "adapter_model.bin")
-    if os.path.isfile(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
-    raise ValueError(f"trap_foreign_adapters entry {folder!r} has no adapter_model.safetensors (or .bin).")
+    return load_file(path)
 
 
 def canonical_path(module_name: str) -> str:
