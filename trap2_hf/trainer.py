@@ -170,7 +170,7 @@ class Trap2TrainerMixin:
                 self._trap_prepare_fused()
             except (ValueError, NotImplementedError) as error:
                 reason = str(error)
-        self._trap_row_losses = self._trap_per_sample_targets = None
+                self._trap_row_losses = self._trap_per_sample_targets = None
         self._trap_use_mode("fused" if reason is None else "two_pass")
         logger.info("trap_mode='auto' chose %r%s.", self.args.trap_mode, "" if reason is None else f": {reason}")
 
@@ -187,8 +187,8 @@ class Trap2TrainerMixin:
 
     def _trap_check_mode(self) -> None:
         """trap_mode='fused' runs only where it is exact; refuse the rest here, naming the fix."""
-        if self.args.trap_mode == "fused" and self.args.trap_lambda != 0:
-            self._trap_prepare_fused()
+        if self.args.trap_mode == "fused" and self.args.trap_lambda != 0 and self._trap_row_losses is None:
+            self._trap_prepare_fused()  # unless trap_mode='auto' just did
 
     def _trap_prepare_fused(self) -> None:
         """The fused step's per-row losses and per-row scale targets, or the error that names the fix."""
