@@ -101,13 +101,20 @@ def test_fraction_one_equals_two_pass(tmp_out, mode, scales):
 
 
 def test_fused_bf16_mixed_precision_matches_direct_computation(tmp_out):
+    """Under bf16 autocast fused is as close to the exact (fp32) gradient as the reference step is, and close to it."""
     dataset = token_dataset(8, ragged=True)
     model = lora_model()
     reference = copy.deepcopy(model)
     trainer, grads, _ = train(model, tmp_out, dataset, 8, bf16=True, **FUSED_ALL_ROWS)
+    two_pass_settings = {k: v for k, v in FUSED_ALL_ROWS.items() if k not in ("trap_mode", "trap_rescaled_fraction")}
+    _, two_pass, _ = train(copy.deepcopy(reference), tmp_out + "2", dataset, 8, bf16=True, **two_pass_settings)
     expected = direct_lora_gradients(reference, tiny_llama(), batch_of(dataset), trainer.trap_scales(0), 0.3, "inv")
-    for key in expected:  # bf16 autocast: agreement to bf16 precision, as test_trainer's two_pass check
-        assert (grads[key] - expected[key]).abs().max() <= 0.03 * expected[key].abs().max() + 1e-6, key
+    for key in expected:  # bf16 rounds each gradient by 1-3% of its largest entry, in either mode
+        size = expected[key].abs().max()
+        fused_error = (grads[key] - expected[key]).abs().max()
+        two_pass_error = (two_pass[key] - expected[key]).abs().max()
+        assert fused_error <= 1.5 * two_pass_error + 0.005 * size, key
+        assert (grads[key] - two_pass[key]).abs().max() <= 0.02 * size, key
 
 
 @pytest.mark.parametrize("mode", ["sub_batch", "fused"])
