@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import tiny_llama
 from trap2_hf import rescaled_adapter, rescaled_parameters, snapshot_parameters
+from trap2_hf.rescale import _InPlaceRescale
 
 INPUT = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(1))
 
@@ -137,3 +138,32 @@ def test_rescaled_parameters_values_and_gradients():
 def test_snapshot_offload_and_dtype():
     snap = snapshot_parameters(nn.Linear(3, 2), device="cpu", dtype="bfloat16")
     assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in snap.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [0.001, 0.05, 0.7, 1.3, 2.0])
+def test_full_rescaling_is_in_place_and_restores_bit_for_bit(dtype, scale):
+    """theta0 + s*(theta - theta0) is written into the parameter's own storage (no second copy of the weights),
+    and theta comes back exactly, sign changes and values near zero included, in every float dtype."""
+    torch.manual_seed(0)
+    layer = nn.Linear(300, 200).to(dtype)
+    theta0 = {k: (v.float() + 0.05 * torch.randn_like(v.float())).to(dtype) for k, v in layer.state_dict().items()}
+    theta0["weight"][0, :20] = -layer.weight.data[0, :20]  # crossing zero: the residual does not fit a byte
+    theta = {k: v.detach().clone() for k, v in layer.named_parameters()}
+    storage = {k: p.data.data_ptr() for k, p in layer.named_parameters()}
+    with rescaled_parameters(layer, scale, theta0):
+        for k, p in layer.named_parameters():
+            assert p.data.data_ptr() == storage[k]
+            assert torch.equal(p.data, torch.lerp(theta0[k], theta[k], scale))
+    for k, p in layer.named_parameters():
+        assert torch.equal(p.data, theta[k]) and p.data.data_ptr() == storage[k]
+
+
+def test_full_rescaling_keeps_a_byte_per_element_besides_theta0():
+    weights = torch.randn(1000, 100)
+    theta0 = weights + 0.01 * torch.randn_like(weights)
+    state = _InPlaceRescale(weights, theta0, 0.3)
+    kept = sum(r.numel() * r.element_size() for r in state.residuals)
+    kept += sum(w.numel() * 8 + v.numel() * v.element_size() for _, w, v in state.exceptions)
+    assert kept < 0.3 * weights.numel() * weights.element_size()  # one byte per fp32 element, and a few exact values
+    state.restore()

@@ -5,8 +5,9 @@
   is affine in the layer's weights: y_s = y_base + s*(y_adapted - y_base), which is exactly the
   layer with weights W0 + s*(W_adapted - W0). For DoRA this is the true weight-space delta
   (re-scaling B is not).
-- Full fine-tuning: every trainable parameter holds theta0 + s*(theta - theta0) while inside; a
-  gradient hook multiplies its gradient by s, so backward inside the context gives d/dtheta.
+- Full fine-tuning: every trainable parameter holds theta0 + s*(theta - theta0) while inside, in its
+  own storage (restored bit for bit); a gradient hook multiplies its gradient by s, so backward
+  inside the context gives d/dtheta.
 - Per sample (`rescaled_adapter_per_sample`): row i of the batch computes with W0 + s_i*dW, for the
   fused step; only LoRA and rsLoRA, whose branch output is linear in s.
 
@@ -91,7 +92,11 @@ def rescaled_adapter(model: nn.Module, scale: float, adapter_names: Iterable[str
 
 @contextmanager
 def rescaled_parameters(model: nn.Module, scale: float, reference: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Hold theta0 + s*(theta - theta0) in every parameter named in `reference` (theta0)."""
+    """Hold theta0 + s*(theta - theta0) in every parameter named in `reference` (theta0), in place.
+
+    Besides theta0 the context keeps a one-byte residual per element where theta0 is kept
+    (`_InPlaceRescale`), not a copy of theta, so full fine-tuning's only weight-sized extra memory is
+    theta0, and offloading theta0 offloads both; theta comes back bit for bit on exit."""
     params = dict(model.named_parameters())
     missing = sorted(set(reference) - set(params))
     if missing:
@@ -99,21 +104,89 @@ def rescaled_parameters(model: nn.Module, scale: float, reference: dict[str, tor
             f"The reference weights (theta0) name parameters the model does not have: {missing[:5]}. "
             "Pass the state of this model's trainable parameters at the start of training."
         )
-    stashed, hooks = {}, []
+    rescaled, hooks = [], []
     try:
         with torch.no_grad():
             for name, theta0 in reference.items():
                 param = params[name]
-                stashed[name] = param.data
-                param.data = torch.lerp(theta0.to(param.device, param.dtype), param.data, scale)
+                rescaled.append(_InPlaceRescale(param.data, theta0, scale))
                 if param.requires_grad:
                     hooks.append(param.register_hook(lambda grad, s=scale: grad * s))
         yield
     finally:
         for hook in hooks:
             hook.remove()
-        for name, data in stashed.items():
-            params[name].data = data
+        with torch.no_grad():
+            for state in reversed(rescaled):
+                state.restore()
+
+
+class _InPlaceRescale:
+    """theta -> theta0 + s*(theta - theta0) in `data`'s own storage, and back exactly.
+
+    The inverse theta0 + (theta_s - theta0)/s is off by a few units in the last place (rounding);
+    the difference of the bit patterns of theta and that inverse is stored per element (int8, or int16
+    for s < 1/200), and the rare elements whose difference does not fit are stored exactly, all on
+    theta0's device (`trap_reference_device='cpu'` offloads them with it). The work goes chunk by
+    chunk, so the temporaries are small whatever the parameter's size."""
+
+    CHUNK = 1 << 22
+    INT_VIEWS = {4: torch.int32, 2: torch.int16, 8: torch.int64}
+
+    def __init__(self, data: torch.Tensor, theta0: torch.Tensor, scale: float):
+        if data.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise TypeError(f"Cannot re-scale a {data.dtype} parameter; full protection needs floating-point weights.")
+        self.data, self.theta0, self.scale = data, theta0, scale
+        self.copy = None
+        if scale == 0 or not data.is_contiguous():  # no inverse, or no flat view: keep a copy instead
+            self.copy = data.clone()
+            data.copy_(torch.lerp(theta0.to(data.device, data.dtype), data, scale))
+            return
+        self.home = theta0.device  # the residual lives where theta0 does: offloaded with it
+        self.int_view = self.INT_VIEWS[data.element_size()]
+        store = torch.int8 if scale >= 1 / 200 else torch.int16
+        self.limit = torch.iinfo(store).max
+        self.residuals, self.exceptions = [], []
+        for index, (flat, chunk0) in enumerate(self._chunks()):
+            rescaled = torch.lerp(chunk0, flat, scale)
+            difference = self._bits(flat)
+            difference -= self._bits(self._inverse(rescaled, chunk0))
+            outside = (difference.abs() > self.limit).nonzero().squeeze(1)
+            if len(outside):
+                self.exceptions.append((index, outside.to(self.home), flat[outside].to(self.home)))
+                difference[outside] = 0
+            self.residuals.append(difference.to(store).to(self.home))
+            del difference
+            flat.copy_(rescaled)
+
+    def restore(self) -> None:
+        if self.copy is not None:
+            self.data.copy_(self.copy)
+            return
+        exceptions = {index: (where, values) for index, where, values in self.exceptions}
+        for index, (flat, chunk0) in enumerate(self._chunks()):
+            bits = self._bits(self._inverse(flat, chunk0))
+            bits += self.residuals[index].to(flat.device)
+            flat.copy_(bits.to(self.int_view).view(flat.dtype))
+            if index in exceptions:
+                where, values = exceptions[index]
+                flat[where.to(flat.device)] = values.to(flat.device)
+
+    def _chunks(self):
+        flat = self.data.view(-1)
+        theta0 = self.theta0.reshape(-1)
+        for start in range(0, flat.numel(), self.CHUNK):
+            stop = start + self.CHUNK
+            yield flat[start:stop], theta0[start:stop].to(flat.device, flat.dtype)
+
+    def _inverse(self, rescaled: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+        """theta0 + (rescaled - theta0) / s, the same operations (so the same bits) wherever it is called."""
+        inverse = rescaled - theta0
+        inverse.div_(self.scale)
+        return inverse.add_(theta0)
+
+    def _bits(self, values: torch.Tensor) -> torch.Tensor:
+        return values.view(self.int_view).to(torch.int64, copy=True)
 
 
 @contextmanager
