@@ -1,6 +1,7 @@
 """Trap2Trainer: the step's gradients, accumulation, resumption, skipping and the checks at construction."""
 
 import copy
+import functools
 import os
 
 import pytest
@@ -161,10 +162,14 @@ def test_resume_equals_a_straight_run(tmp_out, target):
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
 
 
-def test_non_finite_gradients_skip_the_step_and_training_continues(tmp_out, caplog):
+@pytest.mark.parametrize("norm_from", ["trainer", "callback"])
+def test_non_finite_gradients_skip_the_step_and_training_continues(tmp_out, caplog, norm_from):
+    """The check reads the gradient norm the Trainer computed; a Trainer that computed none gets it computed."""
     model = lora_model()
     args = Trap2TrainingArguments(output_dir=tmp_out, max_steps=3, per_device_train_batch_size=4, **exact_trap_args(learning_rate=0.1, trap_lambda=0.1))
     trainer = Trap2Trainer(model=model, args=args, train_dataset=token_dataset(16))
+    if norm_from == "callback":
+        trainer._get_grad_norm = functools.partial(Trainer._get_grad_norm, trainer)
     original_rescaled = trainer.trap_rescaled
     states = []
 

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -79,6 +80,7 @@ class Trap2TrainerMixin:
         self._trap_per_sample_targets = None
         self._trap_warned_token_mean = False
         self.trap_skipped_steps = 0
+        self._trap_grad_norm = None
         self._trap_check_target()
         self._trap_check_quantization()
         self._trap_resolve_mode()
@@ -437,8 +439,8 @@ class Trap2TrainerMixin:
 
     # ----------------------------------------------------------------------------- metrics
     def _trap_record(self, key: str, value, per_step: bool = True) -> None:
-        value = value.item() if torch.is_tensor(value) else float(value)
-        self._trap_metrics[key].append(value)
+        # Tensors stay on their device until the next log: no host-device sync per micro-batch.
+        self._trap_metrics[key].append(value.detach() if torch.is_tensor(value) else float(value))
         if per_step:
             self._trap_steps_logged.add(self.state.global_step)
 
@@ -451,7 +453,7 @@ class Trap2TrainerMixin:
             # logged as trap/scale_k (trap/scale for the first), averaged over the logged steps.
             keys = list(self._trap_metrics)
             values = [
-                sum(v) / (len(v) if key.startswith("scale") else steps) for key, v in self._trap_metrics.items()
+                float(sum(v)) / (len(v) if key.startswith("scale") else steps) for key, v in self._trap_metrics.items()
             ]
             if self.args.world_size > 1:
                 reduced = self.accelerator.reduce(torch.tensor(values, device=self.args.device), reduction="mean")
@@ -462,6 +464,11 @@ class Trap2TrainerMixin:
         if "loss" in logs or self.trap_skipped_steps:
             logs["trap/skipped_steps"] = self.trap_skipped_steps
         super().log(logs, start_time)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._trap_grad_norm = grad_norm  # the non-finite check reads it instead of computing another
+        return grad_norm
 
     # ----------------------------------------------------------------------------- resuming
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -537,17 +544,25 @@ class Trap2SFTTrainer(Trap2HubMixin, Trap2TrainerMixin, SFTTrainer):
 
 
 class _SkipNonFiniteStep(TrainerCallback):
-    """Drops the gradients of a step whose gradients are not finite, so the optimizer skips it."""
+    """Drops the gradients of a step whose gradients are not finite, so the optimizer skips it.
+
+    The test is the step's gradient norm, which the Trainer has just computed (`_get_grad_norm`): a norm is
+    finite exactly when every gradient is (an overflowing sum of squares counts as not finite)."""
 
     def __init__(self, trainer: Trap2TrainerMixin):
         self.trainer = trainer
+        self.trainable = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if finite.item():
+        norm, self.trainer._trap_grad_norm = self.trainer._trap_grad_norm, None
+        if norm is None:  # a Trainer that computed none: take it here
+            if self.trainable is None:
+                self.trainable = [p for p in model.parameters() if p.requires_grad]
+            grads = [p.grad for p in self.trainable if p.grad is not None]
+            if not grads:
+                return
+            norm = torch.nn.utils.get_total_norm(grads)
+        if math.isfinite(norm.item() if torch.is_tensor(norm) else norm):
             return
         for p in model.parameters():
             p.grad = None
