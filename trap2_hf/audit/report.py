@@ -100,9 +100,9 @@ def plot(results: dict, path: str) -> None:
     right.invert_yaxis()
     right.set(xlabel=f"{task} metric after merging (test)", title="Merged with the other updates")
     right.set_xlim(0, 1.02)
-    right.legend(loc="lower right", fontsize=8)
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=4, fontsize=8)  # below: never over a bar
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
