@@ -4,12 +4,15 @@ ratios to the plain Trainer / SFTTrainer on the same model and data, alternating
     python benchmarks/bench_cost.py                 # CPU: a tiny (overhead-bound) and a small (compute-bound) model
     python benchmarks/bench_cost.py --device cuda   # GPU, bf16: ~0.34B (launch-bound) and ~1.6B (compute-bound)
     python benchmarks/bench_cost.py --trainers sft --modes fused --trap_rescaled_fraction 0.125 --rounds 5
+    python benchmarks/bench_cost.py --full_finetuning false   # LoRA only
 
 Every round runs each variant (plain, then each mode, in an order rotated every round) for
 `warmup + steps + 1` optimizer steps with a fresh trainer on the same LoRA model; machine load
 therefore affects all variants alike. Reported per variant:
 - step time: median over all rounds' timed steps of one optimizer step (forward, backward, clipping,
-  optimizer), data loading excluded; CUDA events on GPU, perf_counter on CPU;
+  optimizer), data loading excluded; CUDA events on GPU, perf_counter on CPU. Its ratio to plain is
+  taken round by round (each run's median against the same round's plain run) and the median of those
+  ratios is reported, so a machine whose speed drifts between rounds does not tilt it;
 - step peak: the most tensor memory live during one step above what was live when it began
   (weights, optimizer state): activations, gradients, temporaries. GPU: max_memory_allocated minus
   memory_allocated at the step's start. CPU: the running sum of the profiler's allocation/free
@@ -50,6 +53,7 @@ SHAPES = {
 }
 DEFAULT_SHAPES = {"cpu": ["tiny", "small"], "cuda": ["launch", "compute"]}
 MODES = ["auto", "two_pass", "sub_batch", "fused"]
+OFFLOAD = ", theta0 offloaded"
 
 
 @dataclass
@@ -79,6 +83,13 @@ class BenchArguments:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank, on q/k/v/o projections."})
     activation_checkpointing: bool = field(
         default=False, metadata={"help": "Activation checkpointing, for every variant."}
+    )
+    full_finetuning: bool = field(
+        default=True,
+        metadata={
+            "help": "Also full fine-tuning (no LoRA, Trainer only): plain against two_pass, and two_pass with theta0 "
+            "offloaded (trap_reference_device='cpu') on GPU; prints the memory beyond the theta0 copy."
+        },
     )
     threads: int = field(default=1, metadata={"help": "torch threads on CPU."})
     seed: int = field(default=0, metadata={"help": "Seed of the model and data."})
@@ -155,17 +166,21 @@ def resident_bytes(trainer) -> int:
     tensors += [p.grad for p in trainer.model.parameters() if p.grad is not None]
     if trainer.optimizer is not None:
         tensors += [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    device = next(trainer.model.parameters()).device
+    tensors += [t for t in (getattr(trainer, "trap_reference", None) or {}).values() if t.device == device]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 
-def build_model(shape: str, rank: int, device: str, seed: int):
+def build_model(shape: str, rank: int, device: str, seed: int, full: bool = False):
     config, _, _ = SHAPES[shape]
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         base = LlamaForCausalLM(LlamaConfig(**config, max_position_embeddings=4096, tie_word_embeddings=False))
     base = base.to(dtype)
+    if full:
+        return base
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
     return get_peft_model(base, lora)
@@ -191,7 +206,7 @@ def word_tokenizer(vocab_size: int):
 
 
 def run_variant(
-    bench: BenchArguments, shape: str, kind: str, variant: str, model, data, tokenizer, device: str
+    bench: BenchArguments, shape: str, kind: str, variant: str, model, data, tokenizer, device: str, full: bool = False
 ) -> StepClock:
     _, seq_len, batch = SHAPES[shape]
     common = dict(
@@ -202,10 +217,13 @@ def run_variant(
     )
     if kind == "sft":
         common |= dict(max_length=seq_len)
+    mode = variant.partition(OFFLOAD)[0]
     trap = dict(
-        trap_lambda=bench.trap_lambda, trap_mode=variant, trap_scales_per_step=bench.trap_scales_per_step,
+        trap_lambda=bench.trap_lambda, trap_mode=mode, trap_scales_per_step=bench.trap_scales_per_step,
         trap_weighting="inv_sqrt",
     )
+    if full:
+        trap |= dict(trap_target="full", trap_reference_device="cpu" if variant.endswith(OFFLOAD) else "same")
     if variant != "two_pass" and bench.trap_rescaled_fraction is not None:
         trap["trap_rescaled_fraction"] = bench.trap_rescaled_fraction
     if variant == "plain":
@@ -234,21 +252,27 @@ def run_variant(
     return clock
 
 
-def bench_one(bench: BenchArguments, shape: str, kind: str, device: str) -> dict:
+def bench_one(bench: BenchArguments, shape: str, kind: str, device: str, full: bool = False) -> dict:
     _, seq_len, batch = SHAPES[shape]
-    model = build_model(shape, bench.lora_rank, device, bench.seed)
+    model = build_model(shape, bench.lora_rank, device, bench.seed, full=full)
+    theta0_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) if full else 0
     rows = batch * (bench.warmup + bench.steps + 1)
     data = build_data(shape, rows, bench.seed, with_labels=kind == "trainer")
     tokenizer = word_tokenizer(SHAPES[shape][0]["vocab_size"]) if kind == "sft" else None
-    variants = ["plain", *bench.modes]
+    if full:  # full fine-tuning runs two_pass (no LoRA branch to fuse); theta0 offloading only means something on GPU
+        variants = ["plain", "two_pass"] + (["two_pass" + OFFLOAD] if device == "cuda" else [])
+    else:
+        variants = ["plain", *bench.modes]
     seconds = {v: [] for v in variants}
+    round_medians = {v: [] for v in variants}
     memory = {}
     chosen = {}
     for round_index in range(bench.rounds):
         order = variants[round_index % len(variants):] + variants[: round_index % len(variants)]
         for variant in order:
-            clock = run_variant(bench, shape, kind, variant, model, data, tokenizer, device)
+            clock = run_variant(bench, shape, kind, variant, model, data, tokenizer, device, full)
             seconds[variant] += clock.seconds
+            round_medians[variant].append(statistics.median(clock.seconds))
             memory.setdefault(variant, clock.memory)
             chosen.setdefault(variant, (clock.mode, clock.fraction))
     results = {}
@@ -256,7 +280,10 @@ def bench_one(bench: BenchArguments, shape: str, kind: str, device: str) -> dict
         median = statistics.median(seconds[variant])
         results[variant] = {
             "median_step_s": median,
-            "time_ratio": median / statistics.median(seconds["plain"]),
+            # per round against that round's plain run, then the median over rounds: drift between rounds cancels
+            "time_ratio": statistics.median(
+                mine / plain for mine, plain in zip(round_medians[variant], round_medians["plain"])
+            ),
             "step_peak_bytes": memory[variant]["step_peak"],
             "step_peak_ratio": memory[variant]["step_peak"] / memory["plain"]["step_peak"],
             "total_peak_bytes": memory[variant]["total_peak"],
@@ -264,29 +291,43 @@ def bench_one(bench: BenchArguments, shape: str, kind: str, device: str) -> dict
             "timed_steps": len(seconds[variant]),
             "trap_mode": chosen[variant][0],
             "trap_rescaled_fraction": chosen[variant][1],
+            # full fine-tuning: total peak above plain's beyond the theta0 copy kept on the device, x theta0's size
+            "beyond_theta0_ratio": (
+                (memory[variant]["total_peak"] - memory["plain"]["total_peak"]
+                 - (0 if variant.endswith(OFFLOAD) or variant == "plain" else theta0_bytes)) / theta0_bytes
+                if full else None
+            ),
         }
     params = sum(p.numel() for p in model.parameters())
-    return {"shape": shape, "trainer": kind, "params": params, "seq_len": seq_len, "batch": batch, "variants": results}
+    return {
+        "shape": shape, "trainer": kind, "update": "full" if full else f"lora r={bench.lora_rank} q/k/v/o",
+        "params": params, "theta0_bytes": theta0_bytes, "seq_len": seq_len, "batch": batch, "variants": results,
+    }
 
 
 def print_table(result: dict, bench: BenchArguments, device: str) -> None:
     trainer = "Trainer/Trap2Trainer" if result["trainer"] == "trainer" else "SFTTrainer/Trap2SFTTrainer"
     print(
         f"\n{result['shape']} ({result['params'] / 1e6:.1f}M params, seq {result['seq_len']} x batch {result['batch']}, "
-        f"LoRA r={bench.lora_rank} q/k/v/o, {device}) -- {trainer}"
+        f"{result['update']}, {device}) -- {trainer}"
     )
-    print("| variant | step ms | time x plain | step peak MB | x plain | total peak MB | x plain |")
-    print("|---|---|---|---|---|---|---|")
+    full = result["update"] == "full"
+    beyond = " beyond theta0 (x theta0) |" if full else ""
+    print("| variant | step ms | time x plain | step peak MB | x plain | total peak MB | x plain |" + beyond)
+    print("|---|---|---|---|---|---|---|" + ("---|" if full else ""))
     for variant, r in result["variants"].items():
         label = variant
-        if r["trap_mode"] not in (None, variant):
+        if r["trap_mode"] not in (None, variant.partition(OFFLOAD)[0]):
             label += f" ({r['trap_mode']})"
         if r["trap_mode"] in ("sub_batch", "fused"):
             label += f", f={r['trap_rescaled_fraction']:g}"
         print(
             f"| {label} | {1000 * r['median_step_s']:.1f} | {r['time_ratio']:.2f} | {r['step_peak_bytes'] / 2**20:.1f} "
             f"| {r['step_peak_ratio']:.2f} | {r['total_peak_bytes'] / 2**20:.1f} | {r['total_peak_ratio']:.2f} |"
+            + (f" {r['beyond_theta0_ratio']:+.2f} |" if full else "")
         )
+    if full:
+        print(f"theta0 copy: {result['theta0_bytes'] / 2**20:.1f} MB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_one(bench, shape, kind, device)
         print_table(result, bench, device)
         results.append(result)
+    if bench.full_finetuning:
+        for shape in shapes:
+            result = bench_one(bench, shape, "trainer", device, full=True)
+            print_table(result, bench, device)
+            results.append(result)
     if bench.output_json:
         fields = {k: v for k, v in asdict(bench).items()}
         with open(bench.output_json, "w") as f:
