@@ -146,7 +146,7 @@ def test_demo_command_writes_the_report(tmp_path, capsys):
     assert [run["adapter"] for run in summary["training"]["runs"]] == [
         "topic_unprotected", "object", "region", "topic_protected"
     ]
-    assert summary["training"]["runs"][-1]["trap_mode"] == "two_pass"  # the default, recorded as run
+    assert summary["training"]["runs"][-1]["trap_mode"] == "fused"  # the default "auto", recorded as it ran
 
 
 @pytest.mark.slow

@@ -303,8 +303,8 @@ def test_fraction_default_depends_on_the_mode():
     def fraction(**kwargs):
         return Trap2TrainingArguments(output_dir="unused", report_to="none", **kwargs).trap_rescaled_fraction
 
-    assert fraction() == 1.0  # two_pass, the default
-    assert fraction(trap_mode="auto") is None  # the trainer decides, knowing the model
+    assert fraction() is None  # 'auto', the default: the trainer decides, knowing the model
+    assert fraction(trap_mode="two_pass") == 1.0
     # The scales of a step together re-scale a quarter of the rows: 2 scales (the default) an eighth each.
     assert fraction(trap_mode="fused") == 0.125 and fraction(trap_mode="sub_batch") == 0.125
     assert fraction(trap_mode="fused", trap_scales_per_step=1) == 0.25

@@ -26,7 +26,11 @@ TINY_LORA = "recipes/tiny/config_lora.yaml"
 
 # Strong protection and two scales per step, so a wrong Trap² term under DDP would show in the weights;
 # no dropout, so one process and two see the same computation.
-TRAP_FLAGS = ["--trap_lambda", "0.5", "--trap_scales_per_step", "2", "--lora_dropout", "0", "--max_steps", "4"]
+# The reference step, so one process and two can be compared weight for weight.
+TRAP_FLAGS = [
+    "--trap_lambda", "0.5", "--trap_scales_per_step", "2", "--lora_dropout", "0", "--max_steps", "4",
+    "--trap_mode", "two_pass",
+]
 STEPS, SCALES_PER_STEP = 4, 2
 
 
@@ -309,22 +313,8 @@ def test_tiny_recipe_two_process_ddp_matches_one_process(tmp_path, one_process_r
     """2 ranks x batch 1 x 2 accumulation steps == 1 process x batch 4: the same samples per optimizer step
     (accelerate shards the seeded sampler's batches round-robin), so the same trained LoRA adapter or model."""
     kind, one_out = one_process_run
-    probe, record, out = tmp_path / "probe.py", tmp_path / "record", tmp_path / "out"
-    probe.write_text(PROBE)
-    env = _env(tmp_path)
-    env["ACCELERATE_USE_CPU"] = "1"
-    _run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(_free_port()),
-         str(probe), str(SCRIPT), str(record),
-         "--config", RECIPE_FILES[kind], "--output_dir", str(out), "--per_device_train_batch_size", "1",
-         "--gradient_accumulation_steps", "2", "--disable_tqdm", "true", *TRAP_FLAGS],
-        env,
-        timeout=400,
-    )
-    ranks = [json.loads((tmp_path / f"record.rank{r}.json").read_text()) for r in range(2)]
-    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [STEPS, STEPS]
+    out = tmp_path / "out"
+    ranks = run_two_processes(tmp_path, kind, out)
 
     # Every rank re-scaled with the same scales: per micro-batch, the step's draws, in order.
     micro_batches = 2
@@ -339,6 +329,45 @@ def test_tiny_recipe_two_process_ddp_matches_one_process(tmp_path, one_process_r
         assert r["allreduces"] == STEPS, r
 
     one, two = load_file(one_out / WEIGHTS[kind]), load_file(out / WEIGHTS[kind])
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def run_two_processes(tmp_path, kind: str, out: Path, *flags: str) -> list[dict]:
+    """The recipe on 2 CPU ranks (DDP over gloo), batch 1 x 2 accumulation steps each; each rank's PROBE record."""
+    probe, record = tmp_path / "probe.py", tmp_path / "record"
+    probe.write_text(PROBE)
+    env = _env(tmp_path)
+    env["ACCELERATE_USE_CPU"] = "1"
+    _run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()),
+         str(probe), str(SCRIPT), str(record),
+         "--config", RECIPE_FILES[kind], "--output_dir", str(out), "--per_device_train_batch_size", "1",
+         "--gradient_accumulation_steps", "2", "--disable_tqdm", "true", *TRAP_FLAGS, *flags],
+        env,
+        timeout=400,
+    )
+    ranks = [json.loads((tmp_path / f"record.rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [STEPS, STEPS]
+    return ranks
+
+
+@pytest.mark.slow
+def test_tiny_recipe_two_process_ddp_runs_the_default_fused_step(tmp_path, tmp_path_factory):
+    """The default trap_mode ('auto') runs a LoRA recipe fused: one backward per micro-batch and one all-reduce per
+    optimizer step on each of 2 ranks. With every row re-scaled (fraction 1) it trains exactly the reference's
+    adapter on one process with the same global batch."""
+    one_out = one_process("lora", tmp_path_factory)
+    out = tmp_path / "out"
+    ranks = run_two_processes(tmp_path, "lora", out, "--trap_mode", "auto", "--trap_rescaled_fraction", "1")
+    for r in ranks:
+        assert r["backwards"] == STEPS * 2 and r["allreduces"] == STEPS and r["scales"] == [], r
+    card = (out / "README.md").read_text()
+    assert "trap_mode: fused" in card
+    one, two = load_file(one_out / WEIGHTS["lora"]), load_file(out / WEIGHTS["lora"])
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)

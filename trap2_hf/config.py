@@ -94,18 +94,18 @@ class Trap2Settings:
     )
 
     trap_mode: str = field(
-        default="two_pass",
+        default="auto",
         metadata={
-            "help": "How a step computes the re-scaled term. 'auto': 'fused' where it is exact (a LoRA/"
+            "help": "How a step computes the re-scaled term. 'auto' (default): 'fused' where it is exact (a LoRA/"
             "rsLoRA adapter on a causal LM, TRL SFT, a sequence classifier, or a model declaring "
             "trap_sample_losses), else 'two_pass'; the trainer logs its choice and the model card records it. "
-            "'two_pass' (default): the reference algorithm, exact: one more forward/backward over the whole micro-batch per "
+            "'two_pass': the reference algorithm, exact: one more forward/backward over the whole micro-batch per "
             "scale (about 1 + trap_scales_per_step times a plain step; the graphs are never alive at once, so peak "
             "memory stays at plain's: the memory-saving mode). 'sub_batch': the same on a random fraction "
             "trap_rescaled_fraction of the rows (any update and model; unbiased; plain's memory). 'fused': ONE "
             "forward/backward over the micro-batch plus re-scaled copies of a random fraction of its rows, each "
-            "copy at its own scale (unbiased; about 1.2-1.3x a plain step and 1 + trap_scales_per_step * fraction "
-            "times the activation memory). See benchmarks/README.md.",
+            "copy at its own scale (unbiased; about 1.1-1.3x a plain step and 1 + trap_scales_per_step * fraction "
+            "times the activation memory). Protection on the demo: README, Performance.",
             "choices": list(TRAP_MODES),
         },
     )
@@ -114,7 +114,7 @@ class Trap2Settings:
         metadata={
             "help": "Fraction of each micro-batch's rows that each drawn scale re-scales, in (0, 1]; rows are drawn "
             "at random and weighted by 1/fraction, so the re-scaled loss is unbiased. Unset: 1 for two_pass (which "
-            "takes only 1); for sub_batch and fused 0.25 / trap_scales_per_step, so the scales of a step together "
+            "takes only 1); for sub_batch and fused (and auto where it picks fused) 0.25 / trap_scales_per_step, so the scales of a step together "
             "re-scale a quarter of the rows whatever their number."
         },
     )

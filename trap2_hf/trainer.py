@@ -6,7 +6,7 @@ One optimizer step, per micro-batch (trap_mode='two_pass', the reference):
    restore the RNG so dropout masks match, forward and backward inside the re-scaling context with
    the loss multiplied by -lambda*w(s)/K. The last of these backwards carries the DDP all-reduce.
 'sub_batch' runs step 2 on random rows of the micro-batch; 'fused' folds step 2 into step 1 as
-re-scaled copies of random rows (see `fused.py`); 'auto' is 'fused' where that is
+re-scaled copies of random rows (see `fused.py`); 'auto' (the default) is 'fused' where that is
 exact for the model and settings, else 'two_pass'. The maths lives in `objective.py` and `fused.py`,
 the re-scaling in `rescale.py`.
 """

@@ -53,6 +53,13 @@ class DemoArguments:
         default=350, metadata={"help": "Most steps for the protected update; it stops once the trap has formed."}
     )
     curve_every: int = field(default=25, metadata={"help": "Evaluate the re-scale curve every this many steps."})
+    curve_scales: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 1.25, 1.5, 2.0],
+        metadata={
+            "help": "Off-nominal scales of the validation re-scale curve. The trap has formed when every one is "
+            "trapped; 0.75 and 1.25 are where merges an attacker tunes put the update."
+        },
+    )
     stop_when_trapped: bool = field(
         default=True, metadata={"help": "Stop the protected run once the re-scale curve shows the trap."}
     )
@@ -299,7 +306,7 @@ def train_protected(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings, 
     floor = max(base_accuracy(setup, setup.protected_task, "validation"), setup.chance(setup.protected_task))
     curve = RescaleCurveCallback(
         lambda _: setup.accuracy(setup.protected_task, "validation"),
-        scales=(0.25, 0.5, 1.5, 2.0),
+        scales=demo.curve_scales,
         every_n_steps=demo.curve_every,
         stop_when_trapped=demo.stop_when_trapped,
         nominal_min=twin - 0.01,
