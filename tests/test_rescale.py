@@ -149,6 +149,9 @@ def test_full_rescaling_is_in_place_and_restores_bit_for_bit(dtype, scale):
     layer = nn.Linear(300, 200).to(dtype)
     theta0 = {k: (v.float() + 0.05 * torch.randn_like(v.float())).to(dtype) for k, v in layer.state_dict().items()}
     theta0["weight"][0, :20] = -layer.weight.data[0, :20]  # crossing zero: the residual does not fit a byte
+    with torch.no_grad():  # signed zeros and subnormals, whose inverse may come back with the other sign
+        layer.weight[1, :10], layer.weight[1, 10:20] = 0.0, -0.0
+        layer.weight[1, 20:30] = torch.finfo(dtype).tiny * torch.linspace(-0.5, 0.5, 10)
     theta = {k: v.detach().clone() for k, v in layer.named_parameters()}
     storage = {k: p.data.data_ptr() for k, p in layer.named_parameters()}
     with rescaled_parameters(layer, scale, theta0):
@@ -157,6 +160,7 @@ def test_full_rescaling_is_in_place_and_restores_bit_for_bit(dtype, scale):
             assert torch.equal(p.data, torch.lerp(theta0[k], theta[k], scale))
     for k, p in layer.named_parameters():
         assert torch.equal(p.data, theta[k]) and p.data.data_ptr() == storage[k]
+        assert torch.equal(torch.signbit(p.data), torch.signbit(theta[k]))  # -0.0 stays -0.0
 
 
 def test_full_rescaling_keeps_a_byte_per_element_besides_theta0():

@@ -149,14 +149,19 @@ class _InPlaceRescale:
         self.residuals, self.exceptions = [], []
         for index, (flat, chunk0) in enumerate(self._chunks()):
             rescaled = torch.lerp(chunk0, flat, scale)
-            difference = self._bits(flat)
-            difference -= self._bits(self._inverse(rescaled, chunk0))
-            outside = (difference.abs() > self.limit).nonzero().squeeze(1)
+            ours = flat.view(self.int_view)
+            theirs = self._inverse(rescaled, chunk0).view(self.int_view)
+            # Bit patterns of the same sign differ by less than the integer type's range; a sign change is an
+            # exception (its difference is not taken, so nothing overflows).
+            sign_changed = (ours ^ theirs) < 0
+            difference = ours - torch.where(sign_changed, ours, theirs)
+            del theirs
+            outside = (sign_changed | (difference.abs() > self.limit)).nonzero().squeeze(1)
             if len(outside):
                 self.exceptions.append((index, outside.to(self.home), flat[outside].to(self.home)))
                 difference[outside] = 0
             self.residuals.append(difference.to(store).to(self.home))
-            del difference
+            del difference, sign_changed
             flat.copy_(rescaled)
 
     def restore(self) -> None:
@@ -165,9 +170,9 @@ class _InPlaceRescale:
             return
         exceptions = {index: (where, values) for index, where, values in self.exceptions}
         for index, (flat, chunk0) in enumerate(self._chunks()):
-            bits = self._bits(self._inverse(flat, chunk0))
-            bits += self.residuals[index].to(flat.device)
-            flat.copy_(bits.to(self.int_view).view(flat.dtype))
+            inverse = self._inverse(flat, chunk0)
+            inverse.view(self.int_view).add_(self.residuals[index].to(flat.device))  # same sign: no overflow
+            flat.copy_(inverse)
             if index in exceptions:
                 where, values = exceptions[index]
                 flat[where.to(flat.device)] = values.to(flat.device)
@@ -185,8 +190,6 @@ class _InPlaceRescale:
         inverse.div_(self.scale)
         return inverse.add_(theta0)
 
-    def _bits(self, values: torch.Tensor) -> torch.Tensor:
-        return values.view(self.int_view).to(torch.int64, copy=True)
 
 
 @contextmanager
