@@ -326,7 +326,7 @@ def auto_trainer(tmp_out, model, dataset=None, **settings):
         (lambda: lora_model(use_dora=True), {}, "two_pass"),
         (CustomClassifier, {}, "two_pass"),  # no known per-row loss
         (lora_model, {"label_smoothing_factor": 0.1}, "two_pass"),
-        (tiny_llama, {"trap_target": "full"}, "two_pass"),
+        (tiny_llama, {"trap_target": "full"}, "sub_batch"),  # the scales share the rows: one extra pass in all
         (lora_model, {"trap_offray": "dare"}, "two_pass"),  # off-ray terms are extra passes of their own
     ],
     ids=["lora", "declared_row_losses", "dora", "unknown_loss", "label_smoothing", "full", "offray"],
@@ -335,7 +335,7 @@ def test_auto_mode_fuses_only_where_exact(tmp_out, make_model, settings, chosen)
     torch.manual_seed(0)
     args, trainer = auto_trainer(tmp_out, make_model(), **settings)
     assert trainer.args.trap_mode == chosen
-    assert trainer.args.trap_rescaled_fraction == (0.125 if chosen == "fused" else 1.0)
+    assert trainer.args.trap_rescaled_fraction == {"fused": 0.125, "sub_batch": 0.5}.get(chosen, 1.0)
     assert trainer.args.trap_settings_dict()["trap_mode"] == chosen  # what the model card records
     assert args.trap_mode == "auto"  # the caller's arguments are left as given, for reuse with another model
 
@@ -375,3 +375,41 @@ def test_auto_mode_falls_back_to_two_pass_on_packed_batches(tmp_out, caplog):
     assert "switches from 'fused' to 'two_pass'" in caplog.text and "packs several sequences" in caplog.text
     assert_grads_close(results["auto"][0], results["two_pass"][0])
 
+
+
+@pytest.mark.parametrize(
+    "settings, fraction", [({"trap_scales_per_step": 1}, 1.0), ({"trap_rescaled_fraction": 0.2}, 0.2)]
+)
+def test_auto_mode_full_fine_tuning_fraction(tmp_out, settings, fraction):
+    """One scale per step re-scales every row (two_pass's gradient); a fraction the user set is kept."""
+    _, trainer = auto_trainer(tmp_out, tiny_llama(), trap_target="full", **settings)
+    assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", fraction)
+
+
+class TokenMeanLM(nn.Module):
+    """A causal LM whose loss is the mean over its own tokens and which takes no loss kwargs, so the Trainer passes
+    no num_items_in_batch: a loss over some of the rows would be a ratio estimate."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = tiny_llama()
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def test_auto_mode_full_fine_tuning_falls_back_to_two_pass_without_token_counts(tmp_out, caplog):
+    dataset = token_dataset(8, ragged=True)
+    reference = TokenMeanLM()
+    results = {}
+    for mode in ("auto", "two_pass"):
+        model = copy.deepcopy(reference)
+        with caplog.at_level("WARNING"):
+            trainer, grads, _ = train(
+                model, f"{tmp_out}/{mode}", dataset, 8,
+                trap_lambda=0.3, trap_mode=mode, trap_target="full", **TWO_SCALES,
+            )
+        results[mode] = (grads, trainer.args.trap_mode)
+    assert results["auto"][1] == "two_pass"
+    assert "switches from 'sub_batch' to 'two_pass'" in caplog.text
+    assert_grads_close(results["auto"][0], results["two_pass"][0])

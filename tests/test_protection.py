@@ -6,8 +6,8 @@ far below it at s=0.5 and s=1.5. Measured (accuracy at s = 0.5 / 1 / 1.5):
   Trap2Trainer     twin 0.92 / 1.00 / 0.94   protected 0.16 / 1.00 / 0.01
   Trap2SFTTrainer  twin 0.79 / 1.00 / 0.67   protected 0.33 / 1.00 / 0.02
 Full fine-tuning: theta0 is the same model trained on the +2 rule; the update theta - theta0 learns the
-+1 rule. Measured (s = 0.75 / 1 / 1.5): twin 1.00 / 1.00 / 0.98, two_pass 0.00 / 1.00 / 0.06,
-sub_batch 0.00 / 1.00 / 0.08.
++1 rule. Measured (s = 0.75 / 1 / 1.5): twin 1.00 / 1.00 / 0.98, auto (sub_batch, f = 0.5) 0.00 / 1.00 /
+0.06, two_pass 0.00 / 1.00 / 0.06 (different weights, the same counts).
 """
 
 import copy
@@ -101,7 +101,7 @@ def test_sft_trainer_protects_a_lora_adapter(tmp_path):
 
 
 def test_trainer_protects_a_full_fine_tune(tmp_path):
-    """trap_target='full' in the default mode (auto: two_pass) and in sub_batch, the memory-saving one."""
+    """trap_target='full' in the default mode (auto: sub_batch, the scales sharing the rows) and in two_pass."""
     from transformers import Trainer, TrainingArguments
 
     base = tiny_llama()
@@ -115,7 +115,7 @@ def test_trainer_protects_a_full_fine_tune(tmp_path):
     for name, settings in [
         ("twin", {"trap_lambda": 0.0}),
         ("auto", PROTECTION),
-        ("sub_batch", {**PROTECTION, "trap_mode": "sub_batch"}),
+        ("two_pass", {**PROTECTION, "trap_mode": "two_pass"}),
     ]:
         model = copy.deepcopy(base)
         args = Trap2TrainingArguments(
@@ -124,8 +124,8 @@ def test_trainer_protects_a_full_fine_tune(tmp_path):
         trainer = Trap2Trainer(model=model, args=args, train_dataset=train)
         trainer.train()
         if name == "auto":
-            assert trainer.args.trap_mode == "two_pass"
+            assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", 0.5)
         curves[name] = curve(model, test_ids, scales, reference=theta0)
     print(curves)
-    for name in ("auto", "sub_batch"):
+    for name in ("auto", "two_pass"):
         assert_protected(curves[name], curves["twin"], off_scales=(0.75, 1.5))

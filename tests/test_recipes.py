@@ -371,3 +371,18 @@ def test_tiny_recipe_two_process_ddp_runs_the_default_fused_step(tmp_path, tmp_p
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_tiny_recipe_two_process_ddp_runs_the_default_full_fine_tuning_step(tmp_path):
+    """The default trap_mode ('auto') runs a full fine-tune as sub_batch with the two scales sharing the rows: with
+    one row per micro-batch, one of the scales re-scales it and the other has nothing to do. Each rank then runs 2
+    backwards per micro-batch, and still one gradient all-reduce per optimizer step, whichever scale came last."""
+    out = tmp_path / "out"
+    ranks = run_two_processes(tmp_path, "full", out, "--trap_mode", "auto")
+    for r in ranks:
+        assert r["backwards"] == STEPS * 2 * 2 and r["allreduces"] == STEPS, r
+        assert len(r["scales"]) == STEPS * 2  # one re-scaled pass per micro-batch, at one of the step's scales
+        assert all(s in r["drawn"][str(step)] for step, s in r["scales"])
+    card = (out / "README.md").read_text()
+    assert "trap_mode: sub_batch" in card and "trap_rescaled_fraction: 0.5" in card

@@ -18,6 +18,9 @@ TRAP_MODES = ("auto", "two_pass", "sub_batch", "fused")
 # sub_batch and fused re-scale, all scales of a step together, this fraction of each micro-batch's rows
 # when trap_rescaled_fraction is unset (each scale gets its share); two_pass re-scales all of them.
 DEFAULT_RESCALED_SHARE = 0.25
+# ...and where 'auto' picks sub_batch (full fine-tuning): the scales share the micro-batch, so the re-scaled passes
+# cost one pass over it (two_pass: one per scale); on full fine-tunes this protects as two_pass does (README).
+FULL_RESCALED_SHARE = 1.0
 
 
 @dataclass
@@ -98,7 +101,9 @@ class Trap2Settings:
         metadata={
             "help": "How a step computes the re-scaled term. 'auto' (default): 'fused' where it is exact (a LoRA/"
             "rsLoRA adapter on a causal LM, TRL SFT, a sequence classifier, or a model declaring "
-            "trap_sample_losses), else 'two_pass'; the trainer logs its choice and the model card records it. "
+            "trap_sample_losses); for trap_target='full', 'sub_batch' with the scales sharing each micro-batch's "
+            "rows (trap_rescaled_fraction 1 / trap_scales_per_step: one extra pass in all, and theta0 the only extra "
+            "memory); else 'two_pass'. The trainer logs its choice and the model card records it. "
             "'two_pass': the reference algorithm, exact: one more forward/backward over the whole micro-batch per "
             "scale (about 1 + trap_scales_per_step times a plain step; the graphs are never alive at once, so peak "
             "memory stays at plain's: the memory-saving mode). 'sub_batch': the same on a random fraction "
@@ -114,8 +119,9 @@ class Trap2Settings:
         metadata={
             "help": "Fraction of each micro-batch's rows that each drawn scale re-scales, in (0, 1]; rows are drawn "
             "at random and weighted by 1/fraction, so the re-scaled loss is unbiased. Unset: 1 for two_pass (which "
-            "takes only 1); for sub_batch and fused (and auto where it picks fused) 0.25 / trap_scales_per_step, so the scales of a step together "
-            "re-scale a quarter of the rows whatever their number."
+            "takes only 1); for sub_batch and fused (and auto where it picks fused) 0.25 / trap_scales_per_step, so "
+            "the scales of a step together re-scale a quarter of the rows whatever their number; 1 / "
+            "trap_scales_per_step where auto picks sub_batch (full fine-tuning)."
         },
     )
 

@@ -7,7 +7,8 @@ One optimizer step, per micro-batch (trap_mode='two_pass', the reference):
    the loss multiplied by -lambda*w(s)/K. The last of these backwards carries the DDP all-reduce.
 'sub_batch' runs step 2 on random rows of the micro-batch; 'fused' folds step 2 into step 1 as
 re-scaled copies of random rows (see `fused.py`); 'auto' (the default) is 'fused' where that is
-exact for the model and settings, else 'two_pass'. The maths lives in `objective.py` and `fused.py`,
+exact for the model and settings, 'sub_batch' with the scales sharing the rows for full fine-tuning,
+else 'two_pass'. The maths lives in `objective.py` and `fused.py`,
 the re-scaling in `rescale.py`.
 """
 
@@ -28,7 +29,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from .config import Trap2SFTConfig, Trap2Settings, Trap2TrainingArguments
+from .config import FULL_RESCALED_SHARE, Trap2SFTConfig, Trap2Settings, Trap2TrainingArguments
 from .hub.push import Trap2HubMixin
 from .fused import (
     FusedPlan,
@@ -154,7 +155,8 @@ class Trap2TrainerMixin:
             )
 
     def _trap_resolve_mode(self) -> None:
-        """trap_mode='auto': 'fused' where it is exact for this model and these settings, else 'two_pass'.
+        """trap_mode='auto': 'fused' where it is exact for this model and these settings; for full fine-tuning
+        'sub_batch' with the scales sharing one micro-batch's rows (`FULL_RESCALED_SHARE`); else 'two_pass'.
 
         The choice goes into this trainer's own copy of the arguments (a user may share one arguments object
         between trainers of different models), so the logs, checkpoints and model card record what runs."""
@@ -162,10 +164,18 @@ class Trap2TrainerMixin:
         if self.args.trap_mode != "auto":
             return
         self.args = copy.copy(self.args)
+        if self.args.trap_target == "full":
+            if self.args.trap_rescaled_fraction is None:
+                self.args.trap_rescaled_fraction = FULL_RESCALED_SHARE / self.args.trap_scales_per_step
+            self._trap_use_mode("sub_batch")
+            logger.info(
+                "trap_mode='auto' chose 'sub_batch' (trap_rescaled_fraction=%g): trap_target='full' has no LoRA "
+                "branch to fuse, and re-scaled passes over part of the rows keep theta0 the only extra memory.",
+                self.args.trap_rescaled_fraction,
+            )
+            return
         reason = None
-        if self.args.trap_target != "adapter":
-            reason = f"trap_target={self.args.trap_target!r} re-scales parameters, not a LoRA branch"
-        elif self.args.trap_offray_active:
+        if self.args.trap_offray_active:
             reason = "trap_offray / trap_guard_lambda run extra full passes, which only two_pass does"
         else:
             try:
@@ -361,6 +371,14 @@ class Trap2TrainerMixin:
         batch_size = batch_size_of(inputs)
         fraction = self.args.trap_rescaled_fraction
         if num_items_in_batch is None and torch.is_tensor(inputs.get("labels")) and inputs["labels"].dim() > 1:
+            if self._trap_mode_requested == "auto":  # auto only picks what is unbiased: re-scale whole micro-batches
+                logger.warning(
+                    "trap_mode='auto' switches from 'sub_batch' to 'two_pass': the model averages its loss over each "
+                    "pass's own tokens (no num_items_in_batch), so a loss over some rows would be a ratio estimate."
+                )
+                self.args.trap_rescaled_fraction = None
+                self._trap_use_mode("two_pass")
+                return [(inputs, num_items_in_batch)] * num_scales
             self._trap_warn_token_mean()
         items = num_items_in_batch if num_items_in_batch is None or fraction == 1 else num_items_in_batch * fraction
         passes = []
