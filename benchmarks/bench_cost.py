@@ -5,6 +5,7 @@ ratios to the plain Trainer / SFTTrainer on the same model and data, alternating
     python benchmarks/bench_cost.py --device cuda   # GPU, bf16: ~0.34B (launch-bound) and ~1.6B (compute-bound)
     python benchmarks/bench_cost.py --trainers sft --modes fused --trap_rescaled_fraction 0.125 --rounds 5
     python benchmarks/bench_cost.py --full_finetuning false   # LoRA only
+    python benchmarks/bench_cost.py --lora false              # full fine-tuning only
 
 Every round runs each variant (plain, then each mode, in an order rotated every round) for
 `warmup + steps + 1` optimizer steps with a fresh trainer on the same LoRA model; machine load
@@ -53,6 +54,7 @@ SHAPES = {
 }
 DEFAULT_SHAPES = {"cpu": ["tiny", "small"], "cuda": ["launch", "compute"]}
 MODES = ["auto", "two_pass", "sub_batch", "fused"]
+FULL_MODES = ["auto", "two_pass", "sub_batch"]  # fused re-scales a LoRA branch per row
 OFFLOAD = ", theta0 offloaded"
 
 
@@ -84,11 +86,13 @@ class BenchArguments:
     activation_checkpointing: bool = field(
         default=False, metadata={"help": "Activation checkpointing, for every variant."}
     )
+    lora: bool = field(default=True, metadata={"help": "The LoRA rows (every trainer of --trainers in every mode)."})
     full_finetuning: bool = field(
         default=True,
         metadata={
-            "help": "Also full fine-tuning (no LoRA, Trainer only): plain against two_pass, and two_pass with theta0 "
-            "offloaded (trap_reference_device='cpu') on GPU; prints the memory beyond the theta0 copy."
+            "help": "Also full fine-tuning (no LoRA, Trainer only): plain against auto, two_pass and sub_batch (of "
+            "--modes), and on GPU auto and two_pass with theta0 offloaded (trap_reference_device='cpu'); prints the "
+            "memory beyond the theta0 copy."
         },
     )
     threads: int = field(default=1, metadata={"help": "torch threads on CPU."})
@@ -224,7 +228,7 @@ def run_variant(
     )
     if full:
         trap |= dict(trap_target="full", trap_reference_device="cpu" if variant.endswith(OFFLOAD) else "same")
-    if variant != "two_pass" and bench.trap_rescaled_fraction is not None:
+    if mode != "two_pass" and bench.trap_rescaled_fraction is not None:
         trap["trap_rescaled_fraction"] = bench.trap_rescaled_fraction
     if variant == "plain":
         trainer_cls = SFTTrainer if kind == "sft" else Trainer
@@ -259,8 +263,9 @@ def bench_one(bench: BenchArguments, shape: str, kind: str, device: str, full: b
     rows = batch * (bench.warmup + bench.steps + 1)
     data = build_data(shape, rows, bench.seed, with_labels=kind == "trainer")
     tokenizer = word_tokenizer(SHAPES[shape][0]["vocab_size"]) if kind == "sft" else None
-    if full:  # full fine-tuning runs two_pass (no LoRA branch to fuse); theta0 offloading only means something on GPU
-        variants = ["plain", "two_pass"] + (["two_pass" + OFFLOAD] if device == "cuda" else [])
+    if full:  # no LoRA branch to fuse; theta0 offloading only means something on GPU
+        modes = [m for m in bench.modes if m in FULL_MODES]
+        variants = ["plain", *modes] + ([m + OFFLOAD for m in modes if m != "sub_batch"] if device == "cuda" else [])
     else:
         variants = ["plain", *bench.modes]
     seconds = {v: [] for v in variants}
@@ -348,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         f"x {bench.steps} timed steps per variant"
     )
     results = []
-    for shape, kind in itertools.product(shapes, bench.trainers):
+    for shape, kind in itertools.product(shapes, bench.trainers if bench.lora else []):
         result = bench_one(bench, shape, kind, device)
         print_table(result, bench, device)
         results.append(result)
