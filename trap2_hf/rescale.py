@@ -191,7 +191,6 @@ class _InPlaceRescale:
         return inverse.add_(theta0)
 
 
-
 @contextmanager
 def rescaled_update(
     model: nn.Module,
