@@ -186,6 +186,12 @@ class Trap2TrainerMixin:
         self._trap_use_mode("fused" if reason is None else "two_pass")
         logger.info("trap_mode='auto' chose %r%s.", self.args.trap_mode, "" if reason is None else f": {reason}")
 
+    def _trap_fall_back_to_two_pass(self, reason: str) -> None:
+        """'auto' found, at a step, that the mode it chose would not be exact here: whole micro-batches from now on."""
+        logger.warning("trap_mode='auto' switches from %r to 'two_pass': %s", self.args.trap_mode, reason)
+        self.args.trap_rescaled_fraction = None  # the chosen mode's derived share; two_pass takes whole micro-batches
+        self._trap_use_mode("two_pass")
+
     def _trap_use_mode(self, mode: str) -> None:
         if mode == "two_pass" and self.args.trap_rescaled_fraction not in (None, 1, 1.0):
             logger.warning(
@@ -277,9 +283,7 @@ class Trap2TrainerMixin:
             except FusedUnsupported as error:  # raised before the forward: nothing was computed yet
                 if self._trap_mode_requested != "auto":
                     raise
-                logger.warning("trap_mode='auto' switches from 'fused' to 'two_pass': %s", error)
-                self.args.trap_rescaled_fraction = None  # fused's derived share; two_pass takes whole micro-batches
-                self._trap_use_mode("two_pass")
+                self._trap_fall_back_to_two_pass(str(error))
                 return self.training_step(model, inputs, num_items_in_batch)
         passes = self._trap_rescaled_passes(inputs, num_items_in_batch, len(scales))
         last = max((k for k, p in enumerate(passes) if p is not None), default=-1)
@@ -372,12 +376,10 @@ class Trap2TrainerMixin:
         fraction = self.args.trap_rescaled_fraction
         if num_items_in_batch is None and torch.is_tensor(inputs.get("labels")) and inputs["labels"].dim() > 1:
             if self._trap_mode_requested == "auto":  # auto only picks what is unbiased: re-scale whole micro-batches
-                logger.warning(
-                    "trap_mode='auto' switches from 'sub_batch' to 'two_pass': the model averages its loss over each "
-                    "pass's own tokens (no num_items_in_batch), so a loss over some rows would be a ratio estimate."
+                self._trap_fall_back_to_two_pass(
+                    "the model averages its loss over each pass's own tokens (no num_items_in_batch), so a loss over "
+                    "some rows would be a ratio estimate"
                 )
-                self.args.trap_rescaled_fraction = None
-                self._trap_use_mode("two_pass")
                 return [(inputs, num_items_in_batch)] * num_scales
             self._trap_warn_token_mean()
         items = num_items_in_batch if num_items_in_batch is None or fraction == 1 else num_items_in_batch * fraction
