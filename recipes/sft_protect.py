@@ -216,6 +216,11 @@ def main(script_args, training_args, model_args, callbacks=None):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved the protected update and its card to {training_args.output_dir}")
+    # Every rank waits here for the others. On gloo (CPU), gloo's worker thread may still be releasing the tensors
+    # of the Trainer's last all_gather, which takes the GIL: a rank that went straight on to exit would die with
+    # SIGABRT ("terminate called without an active exception"), everything saved but the job failed. Waiting in
+    # the barrier releases the GIL. Before the audit and the upload, so that no rank waits through an upload.
+    trainer.accelerator.wait_for_everyone()
 
     if script_args.audit_tasks:
         audit_dir = run_audit(script_args, training_args, model_args, trainer)

@@ -164,6 +164,7 @@ def _env(tmp_path) -> dict:
         TOKENIZERS_PARALLELISM="false",
         HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"),
         PYTHONUNBUFFERED="1",
+        PYTHONFAULTHANDLER="1",
     )
     return env
 
@@ -265,6 +266,7 @@ PROBE = textwrap.dedent(
     """
     import importlib.util, json, sys
     import accelerate
+    import torch
     from torch.nn.parallel import DistributedDataParallel
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from trap2_hf import Trap2SFTTrainer
@@ -291,6 +293,14 @@ PROBE = textwrap.dedent(
         record["backwards"] += 1
         return backward(self, loss, **kwargs)
     accelerate.Accelerator.backward = counting_backward
+
+    # The order of the process group's last calls: a rank must not tear it down while a collective is in flight.
+    record["calls"] = []
+    for name in ["all_gather", "all_reduce", "broadcast", "barrier", "destroy_process_group"]:
+        def recording(*args, _name=name, _call=getattr(torch.distributed, name), **kwargs):
+            record["calls"].append(_name)
+            return _call(*args, **kwargs)
+        setattr(torch.distributed, name, recording)
 
     rescaled = Trap2SFTTrainer.trap_rescaled
     def recording_rescaled(self, scale):
@@ -352,6 +362,10 @@ def run_two_processes(tmp_path, kind: str, out: Path, *flags: str) -> list[dict]
     )
     ranks = [json.loads((tmp_path / f"record.rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [STEPS, STEPS]
+    # Every rank waits for the other (a barrier) right before the group is destroyed: on gloo, exiting while the
+    # worker thread still releases the last all_gather's tensors aborts the process after everything is saved.
+    for r in ranks:
+        assert r["calls"][-2:] == ["barrier", "destroy_process_group"], r["calls"][-6:]
     return ranks
 
 
