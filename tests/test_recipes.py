@@ -294,7 +294,7 @@ PROBE = textwrap.dedent(
         return backward(self, loss, **kwargs)
     accelerate.Accelerator.backward = counting_backward
 
-    # The order of the process group's last calls: a rank must not tear it down while a collective is in flight.
+    # The order of the process group's last calls: no rank may exit while gloo still releases a collective.
     record["calls"] = []
     for name in ["all_gather", "all_reduce", "broadcast", "barrier", "destroy_process_group"]:
         def recording(*args, _name=name, _call=getattr(torch.distributed, name), **kwargs):
