@@ -180,6 +180,8 @@ class RowLosses:
 
     compute: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     uses_num_items: bool
+    # Encoder-decoders: labels -> decoder_input_ids, which the model would derive from the labels fused takes away.
+    decoder_inputs: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def causal_lm_row_losses(outputs, labels: torch.Tensor, shift_labels: torch.Tensor | None = None):
@@ -192,6 +194,17 @@ def causal_lm_row_losses(outputs, labels: torch.Tensor, shift_labels: torch.Tens
         logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     )
     return tokens.view(shift_labels.shape).sum(-1), (shift_labels != IGNORE_INDEX).sum(-1)
+
+
+def seq2seq_row_losses(outputs, labels: torch.Tensor, shift_labels=None):
+    """(sum of decoder token losses, number of decoder tokens) per row: an encoder-decoder's labels are the
+    decoder's targets as they stand (the model shifts them right for its decoder inputs, not its loss)."""
+    logits = outputs["logits"].float()
+    labels = labels.to(logits.device)
+    tokens = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return tokens.view(labels.shape).sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 
 def sequence_classification_row_losses(config, outputs, labels: torch.Tensor, shift_labels=None):
@@ -222,48 +235,74 @@ def sequence_classification_row_losses(config, outputs, labels: torch.Tensor, sh
     raise NotImplementedError(f"Unknown problem_type {problem!r}; use trap_mode='two_pass'.")
 
 
-def row_loss_function(model: nn.Module) -> RowLosses:
-    """How to compute the per-row losses of `model`'s own training loss, or NotImplementedError naming the fix.
-
-    Known: transformers causal LMs (ForCausalLMLoss) and sequence classifiers; any model with a method
-    `trap_sample_losses(outputs, labels) -> (loss sums, item counts)` per row, whose training loss is
-    sums.sum() / counts.sum() over the micro-batch (a mean over rows: counts of ones)."""
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss, ForSequenceClassificationLoss
-
+def rows_interact(model: nn.Module) -> str | None:
+    """Why the model's loss over some rows is no unbiased estimate of its loss over all (the premise of 'fused'
+    and of 'sub_batch' below f = 1), with the fix; None where it is a sum over rows."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     norms = [name for name, m in inner.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if norms:
-        raise NotImplementedError(
-            f"trap_mode='fused' needs rows that do not interact, but {norms[0]} is a batch norm; "
-            "use trap_mode='two_pass'."
+        return f"{norms[0]} is a batch norm, which mixes the rows. Use trap_mode='two_pass'."
+    if getattr(getattr(inner, "config", None), "output_router_logits", False):
+        return (
+            f"the mixture-of-experts router loss of {type(inner).__name__} (output_router_logits=True) is a product "
+            "of means over the whole batch, not a sum over rows. Use trap_mode='two_pass', or set "
+            "output_router_logits=False."
         )
+    return None
+
+
+def row_loss_function(model: nn.Module) -> RowLosses:
+    """How to compute the per-row losses of `model`'s own training loss, or NotImplementedError naming the fix.
+
+    Known: transformers causal LMs (ForCausalLMLoss, the default of a model without a loss_type, as GPT-2),
+    encoder-decoders (T5, BART: a token mean over the decoder's labels) and sequence/image classifiers; any model
+    with a method `trap_sample_losses(outputs, labels) -> (loss sums, item counts)` per row, whose training loss
+    is sums.sum() / counts.sum() over the micro-batch (a mean over rows: counts of ones). The first fused
+    micro-batch checks the rule against the model's own loss (`fused_batch(check_model_loss=True)`)."""
+    from transformers import PreTrainedModel
+    from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    reason = rows_interact(model)
+    if reason:
+        raise NotImplementedError(f"trap_mode='fused' needs a loss that is a sum over rows, but {reason}")
     config = getattr(inner, "config", None)
-    if getattr(config, "output_router_logits", False):
-        raise NotImplementedError(
-            "trap_mode='fused' cannot weight a mixture-of-experts router loss per row; use trap_mode='two_pass'."
-        )
     custom = getattr(model, "trap_sample_losses", None) or getattr(inner, "trap_sample_losses", None)
     if custom is not None:
         return RowLosses(lambda outputs, labels, shift_labels=None: custom(outputs, labels), uses_num_items=False)
-    loss = None if "_loss_function" in vars(inner) else LOSS_MAPPING.get(getattr(inner, "loss_type", None))
+    # PreTrainedModel.loss_function: the loss_type's, else ForCausalLMLoss (GPT-2's LMHeadModel has no loss_type).
+    own = isinstance(inner, PreTrainedModel) and "_loss_function" not in vars(inner)
+    loss = inner.loss_function if own else None
+    if getattr(config, "is_encoder_decoder", False) and hasattr(inner, "prepare_decoder_input_ids_from_labels"):
+        return RowLosses(
+            seq2seq_row_losses, uses_num_items=False, decoder_inputs=inner.prepare_decoder_input_ids_from_labels
+        )
     if loss is ForCausalLMLoss and not getattr(config, "is_encoder_decoder", False):
         return RowLosses(causal_lm_row_losses, uses_num_items=True)
     if loss is ForSequenceClassificationLoss:  # a mean over the micro-batch's rows, whatever num_items_in_batch says
         compute = partial(sequence_classification_row_losses, config)
         return RowLosses(lambda outputs, labels, shift_labels=None: compute(outputs, labels), uses_num_items=False)
     raise NotImplementedError(
-        f"trap_mode='fused' computes per-row losses for causal LMs and sequence classifiers; {type(inner).__name__} "
-        f"(loss_type {getattr(inner, 'loss_type', None)!r}) is neither. Use trap_mode='two_pass' or 'sub_batch', or "
-        "give the model a method trap_sample_losses(outputs, labels) -> (per-row loss sums, per-row item counts)."
+        f"trap_mode='fused' computes per-row losses for causal LMs, encoder-decoders and sequence classifiers; "
+        f"{type(inner).__name__} (loss_type {getattr(inner, 'loss_type', None)!r}) is none of them. Use "
+        "trap_mode='two_pass' or 'sub_batch', or give the model a method trap_sample_losses(outputs, labels) -> "
+        "(per-row loss sums, per-row item counts)."
     )
 
 
 # ----------------------------------------------------------------------------- the fused forward
 @contextmanager
-def fused_batch(model: nn.Module, plan: FusedPlan, row_losses: RowLosses) -> Iterator[None]:
+def fused_batch(
+    model: nn.Module, plan: FusedPlan, row_losses: RowLosses, check_model_loss: bool = False
+) -> Iterator[None]:
     """While inside, `model(**inputs)` runs on the inputs plus the plan's copies and returns outputs for the
-    original rows whose loss is the fused loss (TRL's per-token log-probs get the copies folded in instead)."""
-    state = {}
+    original rows whose loss is the fused loss (TRL's per-token log-probs get the copies folded in instead).
+
+    `check_model_loss`: leave the labels to the model this once and raise FusedUnsupported (before any backward)
+    unless its own loss over all the rows equals the per-row losses' (`check_row_losses`); the context then
+    yields {"uses_num_items": ...}, which normaliser matched (a classifier's loss takes num_items_in_batch where
+    its model passes it on)."""
+    state, found = {}, {}
 
     def before(module, args, kwargs):
         plan.calls += 1
@@ -276,19 +315,26 @@ def fused_batch(model: nn.Module, plan: FusedPlan, row_losses: RowLosses) -> Ite
         if not state["token_log_probs"]:
             if kwargs.get("labels") is None:
                 raise FusedUnsupported("trap_mode='fused' needs labels in the model's inputs; use trap_mode='two_pass'.")
-            state["labels"] = kwargs.pop("labels")
-            state["shift_labels"] = kwargs.pop("shift_labels", None)
-            state["num_items"] = kwargs.pop("num_items_in_batch", None)
+            decoder_given = any(kwargs.get(k) is not None for k in ("decoder_input_ids", "decoder_inputs_embeds"))
+            if row_losses.decoder_inputs is not None and not decoder_given:
+                kwargs["decoder_input_ids"] = row_losses.decoder_inputs(kwargs["labels"])
+            take = kwargs.get if check_model_loss else kwargs.pop
+            state["labels"] = take("labels")
+            state["shift_labels"] = take("shift_labels", None)
+            state["num_items"] = take("num_items_in_batch", None)
         return args, kwargs
 
     def after(module, args, kwargs, outputs):
         if state["token_log_probs"]:
             return fold_token_log_probs(outputs, plan)
         sums, counts = row_losses.compute(outputs, state["labels"], state["shift_labels"])
-        if row_losses.uses_num_items and state["num_items"] is not None:
-            normaliser = state["num_items"]
-        else:
-            normaliser = counts[: plan.batch_size].sum()
+        uses_num_items = row_losses.uses_num_items and state["num_items"] is not None
+        if check_model_loss:
+            candidates = {False: counts.sum()} | ({True: state["num_items"]} if state["num_items"] is not None else {})
+            order = sorted(candidates, key=lambda uses: uses != row_losses.uses_num_items)  # the rule's guess first
+            uses_num_items = check_row_losses(module, outputs, {uses: sums.sum() / candidates[uses] for uses in order})
+            found["uses_num_items"] = uses_num_items
+        normaliser = state["num_items"] if uses_num_items else counts[: plan.batch_size].sum()
         return _original_rows(outputs, plan, loss=plan.combine(sums, normaliser))
 
     handles = [
@@ -296,10 +342,35 @@ def fused_batch(model: nn.Module, plan: FusedPlan, row_losses: RowLosses) -> Ite
         model.register_forward_hook(after, with_kwargs=True),
     ]
     try:
-        yield
+        yield found
     finally:
         for handle in handles:
             handle.remove()
+
+
+def check_row_losses(model: nn.Module, outputs, from_rows: dict, rtol: float = 1e-3):
+    """The first key of `from_rows` ({key: the per-row losses' sum over a normaliser}) whose value is the model's
+    own loss, else FusedUnsupported: a model whose loss is not what `row_loss_function` assumed (a shift it does
+    not make, an extra term, another reduction) is found at its first fused micro-batch, before any backward."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = outputs.get("loss") if isinstance(outputs, dict) else None
+    if own is None:
+        raise FusedUnsupported(
+            f"{type(inner).__name__} returned no loss for its labels, so the per-row losses of trap_mode='fused' "
+            "cannot be checked against it; use trap_mode='two_pass'."
+        )
+    own = own.detach().float()
+    values = {key: torch.as_tensor(value).detach().float().to(own.device) for key, value in from_rows.items()}
+    for key, value in values.items():
+        if torch.isclose(own, value, rtol=rtol, atol=1e-6):
+            return key
+    shown = ", ".join(f"{value.item():.6g}" for value in values.values())
+    raise FusedUnsupported(
+        f"{type(inner).__name__}'s own loss ({own.item():.6g}) is not the sum of the per-row losses that "
+        f"trap_mode='fused' weights ({shown}): the model computes its loss in a way fused does not "
+        "know. Use trap_mode='two_pass' or 'sub_batch', or give the model a method trap_sample_losses(outputs, "
+        "labels) -> (per-row loss sums, per-row item counts)."
+    )
 
 
 def fold_token_log_probs(outputs, plan: FusedPlan):

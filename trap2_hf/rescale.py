@@ -22,9 +22,11 @@ from functools import partial
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-# Layers whose output is affine in their own parameters, so output-space re-scaling is weight-space.
-AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm)
+# Layers whose output is affine in their own parameters, so output-space re-scaling is weight-space
+# (transformers' Conv1D is GPT-2's x @ W + b).
+AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, Conv1D)
 
 
 def refuse_methods_without_weight_delta(model: nn.Module) -> None:

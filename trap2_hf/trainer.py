@@ -40,6 +40,7 @@ from .fused import (
     rescaled_rows,
     row_loss_function,
     rows_generator,
+    rows_interact,
     select_rows,
 )
 from .objective import rescaled_loss_coefficient, sample_scales, scale_weight, step_generator
@@ -164,6 +165,12 @@ class Trap2TrainerMixin:
         if self.args.trap_mode != "auto":
             return
         self.args = copy.copy(self.args)
+        rows_reason = rows_interact(self.accelerator.unwrap_model(self.model))
+        if self.args.trap_target == "full" and rows_reason is not None:
+            self._trap_use_mode("two_pass")
+            logger.info("trap_mode='auto' chose 'two_pass': a re-scaled pass over part of the rows needs a loss that "
+                        "is a sum over rows, but %s", rows_reason)
+            return
         if self.args.trap_target == "full":
             if self.args.trap_rescaled_fraction is None:
                 self.args.trap_rescaled_fraction = FULL_RESCALED_SHARE / self.args.trap_scales_per_step
@@ -218,6 +225,7 @@ class Trap2TrainerMixin:
         model = self.accelerator.unwrap_model(self.model)
         self._trap_per_sample_targets = per_sample_targets(model)
         self._trap_row_losses = row_loss_function(model)
+        self._trap_row_losses_checked = False  # against the model's own loss, at the first fused micro-batch
 
     def _trap_check_offray(self) -> None:
         """Off-ray terms: find the LoRA layers they transform and load the foreign updates once."""
@@ -280,7 +288,7 @@ class Trap2TrainerMixin:
         if args.trap_mode == "fused":
             try:
                 return self._trap_fused_step(model, inputs, num_items_in_batch, scales)
-            except FusedUnsupported as error:  # raised before the forward: nothing was computed yet
+            except FusedUnsupported as error:  # raised before any backward: no gradient was touched yet
                 if self._trap_mode_requested != "auto":
                     raise
                 self._trap_fall_back_to_two_pass(str(error))
@@ -419,8 +427,12 @@ class Trap2TrainerMixin:
                 scales_per_row = plan.sample_scales(args.device)
                 targets = self._trap_per_sample_targets
                 stack.enter_context(rescaled_adapter_per_sample(unwrapped, scales_per_row, targets=targets))
-                stack.enter_context(fused_batch(unwrapped, plan, self._trap_row_losses))
+                check = not self._trap_row_losses_checked
+                found = stack.enter_context(fused_batch(unwrapped, plan, self._trap_row_losses, check_model_loss=check))
             nominal = super().training_step(model, dict(inputs), num_items_in_batch)
+            if plan.num_copies and check:  # the normaliser the model's own loss was found to use, from now on
+                self._trap_row_losses = dataclasses.replace(self._trap_row_losses, **found)
+                self._trap_row_losses_checked = True
         self._trap_record("nominal_loss", nominal)
         self._trap_record("rescaled_loss", plan.rescaled_loss(nominal))
         for k, scale in enumerate(scales):
