@@ -6,6 +6,8 @@ ratios to the plain Trainer / SFTTrainer on the same model and data, alternating
     python benchmarks/bench_cost.py --trainers sft --modes fused --trap_rescaled_fraction 0.125 --rounds 5
     python benchmarks/bench_cost.py --full_finetuning false   # LoRA only
     python benchmarks/bench_cost.py --lora false              # full fine-tuning only
+    python benchmarks/bench_cost.py --shapes gpt2 t5 --trainers trainer --modes auto two_pass --full_finetuning false
+                                                              # LoRA on GPT-2 (Conv1D) and T5 (encoder-decoder)
 
 Every round runs each variant (plain, then each mode, in an order rotated every round) for
 `warmup + steps + 1` optimizer steps with a fresh trainer on the same LoRA model; machine load
@@ -35,7 +37,10 @@ import torch
 import transformers
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    GPT2Config, GPT2LMHeadModel, HfArgumentParser, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration,
+    Trainer, TrainerCallback, TrainingArguments,
+)
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -51,8 +56,13 @@ SHAPES = {
                     num_key_value_heads=8, vocab_size=32000), 1024, 8),
     "compute": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=28, num_attention_heads=16,
                      num_key_value_heads=16, vocab_size=32000), 2048, 4),
+    # other architectures, "small"-sized (LoRA rows with --trainers trainer --full_finetuning false)
+    "gpt2": (dict(n_embd=256, n_layer=4, n_head=8, vocab_size=1024), 128, 4),
+    "t5": (dict(d_model=256, d_ff=688, d_kv=32, num_layers=2, num_heads=8, vocab_size=1024), 128, 4),
 }
 DEFAULT_SHAPES = {"cpu": ["tiny", "small"], "cuda": ["launch", "compute"]}
+# LoRA targets per architecture: GPT-2's Conv1D layers (fan_in_fan_out), T5's attention projections
+LORA_TARGETS = {"gpt2": (["c_attn", "c_proj"], True), "t5": (["q", "k", "v", "o"], False)}
 MODES = ["auto", "two_pass", "sub_batch", "fused"]
 FULL_MODES = ["auto", "two_pass", "sub_batch"]  # fused re-scales a LoRA branch per row
 OFFLOAD = ", theta0 offloaded"
@@ -181,12 +191,19 @@ def build_model(shape: str, rank: int, device: str, seed: int, full: bool = Fals
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
-        base = LlamaForCausalLM(LlamaConfig(**config, max_position_embeddings=4096, tie_word_embeddings=False))
+        if shape == "gpt2":
+            base = GPT2LMHeadModel(GPT2Config(**config, n_positions=1024))
+        elif shape == "t5":
+            base = T5ForConditionalGeneration(T5Config(**config, decoder_start_token_id=0, pad_token_id=0))
+        else:
+            base = LlamaForCausalLM(LlamaConfig(**config, max_position_embeddings=4096, tie_word_embeddings=False))
     base = base.to(dtype)
     if full:
         return base
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    targets, fan_in_fan_out = LORA_TARGETS.get(shape, (["q_proj", "k_proj", "v_proj", "o_proj"], False))
+    lora = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=fan_in_fan_out
+    )
     return get_peft_model(base, lora)
 
 
@@ -194,8 +211,9 @@ def build_data(shape: str, num_rows: int, seed: int, with_labels: bool) -> Datas
     config, seq_len, _ = SHAPES[shape]
     ids = torch.randint(0, config["vocab_size"], (num_rows, seq_len), generator=torch.Generator().manual_seed(seed))
     rows = {"input_ids": ids.tolist()}
-    if with_labels:
-        rows |= {"attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+    if with_labels:  # an encoder-decoder's labels are its decoder's targets: a quarter of the input's length
+        labels = ids[:, : seq_len // 4] if shape == "t5" else ids
+        rows |= {"attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
     return Dataset.from_dict(rows)
 
 
@@ -305,7 +323,7 @@ def bench_one(bench: BenchArguments, shape: str, kind: str, device: str, full: b
         }
     params = sum(p.numel() for p in model.parameters())
     return {
-        "shape": shape, "trainer": kind, "update": "full" if full else f"lora r={bench.lora_rank} q/k/v/o",
+        "shape": shape, "trainer": kind, "update": "full" if full else f"lora r={bench.lora_rank} {'/'.join(LORA_TARGETS.get(shape, (['q/k/v/o'], 0))[0])}",
         "params": params, "theta0_bytes": theta0_bytes, "seq_len": seq_len, "batch": batch, "variants": results,
     }
 
