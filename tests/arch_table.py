@@ -143,6 +143,9 @@ def _families() -> list[Family]:
 
 FAMILIES = _families()
 FORMATS = ("LoRA", "DoRA", "LoHa", "full")
+# Families whose LoRA trap is trained and measured by a slow test (Llama: tests/test_protection.py, which also
+# covers a full fine-tune; the others: tests/test_protection_architectures.py, in the mode auto picks).
+PROTECTION_CHECKED = ("Llama", "Qwen2", "GPT-2", "T5", "BERT classifier", "ViT classifier")
 
 
 def family(name: str) -> Family:
@@ -257,8 +260,8 @@ def _first_sentence(text: str) -> str:
 
 def markdown_table() -> str:
     lines = [
-        "| family | " + " | ".join(FORMATS) + " |",
-        "|---|" + "---|" * len(FORMATS),
+        "| family | " + " | ".join(FORMATS) + " | trap measured (LoRA, slow test) |",
+        "|---|" + "---|" * (len(FORMATS) + 1),
     ]
     reasons = []
     for fam in FAMILIES:
@@ -270,7 +273,8 @@ def markdown_table() -> str:
                     reasons.append(reason)
                 cell += f" [{reasons.index(reason) + 1}]"
             cells.append(cell)
-        lines.append(f"| {fam.name} | " + " | ".join(cells) + " |")
+        protected = "yes" if fam.name in PROTECTION_CHECKED else "–"
+        lines.append(f"| {fam.name} | " + " | ".join(cells) + f" | {protected} |")
     lines.append("")
     lines += [f"[{i + 1}] {reason}" for i, reason in enumerate(reasons)]
     return "\n".join(lines)

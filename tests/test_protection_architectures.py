@@ -1,11 +1,20 @@
-"""A short protected training per architecture (slow): the trap forms where `auto` fuses LoRA on GPT-2 and T5.
+"""A short protected training per architecture (slow): the trap forms where `auto` runs it, family by family.
 
-Task: the successor rule of tests/test_protection.py (GPT-2: next token = this token + 1; T5: each decoder
-target is its input token + 1). An unprotected twin keeps it under re-scaling; the protected adapter, trained in
-the default trap_mode='auto' (fused for both), matches the twin at s = 1 and breaks at s = 0.5 and 1.5.
-Measured (accuracy at s = 0.5 / 1 / 1.5):
-  GPT-2  twin 0.78 / 1.00 / 0.81   protected 0.26 / 1.00 / 0.12
-  T5     twin 0.84 / 1.00 / 0.87   protected 0.03 / 1.00 / 0.03
+Tasks the tiny models learn in a few hundred steps: the successor rule of tests/test_protection.py for causal LMs
+(next token = this token + 1) and encoder-decoders (each decoder target is its input token + 1); for the BERT
+classifier the first token's id mod 3; for the ViT classifier which colour channel is brightest. An unprotected
+twin keeps the rule under re-scaling; the protected adapter, trained in the default trap_mode='auto', matches the
+twin at s = 1 and breaks at s = 0.5 and 1.5. Measured (accuracy at s = 0.5 / 1 / 1.5):
+  GPT-2            twin 0.78 / 1.00 / 0.81   protected 0.26 / 1.00 / 0.12
+  Qwen2            twin 0.91 / 1.00 / 0.85   protected 0.25 / 1.00 / 0.01
+  T5               twin 0.84 / 1.00 / 0.87   protected 0.03 / 1.00 / 0.03
+  BERT classifier  twin 0.92 / 1.00 / 0.88   protected 0.26 / 1.00 / 0.37
+  ViT classifier   twin 1.00 / 1.00 / 1.00   protected 0.34 / 0.99 / 0.39
+All of them in 'fused'. Llama is tests/test_protection.py; Gemma2, Mistral and Phi-3 are Llama's blocks under other
+names and are not repeated (the step itself is checked on each in tests/test_architectures.py). Mamba is left out:
+on this task its unprotected twin does not keep the rule when re-scaled (0.58 / 0.99 / 0.52, in_proj, x_proj and
+dt_proj adapted), so there is nothing for the trap to take away that plain re-scaling does not (protected: 0.24 /
+0.98 / 0.18).
 """
 
 import pytest
@@ -13,20 +22,37 @@ import torch
 from datasets import Dataset
 from peft import get_peft_model
 
-from arch_table import VOCAB, build_model, family, peft_config
+from arch_table import PROTECTION_CHECKED, VOCAB, family, peft_config
 from test_protection import PROTECTION, TRAINING, assert_protected, successor_ids
 from trap2_hf import Trap2Trainer, Trap2TrainingArguments, rescaled_adapter
 
 pytestmark = pytest.mark.slow
 
-TARGETS = {"GPT-2": ["c_attn", "c_proj", "c_fc"], "T5": ["q", "k", "v", "o", "wi", "wo"]}
+# Every linear layer of the blocks, as the paper's LoRA does; the families here are arch_table.PROTECTION_CHECKED.
+TARGETS = {
+    "GPT-2": ["c_attn", "c_proj", "c_fc"],
+    "T5": ["q", "k", "v", "o", "wi", "wo"],
+    "Qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "BERT classifier": ["query", "key", "value", "dense"],
+    "ViT classifier": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+}
 
 
 def task(name: str, num: int, seed: int) -> dict:
+    fam = family(name)
+    g = torch.Generator().manual_seed(seed)
+    if fam.kind == "image":
+        pixels = torch.randn(num, 3, 8, 8, generator=g)
+        labels = torch.randint(0, 3, (num,), generator=g)
+        pixels[torch.arange(num), labels] += 1.0  # the brightest channel is the label
+        return {"pixel_values": pixels, "labels": labels}
     ids = successor_ids(num, seed, modulus=VOCAB - 3, offset=3)  # ids 0-2 are pad/eos/start tokens
-    if name == "T5":  # the decoder writes each input token's successor
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": 3 + (ids - 3 + 1) % (VOCAB - 3)}
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if fam.kind == "classify":
+        return batch | {"labels": ids[:, 0] % 3}
+    if fam.kind == "seq2seq":  # the decoder writes each input token's successor
+        return batch | {"labels": 3 + (ids - 3 + 1) % (VOCAB - 3)}
+    return batch | {"labels": ids}
 
 
 def accuracy(model, batch, scale: float, name: str) -> float:
@@ -34,13 +60,14 @@ def accuracy(model, batch, scale: float, name: str) -> float:
     with torch.no_grad(), rescaled_adapter(model, scale):
         predicted = model(**batch).logits.argmax(-1)
     model.train()
-    if name == "T5":
-        return (predicted == batch["labels"]).float().mean().item()
-    return (predicted[:, :-1] == batch["labels"][:, 1:]).float().mean().item()
+    labels = batch["labels"]
+    if family(name).kind == "causal":
+        return (predicted[:, :-1] == labels[:, 1:]).float().mean().item()
+    return (predicted == labels).float().mean().item()
 
 
-@pytest.mark.parametrize("name", ["GPT-2", "T5"])
-def test_auto_fused_lora_protects(tmp_path, name):
+@pytest.mark.parametrize("name", [name for name in PROTECTION_CHECKED if name != "Llama"])  # Llama: test_protection.py
+def test_auto_protects_lora(tmp_path, name):
     fam = family(name)
     train = Dataset.from_dict({k: v.tolist() for k, v in task(name, 2048, seed=0).items()})
     test = task(name, 128, seed=99)
