@@ -133,6 +133,11 @@ def _families() -> list[Family]:
                     output_router_logits=True, router_aux_loss_coef=0.02),
             "causal", attention,
         ),
+        Family(
+            "Mixtral (MoE)",
+            _causal(MixtralConfig, MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2),
+            "causal", attention,
+        ),
         Family("Mamba", _seeded(_mamba), "causal", ("in_proj", "x_proj")),
         Family("T5", _seeded(_t5), "seq2seq", ("q", "v", "wi"), task_type="SEQ_2_SEQ_LM"),
         Family("BART", _seeded(_bart), "seq2seq", ("q_proj", "v_proj", "fc1"), task_type="SEQ_2_SEQ_LM"),
