@@ -212,18 +212,20 @@ def test_readme_table_is_the_generated_one():
     assert markdown_table() in readme
 
 
-@pytest.mark.parametrize("name", ["GPT-2", "T5", "ViT classifier"])
-def test_fused_keeps_each_models_normalisation_under_accumulation(tmp_path, name):
+@pytest.mark.parametrize("name, scales", [("GPT-2", 2), ("T5", 2), ("ViT classifier", 2), ("ViT classifier", 1)])
+def test_fused_keeps_each_models_normalisation_under_accumulation(tmp_path, name, scales):
     """2 x 2 accumulation: auto (fused, f = 1) equals two_pass, whether the model's loss divides by the step's
-    num_items_in_batch (GPT-2, ViT's classification loss) or by its own micro-batch's items (T5)."""
+    num_items_in_batch (GPT-2, ViT's classification loss) or by its own micro-batch's items (T5). With one scale
+    the fused micro-batch's 4 rows are as many as the step's num_items_in_batch: the check still tells them apart."""
     fam = family(name)
     model = build_model(fam, "LoRA")
     grads = {}
     for mode in ("two_pass", "auto"):
         fraction = {} if mode == "two_pass" else {"trap_rescaled_fraction": 1.0}
+        settings = {**SETTINGS, "trap_scales_per_step": scales}
         args = Trap2TrainingArguments(
             output_dir=str(tmp_path / mode), max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-            **exact_trap_args(trap_mode=mode, **SETTINGS, **fraction),
+            **exact_trap_args(trap_mode=mode, **settings, **fraction),
         )
         trial = copy.deepcopy(model)
         trainer = Trap2Trainer(model=trial, args=args, train_dataset=dataset(fam))

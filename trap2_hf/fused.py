@@ -279,7 +279,7 @@ def row_loss_function(model: nn.Module) -> RowLosses:
         )
     if loss is ForCausalLMLoss and not getattr(config, "is_encoder_decoder", False):
         return RowLosses(causal_lm_row_losses, uses_num_items=True)
-    if loss is ForSequenceClassificationLoss:  # a mean over the micro-batch's rows, whatever num_items_in_batch says
+    if loss is ForSequenceClassificationLoss:  # divided by num_items_in_batch where the model passes it on: checked
         compute = partial(sequence_classification_row_losses, config)
         return RowLosses(lambda outputs, labels, shift_labels=None: compute(outputs, labels), uses_num_items=False)
     raise NotImplementedError(
@@ -322,6 +322,9 @@ def fused_batch(
             state["labels"] = take("labels")
             state["shift_labels"] = take("shift_labels", None)
             state["num_items"] = take("num_items_in_batch", None)
+            if check_model_loss and state["num_items"] is not None:
+                # A value no item count can equal, so that the check tells the two normalisers apart.
+                state["probe"] = kwargs["num_items_in_batch"] = state["num_items"] + 0.5
         return args, kwargs
 
     def after(module, args, kwargs, outputs):
@@ -330,7 +333,7 @@ def fused_batch(
         sums, counts = row_losses.compute(outputs, state["labels"], state["shift_labels"])
         uses_num_items = row_losses.uses_num_items and state["num_items"] is not None
         if check_model_loss:
-            candidates = {False: counts.sum()} | ({True: state["num_items"]} if state["num_items"] is not None else {})
+            candidates = {False: counts.sum()} | ({True: state["probe"]} if state["num_items"] is not None else {})
             order = sorted(candidates, key=lambda uses: uses != row_losses.uses_num_items)  # the rule's guess first
             uses_num_items = check_row_losses(module, outputs, {uses: sums.sum() / candidates[uses] for uses in order})
             found["uses_num_items"] = uses_num_items

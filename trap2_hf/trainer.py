@@ -165,13 +165,13 @@ class Trap2TrainerMixin:
         if self.args.trap_mode != "auto":
             return
         self.args = copy.copy(self.args)
-        rows_reason = rows_interact(self.accelerator.unwrap_model(self.model))
-        if self.args.trap_target == "full" and rows_reason is not None:
-            self._trap_use_mode("two_pass")
-            logger.info("trap_mode='auto' chose 'two_pass': a re-scaled pass over part of the rows needs a loss that "
-                        "is a sum over rows, but %s", rows_reason)
-            return
         if self.args.trap_target == "full":
+            rows_reason = rows_interact(self.accelerator.unwrap_model(self.model))
+            if rows_reason is not None:
+                self._trap_use_mode("two_pass")
+                logger.info("trap_mode='auto' chose 'two_pass': a re-scaled pass over part of the rows needs a loss "
+                            "that is a sum over rows, but %s", rows_reason)
+                return
             if self.args.trap_rescaled_fraction is None:
                 self.args.trap_rescaled_fraction = FULL_RESCALED_SHARE / self.args.trap_scales_per_step
             self._trap_use_mode("sub_batch")
@@ -422,15 +422,15 @@ class Trap2TrainerMixin:
             batch_size, self._trap_next_rows(batch_size), scales, coefficients, args.trap_rescaled_fraction
         )
         unwrapped = self.accelerator.unwrap_model(self.model)
+        check = plan.num_copies > 0 and not self._trap_row_losses_checked
         with contextlib.ExitStack() as stack:
             if plan.num_copies:
                 scales_per_row = plan.sample_scales(args.device)
                 targets = self._trap_per_sample_targets
                 stack.enter_context(rescaled_adapter_per_sample(unwrapped, scales_per_row, targets=targets))
-                check = not self._trap_row_losses_checked
                 found = stack.enter_context(fused_batch(unwrapped, plan, self._trap_row_losses, check_model_loss=check))
             nominal = super().training_step(model, dict(inputs), num_items_in_batch)
-            if plan.num_copies and check:  # the normaliser the model's own loss was found to use, from now on
+            if check:  # the normaliser the model's own loss was found to use, from now on
                 self._trap_row_losses = dataclasses.replace(self._trap_row_losses, **found)
                 self._trap_row_losses_checked = True
         self._trap_record("nominal_loss", nominal)
