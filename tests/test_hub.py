@@ -439,3 +439,21 @@ def _sha256(data):
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+def test_saved_files_get_the_permissions_of_an_ordinary_write(trained, tmp_path):
+    """mkstemp and safetensors write owner-only files; a release must be readable as the umask allows."""
+    previous = os.umask(0o022)
+    try:
+        out = str(tmp_path / "shared")
+        trained.save_model(out)
+        modes = {name: oct(os.stat(path).st_mode & 0o777) for name, path in all_local_files(out).items()}
+        assert {"README.md", "adapter_model.safetensors", "training_args.json"} <= set(modes)
+        assert set(modes.values()) == {"0o644"}, modes
+        os.umask(0o027)
+        trained.save_model(out)
+        assert trap2_main(["card", out, "--trap_margin", "0.1"]) == 0
+        modes = {name: oct(os.stat(path).st_mode & 0o777) for name, path in all_local_files(out).items()}
+        assert set(modes.values()) == {"0o640"}, modes
+    finally:
+        os.umask(previous)

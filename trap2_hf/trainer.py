@@ -30,6 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from .config import FULL_RESCALED_SHARE, Trap2SFTConfig, Trap2Settings, Trap2TrainingArguments
+from .hub.card import ordinary_permissions
 from .hub.push import Trap2HubMixin
 from .fused import (
     FusedPlan,
@@ -514,6 +515,7 @@ class Trap2TrainerMixin:
             path = os.path.join(output_dir, REFERENCE_WEIGHTS_NAME)
             tmp = path + ".tmp"
             save_file({k: v.contiguous() for k, v in self.trap_reference.items()}, tmp)
+            ordinary_permissions(tmp)
             os.replace(tmp, path)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
