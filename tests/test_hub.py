@@ -457,3 +457,12 @@ def test_saved_files_get_the_permissions_of_an_ordinary_write(trained, tmp_path)
         assert set(modes.values()) == {"0o640"}, modes
     finally:
         os.umask(previous)
+
+
+def test_a_trainer_left_with_nothing_to_train_refuses_and_writes_no_card(tmp_path):
+    out = str(tmp_path / "untrained")
+    trainer = make_trainer(out)
+    trainer.args.max_steps = 0  # changed after the arguments were checked
+    with pytest.raises(ValueError, match="max_steps=0 trains nothing"):
+        trainer.train()
+    assert not os.path.exists(os.path.join(out, "README.md"))

@@ -327,6 +327,20 @@ def trap_scale_intervals(scale_min: float, scale_max: float, margin: float) -> l
     return intervals
 
 
+def check_training_length(args) -> None:
+    """Refuse a run that trains nothing: its save would carry a protection card for an untrained update."""
+    if args.max_steps == 0:
+        raise ValueError(
+            "max_steps=0 trains nothing (transformers would still run one step), and the saved update would be "
+            "labelled protected. Pass max_steps > 0, or leave it at -1 to train for num_train_epochs."
+        )
+    if args.max_steps < 0 and not args.num_train_epochs > 0:
+        raise ValueError(
+            f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains nothing, and the saved "
+            "update would be labelled protected. Pass num_train_epochs > 0 or max_steps > 0."
+        )
+
+
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
@@ -340,6 +354,7 @@ class Trap2TrainingArguments(TrainingArguments, Trap2Settings):
         super().__post_init__()
         self.derive_trap_defaults()
         self.validate_trap_settings()
+        check_training_length(self)
 
 
 @dataclass
@@ -355,3 +370,4 @@ class Trap2SFTConfig(SFTConfig, Trap2Settings):
         super().__post_init__()
         self.derive_trap_defaults()
         self.validate_trap_settings()
+        check_training_length(self)
