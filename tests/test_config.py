@@ -76,3 +76,19 @@ def test_a_run_that_trains_nothing_is_refused(config, kwargs, message):
     with pytest.raises(ValueError, match=message):
         config(**kwargs)
     assert config(max_steps=1).max_steps == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"trap_lambda": "0.1"}, r"trap_lambda must be a number, got '0.1' \(a str\)"),
+        ({"trap_rescaled_fraction": "0.25", "trap_mode": "fused"}, "trap_rescaled_fraction must be a number"),
+        ({"trap_scales_per_step": 2.0}, "trap_scales_per_step must be an integer, got 2.0"),
+        ({"trap_margin": True}, "trap_margin must be a number, got True"),
+    ],
+)
+def test_values_of_the_wrong_type_name_the_field(kwargs, message):
+    """In Python nothing parses the values; the README promises a ValueError naming the field."""
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)
+    assert make(trap_lambda=1, trap_rescaled_fraction=None).trap_lambda == 1

@@ -29,7 +29,13 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from .config import FULL_RESCALED_SHARE, Trap2SFTConfig, Trap2Settings, Trap2TrainingArguments, check_training_length
+from .config import (
+    FULL_RESCALED_SHARE,
+    Trap2SFTConfig,
+    Trap2Settings,
+    Trap2TrainingArguments,
+    check_run_arguments,
+)
 from .hub.card import ordinary_permissions
 from .hub.push import Trap2HubMixin
 from .fused import (
@@ -495,7 +501,7 @@ class Trap2TrainerMixin:
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As `Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint, so a run
         that crashed while saving resumes from the one before and finishes the job."""
-        check_training_length(self.args)  # also when args were changed after they were built
+        check_run_arguments(self.args)  # also when args were changed after they were built
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
