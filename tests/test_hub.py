@@ -466,3 +466,28 @@ def test_a_trainer_left_with_nothing_to_train_refuses_and_writes_no_card(tmp_pat
     with pytest.raises(ValueError, match="max_steps=0 trains nothing"):
         trainer.train()
     assert not os.path.exists(os.path.join(out, "README.md"))
+
+
+def test_card_cli_parses_settings_as_the_training_flags_do(tmp_path, capsys):
+    """`float | None` settings are numbers; a setting not given takes its derived default (trap_offray_lambda
+    follows trap_lambda), as it would in training."""
+    from trap2_hf.hub.cli import make_parser
+
+    parsed = make_parser().parse_args(["f", "--trap_rescaled_fraction", "0.25", "--trap_offray_lambda", "0.1"])
+    assert (parsed.trap_rescaled_fraction, parsed.trap_offray_lambda) == (0.25, 0.1)
+    assert not hasattr(parsed, "trap_lambda")  # not given: the card's value or the default is recorded
+
+    folder = str(tmp_path / "elsewhere")
+    lora_model(seed=4).save_pretrained(folder)
+    argv = ["card", folder, "--trap_lambda", "0.01", "--trap_mode", "fused", "--trap_rescaled_fraction", "0.5"]
+    assert trap2_main(argv) == 0
+    assert "trap_offray_lambda=0.01" in capsys.readouterr().out
+    block = ModelCard.load(os.path.join(folder, "README.md")).data.to_dict()["trap2"]
+    assert (block["trap_lambda"], block["trap_offray_lambda"]) == (0.01, 0.01)
+    assert (block["trap_mode"], block["trap_rescaled_fraction"]) == ("fused", 0.5)
+
+    assert trap2_main(["card", folder, "--trap_offray_lambda", "0.1"]) == 0
+    _, facts = load_protected_adapter(tiny_llama(), folder)
+    assert (facts["trap_lambda"], facts["trap_offray_lambda"], facts["trap_rescaled_fraction"]) == (0.01, 0.1, 0.5)
+    assert trap2_main(["card", folder, "--trap_rescaled_fraction", "2"]) == 2
+    assert "trap_rescaled_fraction must be in (0, 1], got 2.0" in capsys.readouterr().err
