@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections import defaultdict
 
 import torch
@@ -78,7 +79,11 @@ class Trap2TrainerMixin:
             args = (args[0], self._with_trap_settings(args[1]), *args[2:])
         else:
             kwargs["args"] = self._with_trap_settings(kwargs.get("args"))
-        super().__init__(*args, **kwargs)
+        with warnings.catch_warnings():
+            # PEFT 0.21's PeftModel.__init__ (which TRL's SFTTrainer calls) reads the deprecated
+            # `is_gradient_checkpointing`: a FutureWarning on every run that names nothing the user wrote.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            super().__init__(*args, **kwargs)
         self._trap_metrics = defaultdict(list)
         self._trap_steps_logged = set()
         self._trap_scales_cache = (None, [])
