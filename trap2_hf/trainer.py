@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import warnings
 from collections import defaultdict
 
 import torch
@@ -30,6 +29,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from ._warnings import peft_deprecation_silenced
 from .config import (
     FULL_RESCALED_SHARE,
     Trap2SFTConfig,
@@ -79,10 +79,7 @@ class Trap2TrainerMixin:
             args = (args[0], self._with_trap_settings(args[1]), *args[2:])
         else:
             kwargs["args"] = self._with_trap_settings(kwargs.get("args"))
-        with warnings.catch_warnings():
-            # PEFT 0.21's PeftModel.__init__ (which TRL's SFTTrainer calls) reads the deprecated
-            # `is_gradient_checkpointing`: a FutureWarning on every run that names nothing the user wrote.
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        with peft_deprecation_silenced():  # TRL's SFTTrainer builds the PeftModel here
             super().__init__(*args, **kwargs)
         self._trap_metrics = defaultdict(list)
         self._trap_steps_logged = set()

@@ -3,6 +3,7 @@ files checked against the sha256 it recorded at save."""
 
 import os
 
+from .._warnings import peft_deprecation_silenced
 from .card import (
     ADAPTER_WEIGHTS,
     CARD_NAME,
@@ -77,7 +78,8 @@ def load_protected_adapter(base_model, repo_id_or_path: str, *, check_base_model
         _check_base(base, facts, source)
     facts["source"] = repo_id_or_path
     facts["revision"] = revision
-    model = PeftModel.from_pretrained(base, folder, **kwargs)
+    with peft_deprecation_silenced():
+        model = PeftModel.from_pretrained(base, folder, **kwargs)
     return model, facts
 
 
