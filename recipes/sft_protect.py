@@ -263,7 +263,40 @@ def make_parser():
 
     from trap2_hf import Trap2SFTConfig
 
-    return TrlParser((Trap2ScriptArguments, Trap2SFTConfig, ModelConfig), prog="sft_protect.py")
+    class RecipeParser(TrlParser):
+        """TRL's parser, refusing an unknown YAML key or flag before any argument is checked or model loaded,
+        with the closest known name (TRL's own message only says to set fail_with_unknown_args=False)."""
+
+        def set_defaults_with_config(self, **kwargs) -> list[str]:
+            remaining = super().set_defaults_with_config(**kwargs)
+            refuse_unknown(self, remaining[0::2], "key in the config file")
+            return remaining
+
+        def parse_args_into_dataclasses(self, args=None, **kwargs):
+            flags = [arg.split("=", 1)[0] for arg in (args or []) if arg.startswith("--")]
+            # argparse accepts unambiguous prefixes of a flag, so a prefix is not unknown.
+            refuse_unknown(self, [f for f in flags if not any(o.startswith(f) for o in self._option_string_actions)], "flag")
+            return super().parse_args_into_dataclasses(args, **kwargs)
+
+    return RecipeParser((Trap2ScriptArguments, Trap2SFTConfig, ModelConfig), prog="sft_protect.py")
+
+
+def refuse_unknown(parser, names: list[str], what: str) -> None:
+    """Raise a ValueError naming each unknown option and the known one it most likely meant."""
+    if not names:
+        return
+    import difflib
+
+    known = sorted({action.dest for action in parser._actions if action.dest != "help"})
+    lines = []
+    for name in names:
+        bare = name.lstrip("-")
+        close = difflib.get_close_matches(bare, known, n=1)
+        lines.append(f"unknown {what} {bare!r}" + (f"; did you mean {close[0]!r}?" if close else "."))
+    raise ValueError(
+        "; ".join(lines) + " Every key and flag is a field of Trap2ScriptArguments, Trap2SFTConfig or TRL's "
+        "ModelConfig: see `python recipes/sft_protect.py --help`."
+    )
 
 
 def parse_args(argv: list[str] | None = None):

@@ -64,3 +64,31 @@ def test_settings_dict_is_exactly_the_trap_fields():
     assert settings["trap_lambda"] == 0.02
     assert all(key.startswith("trap_") for key in settings)
     assert {"trap_lambda", "trap_scale_min", "trap_scale_max", "trap_margin", "trap_weighting", "trap_target"} <= set(settings)
+
+
+@pytest.mark.parametrize("config", [make, lambda **kw: Trap2SFTConfig(output_dir="unused", report_to="none", bf16=False, **kw)])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"max_steps": 0}, "max_steps=0 trains nothing"), ({"num_train_epochs": 0}, "num_train_epochs=0 with max_steps=-1")],
+)
+def test_a_run_that_trains_nothing_is_refused(config, kwargs, message):
+    """transformers runs one step for max_steps=0; its save would carry a protection card for an untrained update."""
+    with pytest.raises(ValueError, match=message):
+        config(**kwargs)
+    assert config(max_steps=1).max_steps == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"trap_lambda": "0.1"}, r"trap_lambda must be a number, got '0.1' \(a str\)"),
+        ({"trap_rescaled_fraction": "0.25", "trap_mode": "fused"}, "trap_rescaled_fraction must be a number"),
+        ({"trap_scales_per_step": 2.0}, "trap_scales_per_step must be an integer, got 2.0"),
+        ({"trap_margin": True}, "trap_margin must be a number, got True"),
+    ],
+)
+def test_values_of_the_wrong_type_name_the_field(kwargs, message):
+    """In Python nothing parses the values; the README promises a ValueError naming the field."""
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)
+    assert make(trap_lambda=1, trap_rescaled_fraction=None).trap_lambda == 1

@@ -439,3 +439,104 @@ def _sha256(data):
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+def test_saved_files_get_the_permissions_of_an_ordinary_write(trained, tmp_path):
+    """mkstemp and safetensors write owner-only files; a release must be readable as the umask allows."""
+    previous = os.umask(0o022)
+    try:
+        out = str(tmp_path / "shared")
+        trained.save_model(out)
+        modes = {name: oct(os.stat(path).st_mode & 0o777) for name, path in all_local_files(out).items()}
+        assert {"README.md", "adapter_model.safetensors", "training_args.json"} <= set(modes)
+        assert set(modes.values()) == {"0o644"}, modes
+        os.umask(0o027)
+        trained.save_model(out)
+        assert trap2_main(["card", out, "--trap_margin", "0.1"]) == 0
+        modes = {name: oct(os.stat(path).st_mode & 0o777) for name, path in all_local_files(out).items()}
+        assert set(modes.values()) == {"0o640"}, modes
+    finally:
+        os.umask(previous)
+
+
+def test_a_trainer_left_with_nothing_to_train_refuses_and_writes_no_card(tmp_path):
+    out = str(tmp_path / "untrained")
+    trainer = make_trainer(out)
+    trainer.args.max_steps = 0  # changed after the arguments were checked
+    with pytest.raises(ValueError, match="max_steps=0 trains nothing"):
+        trainer.train()
+    assert not os.path.exists(os.path.join(out, "README.md"))
+
+
+def test_card_cli_parses_settings_as_the_training_flags_do(tmp_path, capsys):
+    """`float | None` settings are numbers; a setting not given takes its derived default (trap_offray_lambda
+    follows trap_lambda), as it would in training."""
+    from trap2_hf.hub.cli import make_parser
+
+    parsed = make_parser().parse_args(["f", "--trap_rescaled_fraction", "0.25", "--trap_offray_lambda", "0.1"])
+    assert (parsed.trap_rescaled_fraction, parsed.trap_offray_lambda) == (0.25, 0.1)
+    assert not hasattr(parsed, "trap_lambda")  # not given: the card's value or the default is recorded
+
+    folder = str(tmp_path / "elsewhere")
+    lora_model(seed=4).save_pretrained(folder)
+    argv = ["card", folder, "--trap_lambda", "0.01", "--trap_mode", "fused", "--trap_rescaled_fraction", "0.5"]
+    assert trap2_main(argv) == 0
+    assert "trap_offray_lambda=0.01" in capsys.readouterr().out
+    block = ModelCard.load(os.path.join(folder, "README.md")).data.to_dict()["trap2"]
+    assert (block["trap_lambda"], block["trap_offray_lambda"]) == (0.01, 0.01)
+    assert (block["trap_mode"], block["trap_rescaled_fraction"]) == ("fused", 0.5)
+
+    assert trap2_main(["card", folder, "--trap_offray_lambda", "0.1"]) == 0
+    _, facts = load_protected_adapter(tiny_llama(), folder)
+    assert (facts["trap_lambda"], facts["trap_offray_lambda"], facts["trap_rescaled_fraction"]) == (0.01, 0.1, 0.5)
+    assert trap2_main(["card", folder, "--trap_rescaled_fraction", "2"]) == 2
+    assert "trap_rescaled_fraction must be in (0, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_a_missing_folder_or_an_unreachable_hub_says_so(trained, tmp_path, monkeypatch):
+    """huggingface_hub's offline / not-cached error is an EntryNotFoundError too: it is not a missing card."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http as hf_http
+
+    monkeypatch.chdir(tmp_path)
+    trained.save_model("out/tiny")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"no local folder 'out/tinyy' \(did you mean 'out/tiny'\?\)") as err:
+        load_protected_adapter(tiny_llama(), "out/tinyy")
+    assert "HF_HUB_OFFLINE=1 forbids downloading" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="'me/adapter' is not in the local cache, and HF_HUB_OFFLINE=1"):
+        load_protected_adapter(tiny_llama(), "me/adapter")
+    with pytest.raises(FileNotFoundError, match="local_files_only=True forbids"):
+        load_protected_adapter(tiny_llama(), "me/adapter", local_files_only=True)
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        load_protected_adapter(tiny_llama(), "out/tiny/README.md")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)  # huggingface_hub's ~23 s of retries
+    with pytest.raises(ConnectionError, match="the Hub could not be reached") as err:
+        load_protected_adapter(tiny_llama(), "me/adapter", endpoint="http://127.0.0.1:9")  # nothing listens
+    assert "There is no local folder" not in str(err.value)
+
+
+def test_a_network_failure_while_fetching_files_is_not_called_an_interrupted_upload(hub_server, trained, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(trained.args, "hub_model_id", "dropped")
+    monkeypatch.setattr(trained.args, "hub_token", WRITE_TOKEN)
+    monkeypatch.setattr(trained, "hub_model_id", None)
+    trained.push_to_hub()
+    download = huggingface_hub.hf_hub_download
+
+    def drop_after_the_card(repo_id, filename, **kwargs):
+        if filename != "README.md":
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from (
+                ConnectionResetError("connection reset by peer")
+            )
+        return download(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", drop_after_the_card)
+    with pytest.raises(ConnectionError, match="the Hub could not be reached .ConnectionResetError") as err:
+        load_protected_adapter(tiny_llama(), "alice/dropped")
+    assert "interrupted" not in str(err.value)

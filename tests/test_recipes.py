@@ -95,13 +95,39 @@ def test_accelerate_config_loads(path):
 def test_unknown_yaml_key_is_an_error(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text((ROOT / TINY_LORA).read_text() + "trap_lamda: 0.1\n")
-    with pytest.raises(ValueError, match="trap_lamda"):
+    with pytest.raises(ValueError, match="unknown key in the config file 'trap_lamda'; did you mean 'trap_lambda'"):
+        parse(["--config", str(bad)])
+    # Refused before the dataclasses are built: a typo'd required key is reported as a typo, not as missing.
+    bad.write_text((ROOT / TINY_LORA).read_text().replace("dataset_name:", "dataset_nme:"))
+    with pytest.raises(ValueError, match="'dataset_nme'; did you mean 'dataset_name'"):
         parse(["--config", str(bad)])
 
 
 def test_unknown_flag_is_an_error():
-    with pytest.raises(ValueError, match="trap_lamda"):
+    with pytest.raises(ValueError, match="unknown flag 'trap_lamda'; did you mean 'trap_lambda'"):
         parse(["--config", str(ROOT / TINY_LORA), "--trap_lamda", "0.1"])
+    _, args, _ = parse(["--config", str(ROOT / TINY_LORA), "--trap_lamb=0.2"])  # argparse's unambiguous prefix
+    assert args.trap_lambda == 0.2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_steps", "0"], "max_steps=0 trains nothing"),
+        (["--output_dir", "{file}"], "is a file, not a folder"),
+    ],
+)
+def test_run_arguments_are_refused_before_the_model_loads(tmp_path, monkeypatch, flags, message):
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    (tmp_path / "file").write_text("not a folder")
+    flags = [flag.format(file=tmp_path / "file") for flag in flags]
+    with pytest.raises(ValueError, match=message):
+        load_recipe().main(*parse(["--config", str(ROOT / TINY_LORA), *flags]))
 
 
 def test_flags_override_yaml():

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from trl import SFTConfig, SFTTrainer
 
 from conftest import text_dataset, tiny_llama, tiny_tokenizer
@@ -63,3 +63,19 @@ def test_sft_adapter_target_needs_peft(tmp_out):
     args = sft_args(Trap2SFTConfig, tmp_out, max_steps=1)
     with pytest.raises(ValueError, match="peft_config"):
         Trap2SFTTrainer(model=tiny_llama(), args=args, train_dataset=text_dataset(4), processing_class=tiny_tokenizer())
+
+
+def test_building_the_peft_model_prints_no_foreign_deprecation(tmp_out):
+    """PEFT reads transformers' deprecated is_gradient_checkpointing while it builds the PeftModel; our users
+    never wrote that name, so the FutureWarning is not shown to them."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trap2SFTTrainer(
+            model=tiny_llama(), args=sft_args(Trap2SFTConfig, tmp_out), train_dataset=text_dataset(8),
+            processing_class=tiny_tokenizer(), peft_config=LORA,
+        )
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    with pytest.warns(FutureWarning, match="is_gradient_checkpointing"):  # the warning this guards against
+        get_peft_model(tiny_llama(), LORA)

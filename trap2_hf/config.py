@@ -4,6 +4,7 @@ Every field is a dataclass field with `help` metadata, so it is a command-line f
 with no extra code, and the model card records exactly these values.
 """
 
+import os
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
@@ -21,6 +22,8 @@ DEFAULT_RESCALED_SHARE = 0.25
 # ...and where 'auto' picks sub_batch (full fine-tuning): the scales share the micro-batch, so the re-scaled passes
 # cost one pass over it (two_pass: one per scale); on full fine-tunes this protects as two_pass does (README).
 FULL_RESCALED_SHARE = 1.0
+# What each annotated type of a setting accepts (a bool is an int to Python, never a setting's value).
+NUMBER_KINDS = {int: int, float: (int, float), float | None: (int, float, type(None))}
 
 
 @dataclass
@@ -219,6 +222,7 @@ class Trap2Settings:
 
     def validate_trap_settings(self) -> None:
         """Raise a ValueError that names the field, the value and what is allowed."""
+        self._validate_number_types()
         _check_choice("trap_weighting", self.trap_weighting, WEIGHTINGS)
         _check_choice("trap_target", self.trap_target, TARGETS)
         _check_choice("trap_scale_sampling", self.trap_scale_sampling, SCALE_SAMPLINGS)
@@ -268,6 +272,20 @@ class Trap2Settings:
                 f"do in one pass; trap_target={self.trap_target!r} needs trap_mode='two_pass' or 'sub_batch'."
             )
         self._validate_offray()
+
+    def _validate_number_types(self) -> None:
+        # In Python nothing parses the values: "0.1" would otherwise fail later in a comparison, naming no field.
+        # The annotations, not fields' .type: HfArgumentParser rewrites `float | None` there to `float`.
+        annotations = Trap2Settings.__annotations__
+        for f in fields(Trap2Settings):
+            kinds = NUMBER_KINDS.get(annotations[f.name])
+            value = getattr(self, f.name)
+            if kinds is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+                kind = "an integer" if kinds is int else "a number"
+                example = f.default if f.default is not None else 0.25
+                raise ValueError(
+                    f"{f.name} must be {kind}, got {value!r} (a {type(value).__name__}); pass e.g. {f.name}={example}."
+                )
 
     def _validate_offray(self) -> None:
         terms = self.trap_offray_terms  # raises on an unknown term
@@ -327,6 +345,26 @@ def trap_scale_intervals(scale_min: float, scale_max: float, margin: float) -> l
     return intervals
 
 
+def check_run_arguments(args) -> None:
+    """Refuse, before any model is loaded, a run that trains nothing (its save would carry a protection card
+    for an untrained update) or that could not save what it trained."""
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(
+            f"output_dir={args.output_dir!r} is a file, not a folder: the update could not be saved there. Pass "
+            "a new or existing folder."
+        )
+    if args.max_steps == 0:
+        raise ValueError(
+            "max_steps=0 trains nothing (transformers would still run one step), and the saved update would be "
+            "labelled protected. Pass max_steps > 0, or leave it at -1 to train for num_train_epochs."
+        )
+    if args.max_steps < 0 and not args.num_train_epochs > 0:
+        raise ValueError(
+            f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains nothing, and the saved "
+            "update would be labelled protected. Pass num_train_epochs > 0 or max_steps > 0."
+        )
+
+
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
@@ -340,6 +378,7 @@ class Trap2TrainingArguments(TrainingArguments, Trap2Settings):
         super().__post_init__()
         self.derive_trap_defaults()
         self.validate_trap_settings()
+        check_run_arguments(self)
 
 
 @dataclass
@@ -355,3 +394,4 @@ class Trap2SFTConfig(SFTConfig, Trap2Settings):
         super().__post_init__()
         self.derive_trap_defaults()
         self.validate_trap_settings()
+        check_run_arguments(self)

@@ -29,7 +29,15 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from .config import FULL_RESCALED_SHARE, Trap2SFTConfig, Trap2Settings, Trap2TrainingArguments
+from ._warnings import peft_deprecation_silenced
+from .config import (
+    FULL_RESCALED_SHARE,
+    Trap2SFTConfig,
+    Trap2Settings,
+    Trap2TrainingArguments,
+    check_run_arguments,
+)
+from .hub.card import ordinary_permissions
 from .hub.push import Trap2HubMixin
 from .fused import (
     FusedPlan,
@@ -72,7 +80,8 @@ class Trap2TrainerMixin:
             args = (args[0], self._with_trap_settings(args[1]), *args[2:])
         else:
             kwargs["args"] = self._with_trap_settings(kwargs.get("args"))
-        super().__init__(*args, **kwargs)
+        with peft_deprecation_silenced():  # TRL's SFTTrainer builds the PeftModel here
+            super().__init__(*args, **kwargs)
         self._trap_metrics = defaultdict(list)
         self._trap_steps_logged = set()
         self._trap_scales_cache = (None, [])
@@ -506,6 +515,7 @@ class Trap2TrainerMixin:
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As `Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint, so a run
         that crashed while saving resumes from the one before and finishes the job."""
+        check_run_arguments(self.args)  # also when args were changed after they were built
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -526,6 +536,7 @@ class Trap2TrainerMixin:
             path = os.path.join(output_dir, REFERENCE_WEIGHTS_NAME)
             tmp = path + ".tmp"
             save_file({k: v.contiguous() for k, v in self.trap_reference.items()}, tmp)
+            ordinary_permissions(tmp)
             os.replace(tmp, path)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:

@@ -8,24 +8,21 @@ Merge methods live in a registry (`methods.get(name)`, `methods.names(target)`);
 `task_vectors`; the console command is `trap2 audit --help`.
 """
 
-from . import methods
-from .methods import MergeMethod, Param
-from .metrics import load_metric
-from .report import format_table, write_report
-from .run import AuditTask, run_audit
-from .task_vectors import adapter_task_vector, applied, full_task_vector, merge_task_vectors
+from .._lazy import lazy_exports
 
-__all__ = [
-    "AuditTask",
-    "MergeMethod",
-    "Param",
-    "adapter_task_vector",
-    "applied",
-    "format_table",
-    "full_task_vector",
-    "load_metric",
-    "merge_task_vectors",
-    "methods",
-    "run_audit",
-    "write_report",
-]
+_EXPORTS = {
+    "AuditTask": ".run",
+    "MergeMethod": ".methods",
+    "Param": ".methods",
+    "adapter_task_vector": ".task_vectors",
+    "applied": ".task_vectors",
+    "format_table": ".report",
+    "full_task_vector": ".task_vectors",
+    "load_metric": ".metrics",
+    "merge_task_vectors": ".task_vectors",
+    "methods": ".methods",
+    "run_audit": ".run",
+    "write_report": ".report",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -23,6 +23,7 @@ import os
 import re
 import sys
 
+from .._warnings import peft_deprecation_silenced
 from . import methods as registry
 from .run import DEFAULT_SCALES, MODES
 
@@ -139,7 +140,8 @@ def _load_adapters(model, protected: str, unprotected: str | None, others: dict[
     peft_model = None
     for key, folder in folders.items():
         if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, folder, adapter_name=names[key])
+            with peft_deprecation_silenced():
+                peft_model = PeftModel.from_pretrained(model, folder, adapter_name=names[key])
         else:
             peft_model.load_adapter(folder, adapter_name=names[key])
     return peft_model, names

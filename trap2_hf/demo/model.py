@@ -12,6 +12,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from .._warnings import peft_deprecation_silenced
+
 # Attention projections and both feed-forward layers of every BERT block ("dense" matches
 # attention.output.dense, intermediate.dense and output.dense; the pooler is not loaded).
 LORA_TARGETS = ["query", "key", "value", "dense"]
@@ -59,7 +61,8 @@ def add_adapters(encoder: nn.Module, names: list[str], config: LoraConfig, init_
     for name in names:
         torch.manual_seed(init_seeds[name])
         if model is None:
-            model = get_peft_model(encoder, config, adapter_name=name)
+            with peft_deprecation_silenced():
+                model = get_peft_model(encoder, config, adapter_name=name)
         else:
             model.add_adapter(name, config)
     freeze_all_adapters(model)

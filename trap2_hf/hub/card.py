@@ -106,11 +106,32 @@ def verify_checksums(folder: str, recorded: dict[str, str], source: str) -> None
             )
 
 
+def ordinary_permissions(path: str) -> None:
+    """Give `path` the mode a plain open() would have: `mkstemp` (and safetensors, which writes through a
+    temporary file too) make files owner-only, and a release others on the machine cannot read is broken."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    # /proc gives the umask without setting it: os.umask() would change it for every thread for a moment.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: readers see the old or the new file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".trap2-", suffix=".tmp")
     try:
+        ordinary_permissions(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -17,14 +17,22 @@ import os
 import sys
 
 from ..config import Trap2Settings
-from .card import CARD_NAME, ProtectionCardError, read_protection, update_files, write_card
-from .push import HubPushError, create_repo, upload_folder
+from .card import CARD_NAME, SETTING_NAMES, ProtectionCardError, read_protection, update_files, write_card
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trap2 card", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    from transformers import HfArgumentParser
+
+    # The `--trap_*` flags come from Trap2Settings through the parser the recipe uses (TRL's is a subclass), so
+    # they parse as the training flags do (`float | None` as a number). A flag not given is left out of the
+    # result, so that the existing card's value, or the derived default, is recorded instead.
+    parser = HfArgumentParser(
+        Trap2Settings, prog="trap2 card", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    for action in parser._actions:
+        if action.dest in SETTING_NAMES:
+            action.default = argparse.SUPPRESS
+            action.help = f"{action.help or ''} (default: the existing card's value, else Trap2Settings' default)"
     parser.add_argument("folder", help="The update folder (adapter_config.json + adapter_model.safetensors).")
     parser.add_argument("--push", metavar="REPO_ID", help="Upload the folder (no pickles) to this Hub repo.")
     parser.add_argument("--base_model", help="Hub id of the base model the update was trained on.")
@@ -35,15 +43,6 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     parser.add_argument("--revision", help="Branch to push to (default: main).")
     parser.add_argument("--commit_message", default="Upload protected update with its Trap2 card")
-    group = parser.add_argument_group("protection settings (default: the existing card's values)")
-    for f in dataclasses.fields(Trap2Settings):
-        group.add_argument(
-            f"--{f.name}",
-            type=f.type if f.type in (int, float) else str,
-            choices=f.metadata.get("choices"),
-            default=None,
-            help=f.metadata.get("help"),
-        )
     return parser
 
 
@@ -57,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Wrote {os.path.join(args.folder, CARD_NAME)}")
     if not args.push:
         return 0
+    from .push import HubPushError  # the Trainer side of the Hub code: imported only to push
+
     try:
         repo_id = create_repo_and_push(args)
     except HubPushError as err:
@@ -82,19 +83,21 @@ def write_folder_card(args) -> str:
         )
         raise ValueError(f"{folder!r} holds no update weights as safetensors.{fix}")
     previous = _previous_block(folder)
-    names = [f.name for f in dataclasses.fields(Trap2Settings)]
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in SETTING_NAMES if hasattr(args, name)}
     if previous is None and "trap_lambda" not in given:
         raise ValueError(
             f"{folder!r} has no card with a trap2 block, so the protection settings must be given: pass at least "
             "--trap_lambda and every other --trap_* value that differs from its default (see `trap2 card --help`)."
         )
-    defaults = dataclasses.asdict(Trap2Settings())
-    settings = {**defaults, **{k: v for k, v in (previous or {}).items() if k in defaults}, **given}
-    Trap2Settings(**settings).validate_trap_settings()
+    recorded = {k: v for k, v in (previous or {}).items() if k in SETTING_NAMES}
+    # Built as the trainer builds them, so derived defaults (trap_offray_lambda = trap_lambda, the re-scaled
+    # fraction of the mode) follow the values given.
+    protection = Trap2Settings(**{**recorded, **given})
+    protection.validate_trap_settings()
+    settings = protection.trap_settings_dict()
     if previous is None:
-        defaulted = sorted(set(defaults) - set(given))
-        print(f"Recording defaults for settings not given: {', '.join(f'{k}={defaults[k]}' for k in defaulted)}")
+        defaulted = [name for name in SETTING_NAMES if name not in given]
+        print(f"Recording defaults for settings not given: {', '.join(f'{k}={settings[k]}' for k in defaulted)}")
     update = (previous or {}).get("update") or _update_kind(folder)
     return write_card(
         folder,
@@ -114,6 +117,7 @@ def create_repo_and_push(args) -> str:
     from huggingface_hub import HfApi
 
     from .. import __version__
+    from .push import create_repo, upload_folder
 
     api = HfApi(library_name="trap2_hf", library_version=__version__)
     repo_id = create_repo(api, args.push, args.folder, token=None, private=args.private or None)

@@ -3,6 +3,7 @@ files checked against the sha256 it recorded at save."""
 
 import os
 
+from .._warnings import peft_deprecation_silenced
 from .card import (
     ADAPTER_WEIGHTS,
     CARD_NAME,
@@ -40,6 +41,8 @@ def load_protected_adapter(base_model, repo_id_or_path: str, *, check_base_model
         ProtectionCardError: no card, no `trap2` block, or a malformed one.
         ChecksumMismatchError: a recorded file is missing or differs from its sha256.
         BaseModelMismatchError: `base_model` is not the card's base model.
+        FileNotFoundError: no such folder or Hub repo, or (offline) a file not in the local cache.
+        ConnectionError: a file not in the local cache, and the Hub could not be reached.
     """
     from peft import PeftModel
 
@@ -75,7 +78,8 @@ def load_protected_adapter(base_model, repo_id_or_path: str, *, check_base_model
         _check_base(base, facts, source)
     facts["source"] = repo_id_or_path
     facts["revision"] = revision
-    model = PeftModel.from_pretrained(base, folder, **kwargs)
+    with peft_deprecation_silenced():
+        model = PeftModel.from_pretrained(base, folder, **kwargs)
     return model, facts
 
 
@@ -83,22 +87,33 @@ def _fetch_card(repo_id_or_path: str, download: dict) -> tuple[str, str | None]:
     """The local folder that holds the card, and the commit it came from (None for a local folder)."""
     if os.path.isdir(repo_id_or_path):
         return repo_id_or_path, None
+    if os.path.exists(repo_id_or_path):
+        raise FileNotFoundError(f"{repo_id_or_path!r} is a file; pass the adapter folder that holds it.")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
+    missing = _missing_folder(repo_id_or_path)
     try:
         card = hf_hub_download(repo_id_or_path, CARD_NAME, **download)
     except HFValidationError as err:
         raise FileNotFoundError(
-            f"{repo_id_or_path!r} is neither a local folder nor a valid Hub repo id. Pass the adapter folder or "
-            "the repo id (namespace/name)."
+            f"{missing or f'There is no folder {repo_id_or_path!r}. '}{repo_id_or_path!r} is not a valid Hub repo id "
+            "either. Pass the adapter folder or the repo id (namespace/name)."
         ) from err
     except RepositoryNotFoundError as err:
         raise FileNotFoundError(
-            f"No Hub repo {repo_id_or_path!r} (or it is private and no token with access was given). Check the "
-            "id, or log in with `hf auth login`."
+            f"{missing}No Hub repo {repo_id_or_path!r} (or it is private and no token with access was given). "
+            "Check the id, or log in with `hf auth login`."
         ) from err
-    except EntryNotFoundError as err:
+    # Before the "no card" case: huggingface_hub's offline / not-cached error is an EntryNotFoundError too.
+    except LocalEntryNotFoundError as err:
+        raise _unreachable(repo_id_or_path, CARD_NAME, download, err, missing) from err
+    except RemoteEntryNotFoundError as err:
         raise ProtectionCardError(
             f"The Hub repo {repo_id_or_path!r} has no {CARD_NAME} model card, so its protection cannot be checked. "
             "If you trust it, load it with plain PeftModel.from_pretrained."
@@ -110,16 +125,50 @@ def _fetch_card(repo_id_or_path: str, download: dict) -> tuple[str, str | None]:
 def _fetch_files(repo_id: str, names: list[str], revision: str, download: dict) -> None:
     """Download the recorded files at the card's commit, into the card's snapshot folder."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     for name in names:
         try:
             hf_hub_download(repo_id, name, **{**download, "revision": revision})
-        except EntryNotFoundError as err:
+        except LocalEntryNotFoundError as err:
+            raise _unreachable(f"{repo_id}@{revision[:12]}", name, download, err) from err
+        except RemoteEntryNotFoundError as err:
             raise ChecksumMismatchError(
                 f"{name} is recorded in the model card of {repo_id}@{revision[:12]} but missing from the repo: the "
                 "upload was interrupted. Re-run the push (trainer.push_to_hub() or `trap2 card <folder> --push`)."
             ) from err
+
+
+def _unreachable(source: str, name: str, download: dict, err: Exception, missing: str = "") -> OSError:
+    """The error for a file that is neither cached nor downloadable: offline, or no connection."""
+    from huggingface_hub import constants
+
+    if download.get("local_files_only") or constants.is_offline_mode():
+        switch = "local_files_only=True" if download.get("local_files_only") else "HF_HUB_OFFLINE=1"
+        return FileNotFoundError(
+            f"{missing}{name} of the Hub repo {source!r} is not in the local cache, and {switch} forbids downloading "
+            "it. Download it once while online, or pass the local adapter folder."
+        )
+    cause = err.__cause__ or err
+    return ConnectionError(
+        f"{missing}Could not download {name} of the Hub repo {source!r} and it is not in the local cache: the Hub "
+        f"could not be reached ({type(cause).__name__}: {cause}). Check the connection (and HF_ENDPOINT), then retry."
+    )
+
+
+def _missing_folder(path: str) -> str:
+    """A sentence for a path that looks like a mistyped local folder (its parent exists), else ''."""
+    parent, name = os.path.split(os.path.normpath(path))
+    if not os.path.isdir(parent or "."):
+        return ""
+    import difflib
+
+    folders = [n for n in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent or ".", n))]
+    close = difflib.get_close_matches(name, folders, n=1)
+    if not parent and not close:
+        return ""  # a bare name ("gpt2") is most likely a Hub id
+    hint = f" (did you mean {os.path.join(parent, close[0])!r}?)" if close else ""
+    return f"There is no local folder {path!r}{hint}. "
 
 
 def _base_model(base_model, folder: str):

@@ -36,6 +36,7 @@ from .card import (
     ProtectionCardError,
     atomic_write_text,
     base_model_config,
+    ordinary_permissions,
     read_protection,
     sha256_files,
     split_card,
@@ -485,6 +486,7 @@ def _atomic_copy(source: str, target: str) -> None:
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)
+        ordinary_permissions(tmp)
         os.replace(tmp, target)
     finally:
         _remove(tmp)
@@ -508,4 +510,5 @@ def _move_into(staging: str, output_dir: str) -> None:
             source = os.path.join(root, name)
             target = os.path.join(output_dir, os.path.relpath(source, staging))
             os.makedirs(os.path.dirname(target), exist_ok=True)
+            ordinary_permissions(source)
             os.replace(source, target)
