@@ -262,10 +262,10 @@ class Trap2Settings:
                 f"trap_rescaled_fraction={fraction} needs trap_mode='sub_batch' or 'fused'; trap_mode='two_pass' "
                 "always re-scales the whole micro-batch."
             )
-        if self.trap_mode == "fused" and self.trap_target != "adapter":
+        if self.trap_mode == "fused" and self.trap_target == "full" and self.trap_reference_device == "cpu":
             raise ValueError(
-                "trap_mode='fused' re-scales each row of the batch by its own scale, which only a LoRA adapter can "
-                f"do in one pass; trap_target={self.trap_target!r} needs trap_mode='two_pass' or 'sub_batch'."
+                "trap_mode='fused' on a full fine-tune reads theta0 at every step, which trap_reference_device='cpu' "
+                "offloads; use trap_mode='sub_batch' or 'two_pass', or trap_reference_device='same'."
             )
         self._validate_offray()
 
