@@ -8,10 +8,10 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from conftest import VOCAB, tiny_llama, token_dataset
+from conftest import VOCAB, text_dataset, tiny_llama, tiny_tokenizer, token_dataset
 from test_modes import TWO_SCALES, auto_trainer, train
 from trap_checks import assert_grads_close
-from trap2_hf import Trap2Trainer, Trap2TrainingArguments, rescaled_parameters
+from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments, rescaled_parameters
 from trap2_hf.fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
 
 
@@ -206,6 +206,11 @@ def test_fused_full_refuses_what_it_cannot_run_exactly(tmp_out):
     with pytest.raises(ValueError, match="trap_reference_device='cpu'.*'sub_batch'"):
         Trap2TrainingArguments(output_dir=tmp_out, report_to="none", trap_mode="fused", trap_target="full",
                                trap_reference_device="cpu")
+    sft_args = Trap2SFTConfig(output_dir=tmp_out, report_to="none", use_cpu=True, bf16=False, trap_mode="fused",
+                              trap_target="full")
+    with pytest.raises(ValueError, match="TRL's fused LM head reads lm_head.weight.*'sub_batch'"):
+        Trap2SFTTrainer(model=tiny_llama(), args=sft_args, train_dataset=text_dataset(4),
+                        processing_class=tiny_tokenizer())
 
 
 class ReadsAnotherLayersWeight(nn.Module):
@@ -233,7 +238,7 @@ def test_parameters_read_outside_their_module_are_re_scaled_in_place(tmp_out, ca
     model, dataset = llama_reading_a_weight_directly(), token_dataset(8, ragged=True)
     theta0 = away_from(model)
     reference = copy.deepcopy(model)
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         trainer, grads = full_step(model, tmp_out, dataset, theta0, **TWO_SCALES)
     assert "model.norm.side holds trainable parameters but did not run as a module" in caplog.text
     assert trainer._trap_full_rows is None  # two_pass's re-scaled passes wrote theta_s into the weights

@@ -261,7 +261,7 @@ class Trap2TrainerMixin:
         self._trap_full_rows_checked = True
         skipped = [name for name, _, _ in targets if name not in called]
         if skipped:
-            logger.warning(
+            logger.info(
                 "%s holds trainable parameters but did not run as a module: its parameters are read some other way, so "
                 "the re-scaled passes write theta0 + s*(theta - theta0) into the weights instead.",
                 skipped[0],
@@ -601,6 +601,12 @@ class Trap2SFTTrainer(Trap2HubMixin, Trap2TrainerMixin, SFTTrainer):
     _trap_args_class = Trap2SFTConfig
 
     def _trap_prepare_fused(self) -> None:
+        if self.args.trap_target == "full":
+            raise ValueError(
+                "trap_mode='fused' on a full fine-tune forms theta0 + s*(theta - theta0) module by module, but TRL's "
+                "fused LM head reads lm_head.weight directly, so the copies would see theta there. Use "
+                "trap_mode='sub_batch' (auto's choice) or 'two_pass'."
+            )
         if self.args.loss_type != "nll" or self.padding_free:
             raise ValueError(
                 f"trap_mode='fused' folds re-scaled copies into TRL's per-token log-probs, which is exact for "
