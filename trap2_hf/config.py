@@ -109,8 +109,9 @@ class Trap2Settings:
             "memory stays at plain's: the memory-saving mode). 'sub_batch': the same on a random fraction "
             "trap_rescaled_fraction of the rows (any update and model; unbiased; plain's memory). 'fused': ONE "
             "forward/backward over the micro-batch plus re-scaled copies of a random fraction of its rows, each "
-            "copy at its own scale (unbiased; about 1.1-1.3x a plain step and 1 + trap_scales_per_step * fraction "
-            "times the activation memory). Protection on the demo: README, Performance.",
+            "copy at its own scale (unbiased; about 1.1-1.3x a plain step for LoRA and 1 + trap_scales_per_step * "
+            "fraction times the activation memory; full fine-tuning too where every trainable parameter sits in a "
+            "Linear, Conv1D, Embedding or norm layer and theta0 is on the device). Protection: README, Performance.",
             "choices": list(TRAP_MODES),
         },
     )
