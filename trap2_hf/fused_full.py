@@ -9,8 +9,8 @@ every module that holds a trainable parameter computes
 
 its input being what the modules before it produced for the same rows. That is the whole model at theta_s for
 the copies' rows, exactly, for any module whose rows do not interact (no batch statistics) and that reads its
-parameters as attributes; the gradient reaches theta with the factor s (d theta_s / d theta), as in two_pass. The
-modules known to be such (`FULL_ROW_MODULES`), each run its cheapest way:
+parameters as attributes inside its own forward; the gradient reaches theta with the factor s (d theta_s / d
+theta), as in two_pass. The modules known to be such (`full_row_targets`), each run its cheapest way:
 
 - Linear and GPT-2's Conv1D: one autograd function that forms each scale's weights in the forward and again in the
   backward instead of saving them (a saved copy per scale would cost K*theta of memory): a copied row costs a
@@ -21,7 +21,12 @@ modules known to be such (`FULL_ROW_MODULES`), each run its cheapest way:
   with its vectors re-scaled.
 
 A trainable parameter held by any other module (a custom layer, a parametrization, weight norm, a batch norm)
-raises NotImplementedError, and trap_mode='auto' keeps sub_batch. theta0 must be on the parameters' device.
+raises NotImplementedError; a module holding one whose forward does not run while the model does (its weights
+read elsewhere, as TRL's fused LM head reads lm_head.weight) raises RuntimeError on leaving the context. theta0
+must be on the parameters' device.
+
+`RowGroups.at_scale(s)` puts every row at s: sub_batch's and two_pass's re-scaled passes use it instead of writing
+theta_s into the weights (`rescale.rescaled_parameters`), which is what the trainer falls back to otherwise.
 """
 
 from collections.abc import Iterator

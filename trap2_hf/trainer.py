@@ -8,8 +8,8 @@ One optimizer step, per micro-batch (trap_mode='two_pass', the reference):
 'sub_batch' runs step 2 on random rows of the micro-batch; 'fused' folds step 2 into step 1 as
 re-scaled copies of random rows (see `fused.py`); 'auto' (the default) is 'fused' where that is
 exact for the model and settings, 'sub_batch' with the scales sharing the rows for full fine-tuning,
-else 'two_pass'. The maths lives in `objective.py` and `fused.py`,
-the re-scaling in `rescale.py`.
+else 'two_pass'. The maths lives in `objective.py` and `fused.py`, the re-scaling in `rescale.py`
+and, for full fine-tuning's passes and fused copies, `fused_full.py`.
 """
 
 import contextlib
