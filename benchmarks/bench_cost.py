@@ -64,7 +64,6 @@ DEFAULT_SHAPES = {"cpu": ["tiny", "small"], "cuda": ["launch", "compute"]}
 # LoRA targets per architecture: GPT-2's Conv1D layers (fan_in_fan_out), T5's attention projections
 LORA_TARGETS = {"gpt2": (["c_attn", "c_proj"], True), "t5": (["q", "k", "v", "o"], False)}
 MODES = ["auto", "two_pass", "sub_batch", "fused"]
-FULL_MODES = ["auto", "two_pass", "sub_batch"]  # fused re-scales a LoRA branch per row
 OFFLOAD = ", theta0 offloaded"
 
 
@@ -100,9 +99,8 @@ class BenchArguments:
     full_finetuning: bool = field(
         default=True,
         metadata={
-            "help": "Also full fine-tuning (no LoRA, Trainer only): plain against auto, two_pass and sub_batch (of "
-            "--modes), and on GPU auto and two_pass with theta0 offloaded (trap_reference_device='cpu'); prints the "
-            "memory beyond the theta0 copy."
+            "help": "Also full fine-tuning (no LoRA, Trainer only): plain against each of --modes, and on GPU auto and "
+            "two_pass with theta0 offloaded (trap_reference_device='cpu'); prints the memory beyond the theta0 copy."
         },
     )
     threads: int = field(default=1, metadata={"help": "torch threads on CPU."})
@@ -281,9 +279,10 @@ def bench_one(bench: BenchArguments, shape: str, kind: str, device: str, full: b
     rows = batch * (bench.warmup + bench.steps + 1)
     data = build_data(shape, rows, bench.seed, with_labels=kind == "trainer")
     tokenizer = word_tokenizer(SHAPES[shape][0]["vocab_size"]) if kind == "sft" else None
-    if full:  # no LoRA branch to fuse; theta0 offloading only means something on GPU
-        modes = [m for m in bench.modes if m in FULL_MODES]
-        variants = ["plain", *modes] + ([m + OFFLOAD for m in modes if m != "sub_batch"] if device == "cuda" else [])
+    if full:  # theta0 offloading only means something on GPU, and fused needs theta0 on the device
+        modes = list(bench.modes)
+        offloaded = [m + OFFLOAD for m in modes if m in ("auto", "two_pass")] if device == "cuda" else []
+        variants = ["plain", *modes, *offloaded]
     else:
         variants = ["plain", *bench.modes]
     seconds = {v: [] for v in variants}

@@ -112,8 +112,9 @@ class Trap2Settings:
             "memory stays at plain's: the memory-saving mode). 'sub_batch': the same on a random fraction "
             "trap_rescaled_fraction of the rows (any update and model; unbiased; plain's memory). 'fused': ONE "
             "forward/backward over the micro-batch plus re-scaled copies of a random fraction of its rows, each "
-            "copy at its own scale (unbiased; about 1.1-1.3x a plain step and 1 + trap_scales_per_step * fraction "
-            "times the activation memory). Protection on the demo: README, Performance.",
+            "copy at its own scale (unbiased; about 1.1-1.3x a plain step for LoRA and 1 + trap_scales_per_step * "
+            "fraction times the activation memory; full fine-tuning too where every trainable parameter sits in a "
+            "Linear, Conv1D, Embedding or norm layer and theta0 is on the device). Protection: README, Performance.",
             "choices": list(TRAP_MODES),
         },
     )
@@ -266,10 +267,10 @@ class Trap2Settings:
                 f"trap_rescaled_fraction={fraction} needs trap_mode='sub_batch' or 'fused'; trap_mode='two_pass' "
                 "always re-scales the whole micro-batch."
             )
-        if self.trap_mode == "fused" and self.trap_target != "adapter":
+        if self.trap_mode == "fused" and self.trap_target == "full" and self.trap_reference_device == "cpu":
             raise ValueError(
-                "trap_mode='fused' re-scales each row of the batch by its own scale, which only a LoRA adapter can "
-                f"do in one pass; trap_target={self.trap_target!r} needs trap_mode='two_pass' or 'sub_batch'."
+                "trap_mode='fused' on a full fine-tune reads theta0 at every step, which trap_reference_device='cpu' "
+                "offloads; use trap_mode='sub_batch' or 'two_pass', or trap_reference_device='same'."
             )
         self._validate_offray()
 

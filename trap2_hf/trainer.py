@@ -8,8 +8,8 @@ One optimizer step, per micro-batch (trap_mode='two_pass', the reference):
 'sub_batch' runs step 2 on random rows of the micro-batch; 'fused' folds step 2 into step 1 as
 re-scaled copies of random rows (see `fused.py`); 'auto' (the default) is 'fused' where that is
 exact for the model and settings, 'sub_batch' with the scales sharing the rows for full fine-tuning,
-else 'two_pass'. The maths lives in `objective.py` and `fused.py`,
-the re-scaling in `rescale.py`.
+else 'two_pass'. The maths lives in `objective.py` and `fused.py`, the re-scaling in `rescale.py`
+and, for full fine-tuning's passes and fused copies, `fused_full.py`.
 """
 
 import contextlib
@@ -51,6 +51,7 @@ from .fused import (
     rows_interact,
     select_rows,
 )
+from .fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
 from .objective import rescaled_loss_coefficient, sample_scales, scale_weight, step_generator
 from .offray import draw_offray, guard_draw, load_foreign_update, matched_foreign_updates, offray_layers, offray_update
 from .rescale import (
@@ -98,10 +99,12 @@ class Trap2TrainerMixin:
         self._trap_check_mode()
         self._trap_check_offray()
         self.trap_reference = None
+        self._trap_full_rows, self._trap_full_rows_checked = None, False
         if self.args.trap_target == "full":
             self.trap_reference = trap_reference or snapshot_parameters(
                 self.model, self.args.trap_reference_device, self.args.trap_reference_dtype
             )
+            self._trap_full_rows = self._trap_full_row_targets()
         self.add_callback(_SkipNonFiniteStep(self))
 
     # ----------------------------------------------------------------------------- set-up
@@ -183,10 +186,12 @@ class Trap2TrainerMixin:
                 return
             if self.args.trap_rescaled_fraction is None:
                 self.args.trap_rescaled_fraction = FULL_RESCALED_SHARE / self.args.trap_scales_per_step
+            # Not 'fused' (fused_full.py): at the fraction that protects as two_pass does, it is no faster than
+            # sub_batch and holds the copies' activations on top (benchmarks/README.md).
             self._trap_use_mode("sub_batch")
             logger.info(
-                "trap_mode='auto' chose 'sub_batch' (trap_rescaled_fraction=%g): trap_target='full' has no LoRA "
-                "branch to fuse, and re-scaled passes over part of the rows keep theta0 the only extra memory.",
+                "trap_mode='auto' chose 'sub_batch' (trap_rescaled_fraction=%g): re-scaled passes over part of the rows "
+                "keep theta0 the only extra memory.",
                 self.args.trap_rescaled_fraction,
             )
             return
@@ -232,9 +237,53 @@ class Trap2TrainerMixin:
                 "smoothing replaces. Use trap_mode='two_pass' or 'sub_batch'."
             )
         model = self.accelerator.unwrap_model(self.model)
-        self._trap_per_sample_targets = per_sample_targets(model)
+        if self.args.trap_target == "full":
+            if self.args.trap_reference_device == "cpu":
+                raise ValueError(
+                    "trap_mode='fused' on a full fine-tune reads theta0 at every step, which "
+                    "trap_reference_device='cpu' offloads. Use trap_mode='sub_batch' or keep theta0 on the device."
+                )
+            self._trap_per_sample_targets = full_row_targets(model)
+        else:
+            self._trap_per_sample_targets = per_sample_targets(model)
         self._trap_row_losses = row_loss_function(model)
         self._trap_row_losses_checked = False  # against the model's own loss, at the first fused micro-batch
+
+    def _trap_full_row_targets(self):
+        """The modules that let a full fine-tune's re-scaled passes form theta0 + s*(theta - theta0) as they run
+        (`fused_full.py`: no write into the weights, no residual, no restore), or None: then they re-scale the
+        weights in place (`rescale.rescaled_parameters`)."""
+        if self.args.trap_reference_device == "cpu":
+            return None
+        try:
+            return full_row_targets(self.accelerator.unwrap_model(self.model))
+        except (ValueError, NotImplementedError):
+            return None
+
+    @contextlib.contextmanager
+    def _trap_watch_full_rows(self):
+        """Around the first nominal pass: if a module of `_trap_full_rows` does not run, the model reads its
+        parameters some other way, which forming theta_s module by module would miss; re-scale in place instead."""
+        targets = self._trap_full_rows
+        if targets is None or self._trap_full_rows_checked:
+            yield
+            return
+        called = set()
+        handles = [m.register_forward_pre_hook(lambda *_, n=name: called.add(n)) for name, m, _ in targets]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._trap_full_rows_checked = True
+        skipped = [name for name, _, _ in targets if name not in called]
+        if skipped:
+            logger.info(
+                "%s holds trainable parameters but did not run as a module: its parameters are read some other way, so "
+                "the re-scaled passes write theta0 + s*(theta - theta0) into the weights instead.",
+                skipped[0],
+            )
+            self._trap_full_rows = None
 
     def _trap_check_offray(self) -> None:
         """Off-ray terms: find the LoRA layers they transform and load the foreign updates once."""
@@ -281,6 +330,10 @@ class Trap2TrainerMixin:
 
     def trap_rescaled(self, scale: float):
         """Context in which the model computes with its update re-scaled by `scale`."""
+        if self._trap_full_rows is not None:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            groups = RowGroups.at_scale(scale)
+            return rescaled_parameters_per_row(unwrapped, groups, self.trap_reference, self._trap_full_rows)
         return rescaled_update(
             self.accelerator.unwrap_model(self.model),
             scale,
@@ -307,7 +360,8 @@ class Trap2TrainerMixin:
         if offray:  # the step's last backward is its last off-ray pass
             last = len(scales)
         rng_state = _capture_rng_state()
-        with self._trap_not_last_backward(model) if last >= 0 else contextlib.nullcontext():
+        not_last = self._trap_not_last_backward(model) if last >= 0 else contextlib.nullcontext()
+        with not_last, self._trap_watch_full_rows():
             nominal = super().training_step(model, dict(inputs), num_items_in_batch)
         self._trap_record("nominal_loss", nominal)
         for k, scale in enumerate(scales):
@@ -434,9 +488,13 @@ class Trap2TrainerMixin:
         check = plan.num_copies > 0 and not self._trap_row_losses_checked
         with contextlib.ExitStack() as stack:
             if plan.num_copies:
-                scales_per_row = plan.sample_scales(args.device)
                 targets = self._trap_per_sample_targets
-                stack.enter_context(rescaled_adapter_per_sample(unwrapped, scales_per_row, targets=targets))
+                if args.trap_target == "full":
+                    groups = RowGroups.of_copies(batch_size, plan.copy_scale_index, scales)
+                    stack.enter_context(rescaled_parameters_per_row(unwrapped, groups, self.trap_reference, targets))
+                else:
+                    scales_per_row = plan.sample_scales(args.device)
+                    stack.enter_context(rescaled_adapter_per_sample(unwrapped, scales_per_row, targets=targets))
                 found = stack.enter_context(fused_batch(unwrapped, plan, self._trap_row_losses, check_model_loss=check))
             nominal = super().training_step(model, dict(inputs), num_items_in_batch)
             if check:  # the normaliser the model's own loss was found to use, from now on
@@ -566,6 +624,12 @@ class Trap2SFTTrainer(Trap2HubMixin, Trap2TrainerMixin, SFTTrainer):
     _trap_args_class = Trap2SFTConfig
 
     def _trap_prepare_fused(self) -> None:
+        if self.args.trap_target == "full":
+            raise ValueError(
+                "trap_mode='fused' on a full fine-tune forms theta0 + s*(theta - theta0) module by module, but TRL's "
+                "fused LM head reads lm_head.weight directly, so the copies would see theta there. Use "
+                "trap_mode='sub_batch' (auto's choice) or 'two_pass'."
+            )
         if self.args.loss_type != "nll" or self.padding_free:
             raise ValueError(
                 f"trap_mode='fused' folds re-scaled copies into TRL's per-token log-probs, which is exact for "

@@ -1,0 +1,250 @@
+"""The fused step on a full fine-tune (fused_full.py): each copied row computes with theta0 + s*(theta - theta0),
+so with every row copied (f = 1) its gradient is two_pass's, and below 1 it is sub_batch's on the same rows."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from torch import nn
+
+from conftest import VOCAB, text_dataset, tiny_llama, tiny_tokenizer, token_dataset
+from test_modes import TWO_SCALES, auto_trainer, train
+from trap_checks import assert_grads_close
+from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments, rescaled_parameters
+from trap2_hf.fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
+
+
+def tiny_gpt2():
+    """GPT-2: Conv1D layers, learned positions shared by all rows (ids of shape (1, T)), lm_head tied to wte."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # what transformers falls back to for GPT-2 (its class name does not say)
+    return model
+
+
+def minilm_classifier():
+    """The MiniLM (BERT) encoder the demo ships, with a 3-way classification head; dropout off."""
+    from transformers import BertForSequenceClassification
+
+    from trap2_hf.demo.model import minilm_path
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification.from_pretrained(
+        minilm_path(), num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+
+
+def classification_dataset(num: int = 8) -> Dataset:
+    ids = torch.randint(1000, 2000, (num, 10), generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * 10] * num, "labels": (ids[:, 0] % 3).tolist()}
+    )
+
+
+MODELS = {
+    "llama": (tiny_llama, lambda: token_dataset(8, ragged=True)),
+    "gpt2": (tiny_gpt2, lambda: token_dataset(8, ragged=True)),
+    "minilm_classifier": (minilm_classifier, classification_dataset),
+}
+
+
+def away_from(model, seed: int = 3, size: float = 0.05) -> dict[str, torch.Tensor]:
+    """A theta0 away from the current weights, so theta0 + s*(theta - theta0) is not theta."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: p.detach() + size * torch.randn(p.shape, generator=generator)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def full_step(model, out, dataset, theta0, **settings):
+    """One SGD step of a full fine-tune from the given theta0: (trainer, gradients)."""
+    original = Trap2Trainer.__init__
+
+    def with_theta0(self, *args, **kwargs):
+        original(self, *args, trap_reference=theta0, **kwargs)
+
+    Trap2Trainer.__init__ = with_theta0
+    try:
+        trainer, grads, _ = train(model, out, dataset, 8, trap_target="full", trap_lambda=0.3, **settings)
+    finally:
+        Trap2Trainer.__init__ = original
+    return trainer, grads
+
+
+def assert_relative_error(got, expected, limit):
+    """||got - expected|| / ||expected|| over all parameters at most `limit`, and each tensor close: the gradients
+    are read back as the change of fp32 weights under SGD with lr 1, exact to ~1e-7 of each weight, which
+    dominates where a tensor's gradient is far smaller than its weights (norms' gains)."""
+    difference = torch.cat([(got[key] - expected[key]).flatten() for key in expected])
+    assert difference.norm() <= limit * torch.cat([g.flatten() for g in expected.values()]).norm()
+    assert_grads_close(got, expected)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_row_copied_equals_two_pass(tmp_out, name):
+    make_model, make_dataset = MODELS[name]
+    model, dataset = make_model(), make_dataset()
+    theta0 = away_from(model)
+    twin = copy.deepcopy(model)
+    fused, fused_grads = full_step(
+        model, tmp_out + "a", dataset, theta0, trap_mode="fused", trap_rescaled_fraction=1.0, **TWO_SCALES
+    )
+    two_pass, two_pass_grads = full_step(twin, tmp_out + "b", dataset, theta0, **TWO_SCALES)
+    assert fused.args.trap_mode == "fused" and two_pass.args.trap_mode == "two_pass"
+    assert_relative_error(fused_grads, two_pass_grads, 1e-5)
+    for key in ("loss", "trap/nominal_loss", "trap/rescaled_loss"):
+        assert fused.state.log_history[0][key] == pytest.approx(two_pass.state.log_history[0][key], rel=1e-5)
+
+
+def test_part_of_the_rows_with_accumulation_equals_sub_batch_on_the_same_rows(tmp_out):
+    model, dataset = tiny_llama(), token_dataset(8, ragged=True)
+    theta0 = away_from(model)
+    twin = copy.deepcopy(model)
+    settings = dict(trap_rescaled_fraction=0.5, **TWO_SCALES)
+    original = Trap2Trainer.__init__
+
+    def with_theta0(self, *args, **kwargs):
+        original(self, *args, trap_reference=theta0, **kwargs)
+
+    grads = {}
+    Trap2Trainer.__init__ = with_theta0
+    try:
+        for mode, net in (("fused", model), ("sub_batch", twin)):
+            trainer, grads[mode], _ = train(
+                net, f"{tmp_out}/{mode}", dataset, 4, accumulation=2, trap_target="full", trap_lambda=0.3,
+                trap_mode=mode, **settings,
+            )
+            assert trainer.args.trap_mode == mode
+    finally:
+        Trap2Trainer.__init__ = original
+    rows = [trainer.trap_rows(4, step=0, micro_batch=m) for m in range(2)]
+    assert 0 < sum(len(r) for batch in rows for r in batch) < 16  # some rows re-scaled, not all
+    assert_relative_error(grads["fused"], grads["sub_batch"], 1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_row_computes_at_its_own_scale(name):
+    make_model, make_dataset = MODELS[name]
+    model = make_model().eval()
+    theta0 = away_from(model, size=0.2)
+    batch = {k: torch.tensor(v) for k, v in make_dataset()[:3].items() if k != "labels"}
+    copies = torch.tensor([0, 2, 1])  # rows 0-2 at theta; row 0 and row 2 at 0.3, row 1 at 1.7
+    scales = [0.3, 0.3, 1.7]
+    groups = RowGroups.of_copies(3, torch.tensor([0, 0, 1]), [0.3, 1.7])
+    assert groups.sizes == (3, 2, 1)
+    fused = {k: torch.cat([v, v[copies]]) for k, v in batch.items()}
+    with torch.no_grad(), rescaled_parameters_per_row(model, groups, theta0):
+        got = model(**fused).logits
+    with torch.no_grad():
+        expected = [model(**batch).logits]
+        for scale in (0.3, 1.7):
+            with rescaled_parameters(model, scale, theta0):
+                expected.append(model(**batch).logits)
+    torch.testing.assert_close(got[:3], expected[0], rtol=1e-5, atol=1e-5)
+    for j, (row, scale) in enumerate(zip(copies.tolist(), scales)):
+        at_scale = expected[1 if scale == pytest.approx(0.3) else 2]
+        torch.testing.assert_close(got[3 + j], at_scale[row], rtol=1e-4, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())  # every patched forward restored
+
+
+class ExpGain(nn.Module):
+    """A trainable layer that is not affine in its parameter: x * exp(g)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x):
+        return x * self.gain.exp()
+
+
+def llama_with_exp_gain():
+    model = tiny_llama()
+    model.model.norm = nn.Sequential(model.model.norm, ExpGain(32))
+    return model
+
+
+def llama_with_weight_norm():
+    model = tiny_llama()
+    model.lm_head = torch.nn.utils.parametrizations.weight_norm(model.lm_head)
+    return model
+
+
+@pytest.mark.parametrize(
+    "make_model, settings, on_the_fly",
+    [
+        (tiny_llama, {}, True),
+        (tiny_gpt2, {}, True),
+        (llama_with_exp_gain, {}, False),  # a module not known to be affine in its parameters
+        (llama_with_weight_norm, {}, False),  # a parametrization
+        (tiny_llama, {"trap_reference_device": "cpu"}, False),  # theta0 offloaded
+    ],
+    ids=["llama", "gpt2", "non_affine_module", "weight_norm", "theta0_offloaded"],
+)
+def test_re_scaled_passes_form_theta_s_on_the_fly_only_where_exact(tmp_out, make_model, settings, on_the_fly):
+    """auto (sub_batch) and two_pass form theta_s module by module (RowGroups.at_scale) where every trainable
+    parameter sits in a known module; elsewhere they write it into the weights (rescale.rescaled_parameters)."""
+    _, trainer = auto_trainer(tmp_out, make_model(), trap_target="full", **settings)
+    assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", 0.5)
+    assert (trainer._trap_full_rows is not None) == on_the_fly
+
+
+def test_fused_full_refuses_what_it_cannot_run_exactly(tmp_out):
+    with pytest.raises(NotImplementedError, match=r"model\.norm\.1 \(ExpGain\).*trap_mode='sub_batch'"):
+        full_row_targets(llama_with_exp_gain())
+    args = Trap2TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True, trap_mode="fused",
+                                  trap_target="full")
+    with pytest.raises(NotImplementedError, match="ExpGain"):
+        Trap2Trainer(model=llama_with_exp_gain(), args=args, train_dataset=token_dataset(4))
+    with pytest.raises(ValueError, match="trap_reference_device='cpu'.*'sub_batch'"):
+        Trap2TrainingArguments(output_dir=tmp_out, report_to="none", trap_mode="fused", trap_target="full",
+                               trap_reference_device="cpu")
+    sft_args = Trap2SFTConfig(output_dir=tmp_out, report_to="none", use_cpu=True, bf16=False, trap_mode="fused",
+                              trap_target="full")
+    with pytest.raises(ValueError, match="TRL's fused LM head reads lm_head.weight.*'sub_batch'"):
+        Trap2SFTTrainer(model=tiny_llama(), args=sft_args, train_dataset=text_dataset(4),
+                        processing_class=tiny_tokenizer())
+
+
+class ReadsAnotherLayersWeight(nn.Module):
+    """The final norm plus a term that reads `side.weight` directly: `side` holds trainable parameters but never
+    runs as a module, so theta_s formed module by module would miss them."""
+
+    def __init__(self, norm: nn.Module, side: nn.Linear):
+        super().__init__()
+        self.norm, self.side = norm, side
+
+    def forward(self, hidden_states):
+        return self.norm(hidden_states) + 0.5 * torch.nn.functional.linear(hidden_states, self.side.weight)
+
+
+def llama_reading_a_weight_directly():
+    model = tiny_llama()
+    torch.manual_seed(1)
+    model.model.norm = ReadsAnotherLayersWeight(model.model.norm, nn.Linear(32, 32, bias=False))
+    return model
+
+
+def test_parameters_read_outside_their_module_are_re_scaled_in_place(tmp_out, caplog):
+    from trap_checks import direct_full_gradients
+
+    model, dataset = llama_reading_a_weight_directly(), token_dataset(8, ragged=True)
+    theta0 = away_from(model)
+    reference = copy.deepcopy(model)
+    with caplog.at_level("INFO"):
+        trainer, grads = full_step(model, tmp_out, dataset, theta0, **TWO_SCALES)
+    assert "model.norm.side holds trainable parameters but did not run as a module" in caplog.text
+    assert trainer._trap_full_rows is None  # two_pass's re-scaled passes wrote theta_s into the weights
+    batch = {k: torch.tensor(dataset[k]) for k in ("input_ids", "attention_mask", "labels")}
+    expected = direct_full_gradients(reference, theta0, batch, trainer.trap_scales(0), 0.3, "inv")
+    assert_grads_close(grads, expected, rtol=5e-4, atol=2e-6)
+    with pytest.raises(RuntimeError, match=r"model\.norm\.side holds trainable parameters.*trap_mode='two_pass'"):
+        full_step(llama_reading_a_weight_directly(), tmp_out + "f", dataset, theta0, trap_mode="fused",
+                  trap_rescaled_fraction=1.0)
