@@ -15,7 +15,7 @@ install: $(INSTALLED)
 $(INSTALLED): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
+	$(BIN)/python -m pip install --quiet -e ".[test,demo,mergekit]"
 	touch $(INSTALLED)
 
 test: install

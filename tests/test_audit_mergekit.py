@@ -1,0 +1,267 @@
+"""mergekit as a merge backend: its merges of tiny models against the audit's own and the plain formula."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_llama
+
+from trap2_hf.audit import methods
+from trap2_hf.audit import mergekit_backend as mk
+from trap2_hf.audit.task_vectors import adapter_task_vector, full_task_vector, merge_task_vectors
+
+ISSUE_METHODS = (
+    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+    "della", "della_linear", "sce", "model_stock", "karcher", "slerp", "nuslerp",
+)
+
+
+def finetuned(seed: int, scale: float = 0.02):
+    """The tiny base (seed 0) with every parameter moved by a random step drawn from `seed`."""
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def params_of(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_params_close(model, expected: dict, atol: float = 1e-6):
+    got = params_of(model)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def three_updates():
+    return tiny_llama(), [finetuned(seed) for seed in (1, 2, 3)]
+
+
+def test_task_arithmetic_equals_the_plain_formula_and_the_audits_merge(three_updates):
+    base, updates = three_updates
+    weights = [0.5, 1.2, -0.3]
+    merged = mk.mergekit_merge(base, updates, "task_arithmetic", weights=weights)
+    theta0, thetas = params_of(base), [params_of(u) for u in updates]
+    assert_params_close(merged, {n: theta0[n] + sum(w * t[n] - w * theta0[n] for w, t in zip(weights, thetas)) for n in theta0})
+
+    shared = mk.mergekit_merge(base, updates, "task_arithmetic", weights=[0.7] * 3)
+    vectors = [full_task_vector(base, params_of(u)) for u in updates]
+    ours = merge_task_vectors(methods.get("task_arithmetic"), vectors, {"weight": 0.7})
+    assert_params_close(shared, {n: theta0[n] + ours[n] for n in theta0})
+
+
+def test_linear_equals_the_normalised_weighted_mean_and_at_one_over_n_the_audits_average(three_updates):
+    base, updates = three_updates
+    thetas = [params_of(u) for u in updates]
+    weights = [1.0, 2.0, 1.0]
+    merged = mk.mergekit_merge(base, updates, "linear", weights=weights)
+    assert_params_close(merged, {n: sum(w * t[n] for w, t in zip(weights, thetas)) / 4.0 for n in thetas[0]})
+
+    naive = mk.mergekit_merge(base, updates, "linear")
+    vectors = [full_task_vector(base, t) for t in thetas]
+    ours = merge_task_vectors(methods.get("task_arithmetic"), vectors, methods.get("task_arithmetic").average_params(3))
+    theta0 = params_of(base)
+    assert_params_close(naive, {n: theta0[n] + ours[n] for n in theta0})
+    assert all(p is not q for p, q in zip(naive.parameters(), base.parameters()))
+
+
+def test_every_method_in_the_table_runs_and_gives_finite_weights_of_the_right_shapes(three_updates):
+    base, updates = three_updates
+    assert set(ISSUE_METHODS) <= set(mk.METHODS)
+    shapes = {n: p.shape for n, p in base.named_parameters()}
+    theta0 = params_of(base)
+    checked = {}
+
+    def evaluate(model):
+        got = params_of(model)
+        assert {n: t.shape for n, t in got.items()} == shapes
+        assert all(torch.isfinite(t).all() for t in got.values())
+        return max((got[n] - theta0[n]).abs().max().item() for n in got)
+
+    for count in (2, 3):
+        for row in mk.mergekit_sweep(base, updates[:count], evaluate):
+            assert row["layout"] == "mergekit"
+            assert row["result"] > 1e-3, f"{row['method']} left the base unchanged"
+            checked.setdefault(row["method"], []).append(count)
+    assert set(checked) == set(mk.METHODS)
+    assert checked["slerp"] == [2] and checked["nuslerp"] == [2]
+    assert checked["ties"] == [2, 3] and checked["model_stock"] == [2, 3]
+
+
+def test_slerp_half_way_between_two_updates_is_symmetric_and_t_comes_from_the_weights(three_updates):
+    base, updates = three_updates
+    forward = params_of(mk.mergekit_merge(base, updates[:2], "slerp"))
+    backward = params_of(mk.mergekit_merge(base, updates[1::-1], "slerp"))
+    for name in forward:
+        torch.testing.assert_close(forward[name], backward[name], atol=1e-6, rtol=0)
+    at_end = mk.mergekit_merge(base, updates[:2], "slerp", weights=[0.0, 1.0])
+    assert_params_close(at_end, params_of(updates[1]))
+
+
+def test_the_table_matches_mergekits_registry():
+    from mergekit.merge_methods import registry
+
+    for name, method in mk.METHODS.items():
+        declared = {p.name for p in registry.get(name).spec.parameters}
+        assert set(method.naive) <= declared, name
+    assert mk.get("slerp").update_range() == (2, 2) and mk.get("slerp").base_role == mk.FIRST_UPDATE
+    assert mk.get("nuslerp").update_range() == (2, 2) and mk.get("nuslerp").base_role == mk.BASE
+    assert mk.get("model_stock").update_range() == (2, None) and not mk.get("model_stock").weighted
+    assert mk.get("linear").base_role == mk.NO_BASE and mk.get("karcher").base_role == mk.NO_BASE
+    assert mk.get("ties").naive == {"density": methods.DEFAULT_DENSITY}
+    assert mk.applicable(3) == [n for n in mk.METHODS if n not in ("slerp", "nuslerp")]
+    assert mk.naive_weights("ties", 4) == [0.25] * 4 and mk.naive_weights("sce", 4) is None
+    assert mk.informed_weights(3, others=0.6, protected_index=1) == [0.6, 1.0, 0.6]
+    table = mk.method_table()
+    assert all(f"| {name} |" in table for name in ISSUE_METHODS)
+
+
+def test_yaml_is_written_with_per_model_weights_and_densities(three_updates, tmp_path):
+    base, updates = three_updates
+    out = tmp_path / "merged"
+    mk.mergekit_merge(base, updates[:2], "ties", weights=[1.0, 0.4], params={"density": [0.5, 0.3], "normalize": False}, out_dir=str(out))
+    config = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert config["merge_method"] == "ties" and config["dtype"] == "float32"
+    assert config["parameters"] == {"normalize": False}
+    assert [m["parameters"] for m in config["models"]] == [{"density": 0.5, "weight": 1.0}, {"density": 0.3, "weight": 0.4}]
+    assert "base_model" in config
+    # mergekit's output survives, the written inputs it referenced do not
+    assert not os.path.exists(config["base_model"]) and (out / "model.safetensors").exists()
+
+
+def test_written_inputs_are_removed_with_mergekits_cached_readers(three_updates, tmp_path):
+    from mergekit.io.tasks import LoaderCache
+
+    base, updates = three_updates
+    with mk.written_inputs(base, updates[:2], workdir=str(tmp_path)) as inputs:
+        folder = mk.run_mergekit(inputs, "task_arithmetic")
+        assert os.path.isdir(folder) and len(os.listdir(tmp_path)) == 1
+    assert os.listdir(tmp_path) == []
+    assert not any(str(tmp_path) in str(ref.model.path) for ref in LoaderCache().loaders)
+
+
+def test_lora_adapters_are_folded_into_the_base(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    folders = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        folders.append(str(tmp_path / f"adapter{seed}"))
+        get_peft_model(tiny_llama(), config).save_pretrained(folders[-1])
+    peft_model = PeftModel.from_pretrained(tiny_llama(), folders[0], adapter_name="one")
+    peft_model.load_adapter(folders[1], adapter_name="two")
+
+    weights = [1.0, 0.6]
+    from_folders = mk.mergekit_merge(tiny_llama(), folders, "task_arithmetic", weights=weights)
+    from_pairs = mk.mergekit_merge(peft_model, [(peft_model, "one"), (peft_model, "two")], "task_arithmetic", weights=weights)
+
+    base = params_of(tiny_llama())
+    expected = dict(base)
+    for w, name in zip(weights, ("one", "two")):
+        for key, delta in adapter_task_vector(peft_model, name).items():
+            plain = key.removeprefix("base_model.model.").replace(".base_layer", "")
+            expected[plain] = expected[plain] + w * delta
+    assert sum(not torch.equal(expected[n], base[n]) for n in base) == 2 * 3  # 2 layers x 3 targets
+    assert_params_close(from_folders, expected)
+    assert_params_close(from_pairs, expected)
+    assert "lora_A" not in str(list(from_pairs.state_dict()))
+    assert set(peft_model.peft_config) == {"one", "two"}  # the caller's PEFT model is untouched
+
+
+def test_fine_tuned_states_and_tied_embeddings(tmp_path):
+    base = _tied_llama()
+    update = _tied_llama()
+    with torch.no_grad():
+        update.model.embed_tokens.weight.add_(0.1)
+        update.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    state = {n: p.detach().clone() for n, p in update.named_parameters()}
+    merged = mk.mergekit_merge(base, [update, state], "task_arithmetic", weights=[0.5, 0.5])
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    torch.testing.assert_close(merged.model.embed_tokens.weight, update.model.embed_tokens.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        merged.model.layers[0].mlp.up_proj.weight, update.model.layers[0].mlp.up_proj.weight, atol=1e-6, rtol=0
+    )
+
+
+def _tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _tiny_bert(seed: int):
+    """A BertModel without its pooler, like the demo's MiniLM encoder."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    model = BertModel(config, add_pooling_layer=False)
+    if seed:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def test_bert_without_pooler_merges_through_the_inferred_layout_and_leaves_user_folders_alone(tmp_path):
+    base, one, two = _tiny_bert(0), _tiny_bert(1), _tiny_bert(2)
+    folder = str(tmp_path / "two")
+    two.save_pretrained(folder)
+    config_before = (tmp_path / "two" / "config.json").read_text()
+    with mk.written_inputs(base, [one, folder]) as inputs:
+        assert inputs.layout == "inferred"
+        merged = mk.load_merged(inputs, mk.run_mergekit(inputs, "task_arithmetic", weights=[0.3, 0.9]))
+    assert (tmp_path / "two" / "config.json").read_text() == config_before
+    assert json.loads(config_before)["architectures"] == ["BertModel"]
+    theta0, t1, t2 = params_of(base), params_of(one), params_of(two)
+    assert_params_close(merged, {n: theta0[n] + 0.3 * (t1[n] - theta0[n]) + 0.9 * (t2[n] - theta0[n]) for n in theta0})
+
+
+def test_randomised_methods_follow_the_seed_and_leave_the_callers_rng_alone(three_updates):
+    base, updates = three_updates
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = params_of(mk.mergekit_merge(base, updates[:2], "dare_ties", seed=1))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = params_of(mk.mergekit_merge(base, updates[:2], "dare_ties", seed=1))
+    other = params_of(mk.mergekit_merge(base, updates[:2], "dare_ties", seed=2))
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in first)
+
+
+def test_errors_name_the_value_and_the_fix(three_updates, monkeypatch):
+    base, updates = three_updates
+    with pytest.raises(KeyError, match="Unknown mergekit method 'tiez'.*task_arithmetic.*nuslerp"):
+        mk.mergekit_merge(base, updates, "tiez")
+    with pytest.raises(ValueError, match=r"'slerp' merges exactly 2 updates; got 3"):
+        mk.mergekit_merge(base, updates, "slerp")
+    with pytest.raises(ValueError, match=r"'model_stock' merges at least 2 updates; got 1"):
+        mk.mergekit_merge(base, updates[:1], "model_stock")
+    with pytest.raises(ValueError, match=r"\['densty'\] are not parameters of mergekit's 'ties'.*'density'"):
+        mk.mergekit_merge(base, updates, "ties", params={"densty": 0.5})
+    with pytest.raises(ValueError, match="'sce' takes no per-update weights"):
+        mk.mergekit_merge(base, updates, "sce", weights=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="got 2 weights for 3 updates"):
+        mk.mergekit_merge(base, updates, "task_arithmetic", weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="'density' has 2 values for 3 updates"):
+        mk.mergekit_merge(base, updates, "ties", params={"density": [0.5, 0.5]})
+    with pytest.raises(ValueError, match="neither adapter_config.json"):
+        mk.mergekit_merge(base, ["/nonexistent/folder"], "task_arithmetic")
+    monkeypatch.setitem(sys.modules, "mergekit", None)
+    with pytest.raises(ImportError, match=r"mergekit==0\.1\.5: pip install 'trap2_hf\[mergekit\]'"):
+        mk.mergekit_merge(base, updates, "task_arithmetic")
