@@ -265,3 +265,138 @@ def test_errors_name_the_value_and_the_fix(three_updates, monkeypatch):
     monkeypatch.setitem(sys.modules, "mergekit", None)
     with pytest.raises(ImportError, match=r"mergekit==0\.1\.5: pip install 'trap2_hf\[mergekit\]'"):
         mk.mergekit_merge(base, updates, "task_arithmetic")
+
+
+# ---- the audit's section: mergekit merges measured by the audit's tasks -------------------------
+
+IDS = torch.randint(0, 48, (4, 10), generator=torch.Generator().manual_seed(0))
+
+
+def agreement_tasks(model, contexts: dict) -> list:
+    """Task t: next-token agreement with what the model predicts inside `contexts[t]()`."""
+    from trap2_hf.audit import AuditTask
+
+    with torch.no_grad():
+        labels = {}
+        for name, context in contexts.items():
+            with context:
+                labels[name] = model(input_ids=IDS).logits.argmax(-1)
+
+    def make(name):
+        return AuditTask(name, lambda m, split: (m(input_ids=IDS).logits.argmax(-1) == labels[name]).float().mean().item(), 1 / 48)
+
+    return [make(name) for name in contexts]
+
+
+def test_audit_section_merges_adapters_like_the_audits_own_task_arithmetic():
+    from contextlib import contextmanager
+
+    from peft import LoraConfig, get_peft_model
+
+    from trap2_hf.audit import run_audit
+    from trap2_hf.audit.mergekit_audit import audit_mergekit, format_mergekit_table, merged_task_vector
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), config, adapter_name="prot")
+    for name in ("twin", "other"):
+        model.add_adapter(name, config)
+    model.eval()
+
+    @contextmanager
+    def only(adapter):
+        model.set_adapter(adapter)
+        yield
+
+    tasks = agreement_tasks(model, {"t0": only("prot"), "t1": only("other")})
+    with only("prot"):
+        assert tasks[0].evaluate(model, "test") == 1.0 and tasks[1].evaluate(model, "test") < 1.0
+    section = audit_mergekit(model, tasks, "prot", "twin", {"t1": "other"}, methods=["task_arithmetic", "linear", "slerp"])
+    ours = run_audit(model, tasks, "t0", "prot", "twin", {"t1": "other"}, methods=["task_arithmetic"],
+                     modes=("average",), sweep_scales=(1.0,), progress=False)["methods"][0]
+    rows = {row["method"]: row for row in section["methods"]}
+    assert section["layout"] == "mergekit" and section["skipped"] == []
+    for method in ("task_arithmetic", "linear"):
+        assert rows[method]["weights"] == [0.5, 0.5]
+        assert rows[method]["protected"] == pytest.approx(ours["protected"], abs=1e-9)
+        assert rows[method]["unprotected"] == pytest.approx(ours["unprotected"], abs=1e-9)
+    # the delta applied is the audit's own merged vector
+    merged = mk.mergekit_merge(model, [(model, "prot"), (model, "other")], "task_arithmetic")
+    vectors = [adapter_task_vector(model, a) for a in ("prot", "other")]
+    expected = merge_task_vectors(methods.get("task_arithmetic"), vectors, {"weight": 0.5})
+    got = merged_task_vector(model, merged, "adapter")
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+    assert set(model.peft_config) == {"prot", "twin", "other"}
+    table = format_mergekit_table(section, "t0")
+    assert "| slerp | 0.5, 0.5 | - |" in table and "| task_arithmetic | 0.5, 0.5 | - |" in table
+
+
+def test_audit_section_on_full_fine_tunes_skips_methods_outside_their_contract(three_updates):
+    from trap2_hf.audit.mergekit_audit import audit_mergekit
+
+    base, updates = three_updates
+    states = [params_of(u) for u in updates]
+    contexts = {"t0": _loaded(base, states[0]), "t1": _loaded(base, states[1]), "t2": _loaded(base, states[2])}
+    tasks = agreement_tasks(base, contexts)
+    before = params_of(base)
+    section = audit_mergekit(base, tasks, states[0], None, {"t1": states[1], "t2": states[2]}, target="full",
+                             methods=["task_arithmetic", "nuslerp"])
+    assert [row["method"] for row in section["methods"]] == ["task_arithmetic"]
+    assert section["skipped"][0]["method"] == "nuslerp" and "exactly 2" in section["skipped"][0]["reason"]
+    row = section["methods"][0]
+    assert row["unprotected"] is None and set(row["protected"]) == {"t0", "t1", "t2", "average"}
+    assert all(torch.equal(p, before[n]) for n, p in params_of(base).items())  # undone exactly
+
+
+def _loaded(model, state):
+    from trap2_hf.audit.task_vectors import applied
+
+    return applied(model, full_task_vector(model, state))
+
+
+def test_cli_adds_mergekit_merges_to_the_audit(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from trap2_hf.cli import main
+
+    base_dir, out_dir = str(tmp_path / "base"), str(tmp_path / "audit")
+    tiny_llama().save_pretrained(base_dir)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    folders = {}
+    for seed, name in enumerate(("prot", "t1")):
+        torch.manual_seed(seed)
+        folders[name] = str(tmp_path / name)
+        get_peft_model(tiny_llama(), config).save_pretrained(folders[name])
+    (tmp_path / "tasks.py").write_text(TASKS_FILE)
+    code = main([
+        "audit", "--base_model", base_dir, "--tasks", str(tmp_path / "tasks.py"), "--protected_task", "t0",
+        "--protected", folders["prot"], "--other", f"t1={folders['t1']}", "--methods", "task_arithmetic",
+        "--modes", "average", "--sweep_scales", "1", "--device", "cpu", "--output_dir", out_dir, "--no_progress",
+        "--mergekit_methods", "task_arithmetic", "ties",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| mergekit method |" in printed and "| ties | 0.5, 0.5 | density=0.2 |" in printed
+    with open(os.path.join(out_dir, "audit.json")) as f:
+        results = json.load(f)
+    section = results["mergekit"]
+    assert [row["method"] for row in section["methods"]] == ["task_arithmetic", "ties"]
+    assert section["methods"][0]["protected"] == pytest.approx(results["methods"][0]["protected"], abs=1e-9)
+
+
+TASKS_FILE = '''
+import torch
+from trap2_hf.audit import AuditTask
+
+def get_tasks(model, tokenizer):
+    ids = torch.arange(24).view(2, 12) % 48
+
+    def make(name, shift):
+        def evaluate(m, split):
+            return (m(input_ids=ids).logits.argmax(-1) == (ids + shift) % 48).float().mean().item()
+        return AuditTask(name, evaluate, chance=1 / 48)
+
+    return [make("t0", 1), make("t1", 2)]
+'''

@@ -58,6 +58,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--sweep_scales", nargs="+", type=float, default=list(DEFAULT_SCALES),
         help="Scales s of the re-scaling sweep W0 + s*dW of each update alone.",
     )
+    parser.add_argument(
+        "--mergekit_methods", nargs="*", default=None, metavar="NAME",
+        help="Also merge with mergekit's own methods, naive weights (needs pip install 'trap2_hf[mergekit]'): "
+        "the names given, or with no name every method that applies to the number of updates.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the randomised merges (DARE).")
     parser.add_argument("--device", default="auto", help="Model device: auto (cuda if available), cpu, cuda, ...")
     parser.add_argument("--output_dir", default="audit", help="Folder for audit.json, audit.md and audit.png.")
@@ -99,8 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         target=args.target, methods=args.methods, modes=tuple(args.modes),
         sweep_scales=tuple(args.sweep_scales), seed=args.seed, progress=not args.no_progress,
     )
+    if args.mergekit_methods is not None:
+        from .mergekit_audit import audit_mergekit, format_mergekit_table
+
+        results["mergekit"] = audit_mergekit(
+            model, tasks, protected, unprotected, other_updates, target=args.target,
+            methods=args.mergekit_methods or None, seed=args.seed,
+        )
     paths = write_report(results, args.output_dir)
     print(format_table(results))
+    if "mergekit" in results:
+        print("\n" + format_mergekit_table(results["mergekit"], args.protected_task))
     print("\nWrote " + ", ".join(paths.values()))
     return 0
 
