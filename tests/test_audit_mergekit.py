@@ -50,7 +50,8 @@ def test_task_arithmetic_equals_the_plain_formula_and_the_audits_merge(three_upd
     weights = [0.5, 1.2, -0.3]
     merged = mk.mergekit_merge(base, updates, "task_arithmetic", weights=weights)
     theta0, thetas = params_of(base), [params_of(u) for u in updates]
-    assert_params_close(merged, {n: theta0[n] + sum(w * t[n] - w * theta0[n] for w, t in zip(weights, thetas)) for n in theta0})
+    expected = {n: theta0[n] + sum(w * (t[n] - theta0[n]) for w, t in zip(weights, thetas)) for n in theta0}
+    assert_params_close(merged, expected)
 
     shared = mk.mergekit_merge(base, updates, "task_arithmetic", weights=[0.7] * 3)
     vectors = [full_task_vector(base, params_of(u)) for u in updates]
@@ -127,11 +128,13 @@ def test_the_table_matches_mergekits_registry():
 def test_yaml_is_written_with_per_model_weights_and_densities(three_updates, tmp_path):
     base, updates = three_updates
     out = tmp_path / "merged"
-    mk.mergekit_merge(base, updates[:2], "ties", weights=[1.0, 0.4], params={"density": [0.5, 0.3], "normalize": False}, out_dir=str(out))
+    params = {"density": [0.5, 0.3], "normalize": False}
+    mk.mergekit_merge(base, updates[:2], "ties", weights=[1.0, 0.4], params=params, out_dir=str(out))
     config = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert config["merge_method"] == "ties" and config["dtype"] == "float32"
     assert config["parameters"] == {"normalize": False}
-    assert [m["parameters"] for m in config["models"]] == [{"density": 0.5, "weight": 1.0}, {"density": 0.3, "weight": 0.4}]
+    per_model = [m["parameters"] for m in config["models"]]
+    assert per_model == [{"density": 0.5, "weight": 1.0}, {"density": 0.3, "weight": 0.4}]
     assert "base_model" in config
     # mergekit's output survives, the written inputs it referenced do not
     assert not os.path.exists(config["base_model"]) and (out / "model.safetensors").exists()
@@ -162,7 +165,8 @@ def test_lora_adapters_are_folded_into_the_base(tmp_path):
 
     weights = [1.0, 0.6]
     from_folders = mk.mergekit_merge(tiny_llama(), folders, "task_arithmetic", weights=weights)
-    from_pairs = mk.mergekit_merge(peft_model, [(peft_model, "one"), (peft_model, "two")], "task_arithmetic", weights=weights)
+    pairs = [(peft_model, "one"), (peft_model, "two")]
+    from_pairs = mk.mergekit_merge(peft_model, pairs, "task_arithmetic", weights=weights)
 
     base = params_of(tiny_llama())
     expected = dict(base)
@@ -175,6 +179,20 @@ def test_lora_adapters_are_folded_into_the_base(tmp_path):
     assert_params_close(from_pairs, expected)
     assert "lora_A" not in str(list(from_pairs.state_dict()))
     assert set(peft_model.peft_config) == {"one", "two"}  # the caller's PEFT model is untouched
+
+
+def test_a_method_mergekit_refuses_is_reported_and_the_sweep_goes_on():
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(tiny_llama(), config, adapter_name="a")
+    for name in ("b", "c"):
+        model.add_adapter(name, config)
+    # multislerp raises on a tensor none of three updates changes (every tensor but q_proj here)
+    rows = mk.mergekit_sweep(model, [(model, n) for n in "abc"], lambda m: 1.0, methods=["multislerp", "ties"])
+    assert rows[0]["method"] == "multislerp" and "result" not in rows[0]
+    assert rows[0]["skipped"].startswith("mergekit raised ValueError: The weighted sum of the input tensors is zero")
+    assert rows[1]["method"] == "ties" and rows[1]["result"] == 1.0
 
 
 def test_fine_tuned_states_and_tied_embeddings(tmp_path):
@@ -283,7 +301,10 @@ def agreement_tasks(model, contexts: dict) -> list:
                 labels[name] = model(input_ids=IDS).logits.argmax(-1)
 
     def make(name):
-        return AuditTask(name, lambda m, split: (m(input_ids=IDS).logits.argmax(-1) == labels[name]).float().mean().item(), 1 / 48)
+        def evaluate(m, split):
+            return (m(input_ids=IDS).logits.argmax(-1) == labels[name]).float().mean().item()
+
+        return AuditTask(name, evaluate, 1 / 48)
 
     return [make(name) for name in contexts]
 
@@ -311,7 +332,8 @@ def test_audit_section_merges_adapters_like_the_audits_own_task_arithmetic():
     tasks = agreement_tasks(model, {"t0": only("prot"), "t1": only("other")})
     with only("prot"):
         assert tasks[0].evaluate(model, "test") == 1.0 and tasks[1].evaluate(model, "test") < 1.0
-    section = audit_mergekit(model, tasks, "prot", "twin", {"t1": "other"}, methods=["task_arithmetic", "linear", "slerp"])
+    chosen = ["task_arithmetic", "linear", "slerp"]
+    section = audit_mergekit(model, tasks, "prot", "twin", {"t1": "other"}, methods=chosen)
     ours = run_audit(model, tasks, "t0", "prot", "twin", {"t1": "other"}, methods=["task_arithmetic"],
                      modes=("average",), sweep_scales=(1.0,), progress=False)["methods"][0]
     rows = {row["method"]: row for row in section["methods"]}

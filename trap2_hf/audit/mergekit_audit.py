@@ -39,40 +39,39 @@ def audit_mergekit(
     """
     if target not in ("adapter", "full"):
         raise ValueError(f"Unknown target {target!r}; use 'adapter' or 'full'.")
-    num_updates = 1 + len(others)
-    chosen = backend.applicable(num_updates) if methods is None else [backend.get(m).name for m in methods]
     variants = {"protected": protected, **({"unprotected": unprotected} if unprotected is not None else {})}
-    rows = {name: {"method": name, "weights": backend.naive_weights(name, num_updates),
-                   "params": dict(backend.get(name).naive)} for name in chosen}
-    skipped = []
-    for name in chosen:
-        low, high = backend.get(name).update_range()
-        if num_updates < low or (high is not None and num_updates > high):
-            skipped.append({"method": name, "reason": f"needs {backend.get(name).describe()['updates']} updates, "
-                                                      f"the audit merges {num_updates}"})
-            rows.pop(name)
-    layout = None
+    sweeps = {}
     training = model.training
     model.eval()
     try:
         for variant, update in variants.items():
-            updates = [_as_input(model, u, target) for u in (update, *others.values())]
-            with backend.written_inputs(model, updates) as inputs:
-                layout = inputs.layout
-                for name, row in rows.items():
-                    folder = backend.run_mergekit(inputs, name, row["weights"], row["params"], seed=seed)
-                    delta = merged_task_vector(model, backend.load_merged(inputs, folder), target)
-                    row[variant] = _measure(model, tasks, delta, target, split)
+            updates = [(model, u) if target == "adapter" else u for u in (update, *others.values())]
+
+            def evaluate(merged):
+                return _measure(model, tasks, merged_task_vector(model, merged, target), target, split)
+
+            sweeps[variant] = backend.mergekit_sweep(model, updates, evaluate, methods=methods, seed=seed)
     finally:
         model.train(training)
+    twin = {row["method"]: row for row in sweeps.get("unprotected", [])}
+    rows, skipped = [], []
+    for row in sweeps["protected"]:
+        other = twin.get(row["method"], {})
+        if "skipped" in row:
+            skipped.append({"method": row["method"], "reason": row["skipped"]})
+            continue
+        if "skipped" in other:
+            skipped.append({"method": row["method"], "reason": f"with the twin: {other['skipped']}"})
+        entry = {k: row[k] for k in ("method", "weights", "params")}
+        rows.append({**entry, "protected": row["result"], "unprotected": other.get("result")})
     return {
         "backend": "mergekit",
         "version": backend.MERGEKIT_VERSION,
         "split": split,
         "seed": seed,
-        "layout": layout,
+        "layout": sweeps["protected"][0]["layout"] if sweeps["protected"] else None,
         "order": ["protected (or twin)", *others],
-        "methods": [{**row, "unprotected": row.get("unprotected")} for row in rows.values()],
+        "methods": rows,
         "skipped": skipped,
     }
 
@@ -112,10 +111,6 @@ def format_mergekit_table(section: dict, protected_task: str) -> str:
         )
     lines += [f"\nSkipped `{s['method']}`: {s['reason']}" for s in section["skipped"]]
     return "\n".join(lines)
-
-
-def _as_input(model, update, target: str):
-    return (model, update) if target == "adapter" else update
 
 
 def _plain_name(name: str) -> str:

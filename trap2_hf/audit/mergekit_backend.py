@@ -145,7 +145,10 @@ def informed_weights(num_updates: int, others: float, protected: float = 1.0, pr
 
 def method_table() -> str:
     """The table of methods as Markdown, from `describe()`."""
-    rows = ["| method | base | updates | weights | naive | mergekit parameters (default) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| method | base | updates | weights | naive | mergekit parameters (default) |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in METHODS.values():
         d = method.describe()
         params = ", ".join(f"{k} ({v})" for k, v in d["parameters"].items() if k != "weight")
@@ -193,7 +196,7 @@ def written_inputs(base, updates: Sequence, workdir: str | None = None) -> Itera
         base_model = _base_model(base)
         base_dir = os.path.join(root, "base")
         _save(base_model, base_dir)
-        dirs = [_write_update(base_model, update, os.path.join(root, f"update_{i}")) for i, update in enumerate(updates)]
+        dirs = [_write_update(base_model, u, os.path.join(root, f"update_{i}")) for i, u in enumerate(updates)]
         layout = _layout(base_dir)
         if layout == "inferred":
             # mergekit infers a layout when any input lacks a definition; the last update is never
@@ -211,7 +214,9 @@ def _base_model(base) -> nn.Module:
     if hasattr(base, "peft_config"):
         return copy.deepcopy(base).unload()
     if not hasattr(base, "save_pretrained"):
-        raise TypeError(f"base must be a transformers model, a PEFT model or a model folder; got {type(base).__name__}.")
+        raise TypeError(
+            f"base must be a transformers model, a PEFT model or a model folder; got {type(base).__name__}."
+        )
     return base
 
 
@@ -350,7 +355,9 @@ def _forget_readers(root: str) -> None:
 # ---- the merge ----------------------------------------------------------------------------------
 
 
-def merge_config(inputs: WrittenInputs, method: str, weights: Sequence[float] | None = None, params: dict | None = None) -> dict:
+def merge_config(
+    inputs: WrittenInputs, method: str, weights: Sequence[float] | None = None, params: dict | None = None
+) -> dict:
     """mergekit's YAML configuration (as a dict) for `method` over the written inputs.
 
     `weights` (one per update; default `naive_weights`) go to each model's `weight`; each entry of
@@ -399,7 +406,12 @@ def merge_config(inputs: WrittenInputs, method: str, weights: Sequence[float] | 
 
 
 def run_mergekit(
-    inputs: WrittenInputs, method: str, weights=None, params: dict | None = None, out_dir: str | None = None, seed: int = 0
+    inputs: WrittenInputs,
+    method: str,
+    weights: Sequence[float] | None = None,
+    params: dict | None = None,
+    out_dir: str | None = None,
+    seed: int = 0,
 ) -> str:
     """Run mergekit's merge into `out_dir` (default: a new folder under the inputs' temporary folder)
     and return it; the folder holds mergekit's `mergekit_config.yml` beside the merged weights.
@@ -464,8 +476,12 @@ def mergekit_sweep(
     seed: int = 0,
 ) -> list[dict]:
     """Every method that applies to this many updates (or `methods`), each with naive weights and
-    parameters: `[{"method", "weights", "params", "result": evaluate(merged model)}]`. Methods
-    outside their input contract are reported with `"skipped": reason`."""
+    parameters: `[{"method", "weights", "params", "layout", "result": evaluate(merged model)}]`.
+
+    A method outside its input contract, or one mergekit refuses for these updates (multislerp, for
+    instance, raises on a tensor no update changes, as with adapters), gets `"skipped": reason`
+    instead of a result, and the sweep goes on.
+    """
     chosen = applicable(len(updates)) if methods is None else [get(m).name for m in methods]
     rows = []
     with written_inputs(base, updates) as inputs:
@@ -473,9 +489,13 @@ def mergekit_sweep(
             weights = naive_weights(name, len(updates))
             row = {"method": name, "weights": weights, "params": dict(get(name).naive), "layout": inputs.layout}
             if not _fits(get(name).update_range(), len(updates)):
-                rows.append({**row, "skipped": f"needs {get(name).describe()['updates']} updates"})
+                rows.append({**row, "skipped": f"needs {get(name).describe()['updates']} updates, got {len(updates)}"})
                 continue
-            folder = run_mergekit(inputs, name, weights, seed=seed)
+            try:
+                folder = run_mergekit(inputs, name, weights, seed=seed)
+            except (ValueError, RuntimeError, TypeError) as error:
+                rows.append({**row, "skipped": f"mergekit raised {type(error).__name__}: {error}"})
+                continue
             try:
                 row["result"] = evaluate(load_merged(inputs, folder))
             finally:
