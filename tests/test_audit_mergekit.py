@@ -243,11 +243,21 @@ def test_bert_without_pooler_merges_through_the_inferred_layout_and_leaves_user_
     config_before = (tmp_path / "two" / "config.json").read_text()
     with mk.written_inputs(base, [one, folder]) as inputs:
         assert inputs.layout == "inferred"
+        # mergekit picks the reference model of an inferred layout from a set unless base_model names it
+        assert mk.merge_config(inputs, "linear")["base_model"] == inputs.update_dirs[0]
         merged = mk.load_merged(inputs, mk.run_mergekit(inputs, "task_arithmetic", weights=[0.3, 0.9]))
     assert (tmp_path / "two" / "config.json").read_text() == config_before
     assert json.loads(config_before)["architectures"] == ["BertModel"]
     theta0, t1, t2 = params_of(base), params_of(one), params_of(two)
     assert_params_close(merged, {n: theta0[n] + 0.3 * (t1[n] - theta0[n]) + 0.9 * (t2[n] - theta0[n]) for n in theta0})
+
+    # every method, including those that ignore the base (mergekit's reference model is then the first update)
+    rows = mk.mergekit_sweep(base, [one, two], lambda m: params_of(m))
+    assert [r["method"] for r in rows if "result" not in r] == []
+    linear = next(r["result"] for r in rows if r["method"] == "linear")
+    for name in theta0:
+        torch.testing.assert_close(linear[name], (t1[name] + t2[name]) / 2, atol=1e-6, rtol=0)
+    assert all(torch.isfinite(t).all() for r in rows for t in r["result"].values())
 
 
 def test_randomised_methods_follow_the_seed_and_leave_the_callers_rng_alone(three_updates):
@@ -422,3 +432,15 @@ def get_tasks(model, tokenizer):
 
     return [make("t0", 1), make("t1", 2)]
 '''
+
+
+def test_cli_lists_mergekits_methods_or_how_to_install_them(capsys, monkeypatch):
+    from trap2_hf.audit.cli import main
+
+    assert main(["--list_methods"]) == 0
+    printed = capsys.readouterr().out
+    assert "| slerp | first update | exactly 2 | t = w2 / (w1 + w2) |" in printed
+    assert all(f"| {name} |" in printed for name in ISSUE_METHODS)
+    monkeypatch.setitem(sys.modules, "mergekit", None)
+    assert main(["--list_methods"]) == 0
+    assert "pip install 'trap2_hf[mergekit]'" in capsys.readouterr().out

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.list_methods:
         print(list_methods())
+        print("\nmergekit's methods, for --mergekit_methods:\n" + _mergekit_table())
         return 0
     missing = [f"--{k}" for k in ("base_model", "tasks", "protected_task", "protected") if not getattr(args, k)]
     if missing or not args.other:
@@ -126,6 +127,15 @@ def list_methods() -> str:
         params = "; ".join(f"{p.name}: average {p.default}, best grid {list(p.grid)}" for p in method.params)
         lines.append(f"{name:<22} [{'/'.join(method.targets)}] {params}\n{'':<22} {method.summary}")
     return "\n".join(lines)
+
+
+def _mergekit_table() -> str:
+    from .mergekit_backend import method_table
+
+    try:
+        return method_table()
+    except ImportError as error:
+        return str(error)
 
 
 def _task_and_folder(parser, item: str) -> tuple[str, str]:

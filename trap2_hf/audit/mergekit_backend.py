@@ -398,7 +398,11 @@ def merge_config(
         shared.setdefault("t", 0.5 if abs(total) < 1e-12 else float(weights[1]) / total)
     if spec.base_role == BASE:
         config["base_model"] = inputs.base_dir
-    elif spec.base_role == FIRST_UPDATE:
+    elif spec.base_role == FIRST_UPDATE or inputs.layout == "inferred":
+        # A method that ignores its base still takes the first update as mergekit's reference model
+        # for an inferred layout (else mergekit picks one from a set, possibly the marked one).
+        if inputs.layout == "inferred" and n == 1:
+            raise ValueError(f"{method!r} on a single update of this architecture: pass two updates or more.")
         config["base_model"] = inputs.update_dirs[0]
     if shared:
         config["parameters"] = shared
