@@ -34,7 +34,7 @@ INSTALL_HINT = "pip install 'trap2_hf[mergekit]'"
 # How the pretrained base enters mergekit's YAML: as `base_model` (the merge works on task vectors),
 # not at all (the merge works on the full weights), or the first update as `base_model` (slerp's
 # interpolation between two models).
-BASE, NO_BASE, FIRST_UPDATE = "base_model", "not used", "first update"
+BASE, NO_BASE, FIRST_UPDATE = "pretrained base", "not used", "first update"
 # A `config.json` architecture mergekit has no definition for: it then infers the layout from the
 # checkpoints' tensor names (see `WrittenInputs.layout`).
 INFERRED_ARCHITECTURE = "Trap2InferredLayout"
