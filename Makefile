@@ -23,7 +23,7 @@ install: $(INSTALLED)
 $(INSTALLED): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(TORCH_INSTALL)
-	$(PIP_INSTALL) -e ".[test,demo]"
+	$(PIP_INSTALL) -e ".[test,demo,mergekit]"
 	touch $(INSTALLED)
 
 test: install

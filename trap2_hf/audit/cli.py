@@ -59,6 +59,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--sweep_scales", nargs="+", type=float, default=list(DEFAULT_SCALES),
         help="Scales s of the re-scaling sweep W0 + s*dW of each update alone.",
     )
+    parser.add_argument(
+        "--mergekit_methods", nargs="*", default=None, metavar="NAME",
+        help="Also merge with mergekit's own methods, naive weights (needs pip install 'trap2_hf[mergekit]'): "
+        "the names given, or with no name every method that applies to the number of updates.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the randomised merges (DARE).")
     parser.add_argument("--device", default="auto", help="Model device: auto (cuda if available), cpu, cuda, ...")
     parser.add_argument("--output_dir", default="audit", help="Folder for audit.json, audit.md and audit.png.")
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.list_methods:
         print(list_methods())
+        print("\nmergekit's methods, for --mergekit_methods:\n" + _mergekit_table())
         return 0
     missing = [f"--{k}" for k in ("base_model", "tasks", "protected_task", "protected") if not getattr(args, k)]
     if missing or not args.other:
@@ -100,8 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         target=args.target, methods=args.methods, modes=tuple(args.modes),
         sweep_scales=tuple(args.sweep_scales), seed=args.seed, progress=not args.no_progress,
     )
+    if args.mergekit_methods is not None:
+        from .mergekit_audit import audit_mergekit, format_mergekit_table
+
+        results["mergekit"] = audit_mergekit(
+            model, tasks, protected, unprotected, other_updates, target=args.target,
+            methods=args.mergekit_methods or None, seed=args.seed,
+        )
     paths = write_report(results, args.output_dir)
     print(format_table(results))
+    if "mergekit" in results:
+        print("\n" + format_mergekit_table(results["mergekit"], args.protected_task))
     print("\nWrote " + ", ".join(paths.values()))
     return 0
 
@@ -113,6 +128,15 @@ def list_methods() -> str:
         params = "; ".join(f"{p.name}: average {p.default}, best grid {list(p.grid)}" for p in method.params)
         lines.append(f"{name:<22} [{'/'.join(method.targets)}] {params}\n{'':<22} {method.summary}")
     return "\n".join(lines)
+
+
+def _mergekit_table() -> str:
+    from .mergekit_backend import method_table
+
+    try:
+        return method_table()
+    except ImportError as error:
+        return str(error)
 
 
 def _task_and_folder(parser, item: str) -> tuple[str, str]:
