@@ -122,8 +122,25 @@ def _params(entry: dict) -> str:
 
 
 def _format_params(params: dict) -> str:
-    short = {"weight": "w", "density": "d"}
-    return " ".join(f"{short.get(k, k)}={v:.3g}" for k, v in params.items())
+    """`w=0.5 d=0.3` for a shared weight; for an informed configuration the weight (and density) of
+    the released update (`rel`) and of each other task's update, and `sum` for a disjoint sum."""
+    if params is None:
+        return "–"
+    short = {"weight": "w", "weights": "w", "density": "d"}
+    parts = []
+    for key, value in params.items():
+        if isinstance(value, dict):
+            parts.append(f"{short.get(key, key)}(" + " ".join(f"{_update(k)}={v:.3g}" for k, v in value.items()) + ")")
+        elif isinstance(value, bool):
+            parts.append(key if value else {"normalize": "sum"}.get(key, f"no-{key}"))
+        else:
+            parts.append(f"{short.get(key, key)}={value:.3g}")
+    return " ".join(parts)
+
+
+def _update(key: str) -> str:
+    """The released update (protected or its twin) is `rel`; another task's update is its task name."""
+    return key.split(":", 1)[1] if key.startswith("other:") else "rel"
 
 
 def _split(results: dict) -> str:

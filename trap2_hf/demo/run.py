@@ -75,6 +75,10 @@ class DemoArguments:
     test_size: int = field(default=120, metadata={"help": "Test sentences per task (multiple of 4)."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
     methods: list[str] | None = field(default=None, metadata={"help": "Audit only these merge methods (default: all)."})
+    modes: list[str] = field(
+        default_factory=lambda: ["average", "best"],
+        metadata={"help": "Audit modes: average, best, informed (per-update weights), search (random, budgeted)."},
+    )
     foreign_tasks: list[str] | None = field(
         default=None,
         metadata={
@@ -288,7 +292,7 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
     protected = protected or setup.protected
     unprotected = setup.unprotected if unprotected == "twin" else unprotected
     common = dict(protected_task=setup.protected_task, protected=protected, unprotected=unprotected,
-                  target="adapter", methods=demo.methods, seed=demo.seed)
+                  target="adapter", methods=demo.methods, modes=tuple(demo.modes), seed=demo.seed)
     results = run_audit(setup.model, audit_tasks(setup), others=setup.others, **common)
     partner = heldout_partner(setup, demo)
     if partner is not None:
