@@ -5,20 +5,25 @@
     write_report(results, "audit/")          # audit.json, audit.md, audit.png
 
 Merge methods live in a registry (`methods.get(name)`, `methods.names(target)`); task vectors in
-`task_vectors`; the console command is `trap2 audit --help`.
+`task_vectors`; the informed attacker in `informed` (`InformedSettings`); post-merge repair in
+`repair` (`RepairSettings`); the console command is `trap2 audit --help`.
 """
 
 from . import methods
+from .informed import InformedSettings
 from .methods import MergeMethod, Param
 from .metrics import load_metric
+from .repair import RepairSettings
 from .report import format_table, write_report
 from .run import AuditTask, run_audit
 from .task_vectors import adapter_task_vector, applied, full_task_vector, merge_task_vectors
 
 __all__ = [
     "AuditTask",
+    "InformedSettings",
     "MergeMethod",
     "Param",
+    "RepairSettings",
     "adapter_task_vector",
     "applied",
     "format_table",

@@ -45,11 +45,17 @@ class AuditTask:
     `evaluate(model, split)` returns the task metric in [0, 1] (higher is better) on `split`
     ("validation" or "test") with the model's current weights and active adapter; `chance` is the
     metric of a constant or random predictor.
+
+    Post-merge repair (only for the protected task) also needs labelled training examples:
+    `train_loss(model, indices)` returns the mean loss (a tensor with gradients) of the model as it is
+    now on the training examples `indices` (a 1-D tensor of ints below `num_train`).
     """
 
     name: str
     evaluate: Callable[[nn.Module, str], float]
     chance: float
+    train_loss: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    num_train: int = 0
 
 
 def run_audit(
