@@ -30,6 +30,7 @@ from ..rescale import rescaled_update
 from . import informed as informed_attack
 from . import methods as registry
 from .informed import InformedSettings
+from .summary import attack_rows
 from .task_vectors import TaskVector, adapter_task_vector, applied, full_task_vector, merge_task_vectors
 
 MODES = ("average", "best", *informed_attack.MODES)
@@ -129,8 +130,7 @@ def run_audit(
 
             repaired = run_repair(auditor, repair, entries, variants, context)
     task_names = [t.name for t in tasks]
-    extra = {} if repaired is None else {"repair": repaired}
-    return extra | {
+    results = {
         "protected_task": protected_task,
         "target": target,
         "tasks": task_names,
@@ -158,6 +158,10 @@ def run_audit(
             "declared": {name: registry.get(name).describe() for name in chosen},
         },
     }
+    if repaired is not None:
+        results["repair"] = repaired
+    results["attacks"] = attack_rows(results)
+    return results
 
 
 @dataclass
