@@ -50,6 +50,8 @@ class InformedSettings:
     protected_range: tuple[float, float] = (0.7, 1.3)
     other_range: tuple[float, float] = (0.0, 1.5)
     density_range: tuple[float, float] = (0.2, 1.0)
+    # The methods the informed modes attack; None: every audited method.
+    methods: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if 1.0 not in self.protected_weights:
@@ -65,6 +67,9 @@ class InformedSettings:
             raise ValueError(f"min_gain_kept={self.min_gain_kept} must be a fraction in [0, 1], e.g. 0.6.")
         if self.budget < 1:
             raise ValueError(f"budget={self.budget} must be at least 1 merge per method.")
+
+    def attacks(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
 
     def describe(self) -> dict:
         return asdict(self)

@@ -12,6 +12,7 @@ initialisation (both are functions of `seed`), so the protected update, its twin
 paired. The k-example pools are nested (the 16 are among the 64).
 """
 
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -93,6 +94,7 @@ def run_repair(
             if isinstance(reference.get("density"), dict):
                 reference["density"] = {k: d for k, d in reference["density"].items() if k != "protected"}
             runs = {**configs, "reference": reference}
+            start = time.perf_counter()
             row = {"method": name, "stage": stage, "configs": runs, "before": {}, "after": {}, "training": {}}
             for run, config in runs.items():
                 vector = auditor.config_vector(method, config)
@@ -101,6 +103,7 @@ def run_repair(
                     score, log = fine_tune_and_score(auditor, task, vector, k, settings)
                     row["after"].setdefault(str(k), {})[run] = score
                     row["training"].setdefault(str(k), {})[run] = log
+            row["seconds"] = time.perf_counter() - start
             rows.append(row)
     return {"settings": settings.describe(), "rows": rows}
 

@@ -18,6 +18,7 @@ created as a temporary adapter and deleted), so the base model is loaded once.
 """
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -86,6 +87,9 @@ def run_audit(
     """
     chosen = _check_arguments(model, tasks, protected_task, protected, unprotected, others, target, methods, modes)
     informed = informed or InformedSettings()
+    stray = [m for m in informed.methods or () if m not in chosen]
+    if stray:
+        raise ValueError(f"InformedSettings.methods {stray} are not among the audited methods {chosen}; audit them too.")
     other_keys = {t: f"other:{t}" for t in others}
     updates = {"protected": protected, "unprotected": unprotected, **{other_keys[t]: u for t, u in others.items()}}
     auditor = _Auditor(model, tasks, target, updates, seed)
@@ -95,7 +99,7 @@ def run_audit(
         repair.check(tasks, protected_task, target, chosen)
     total = (
         1 + len(others) + len(variants) * (1 + len(sweep_scales)) + attacked * (1 + len(others))
-        + len(variants) * sum(_evaluations(registry.get(m), mode, informed) for m in chosen for mode in modes)
+        + len(variants) * sum(_evaluations(name, modes, informed) for name in chosen)
     )
     with auditor.session(total, progress):
         base = auditor.measure(auditor.base, REPORT_SPLIT)
@@ -118,12 +122,14 @@ def run_audit(
         for name in chosen:
             method = registry.get(name)
             try:
-                for mode in modes:
+                for mode in _modes_for(name, modes, informed):
+                    start = time.perf_counter()
                     entries.append(_audit_method(auditor, method, mode, variants, context))
+                    entries[-1]["seconds"] = time.perf_counter() - start
             except _MergeUnsupported as error:
                 entries = [e for e in entries if e["method"] != name]
                 skipped.append({"method": name, "reason": str(error)})
-                auditor.skip(len(variants) * sum(_evaluations(method, mode, informed) for mode in modes))
+                auditor.skip(len(variants) * _evaluations(name, modes, informed))
         repaired = None
         if repair is not None:
             from .repair import run_repair
@@ -238,10 +244,19 @@ def _tested(result: dict) -> int:
     return len({id(config) for config in picks})
 
 
-def _evaluations(method, mode: str, informed: InformedSettings) -> int:
-    if mode in informed_attack.MODES:
-        return informed_attack.evaluations(method, mode, informed)
-    return 1 if mode == "average" else len(method.grid()) + 1
+def _modes_for(method: str, modes: tuple, informed: InformedSettings) -> list[str]:
+    return [m for m in modes if m not in informed_attack.MODES or informed.attacks(method)]
+
+
+def _evaluations(name: str, modes: tuple, informed: InformedSettings) -> int:
+    """Merges one variant costs for method `name` over `modes` (the progress bar's total)."""
+    method, total = registry.get(name), 0
+    for mode in _modes_for(name, modes, informed):
+        if mode in informed_attack.MODES:
+            total += informed_attack.evaluations(method, mode, informed)
+        else:
+            total += 1 if mode == "average" else len(method.grid()) + 1
+    return total
 
 
 class _MergeUnsupported(Exception):
