@@ -20,14 +20,6 @@ from trap2_hf.audit.run import _Auditor
 from trap2_hf.audit.task_vectors import applied, merge_task_vectors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def t(rows):
     return torch.tensor(rows, dtype=torch.float32)
 

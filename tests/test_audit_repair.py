@@ -16,14 +16,6 @@ TRAIN_IDS = torch.randint(0, VOCAB, (32, 10), generator=torch.Generator().manual
 SETTINGS = RepairSettings(ks=(4, 16), steps=6, learning_rate=1e-2, batch_size=4, rank=2, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def with_training_data(model, tasks):
     """Task t0 learns to predict what the protected adapter predicts on TRAIN_IDS."""
     model.set_adapter("prot")

@@ -85,8 +85,9 @@ class DemoArguments:
         metadata={"help": "Audit modes: average, best, informed (per-update weights), search (random, budgeted)."},
     )
     informed_methods: list[str] = field(
-        default_factory=lambda: ["task_arithmetic", "ties", "dare_ties", "peft_cat"],
-        metadata={"help": "The merge methods the informed and search modes attack (each on its full grid)."},
+        default_factory=lambda: ["task_arithmetic", "ties", "dare_ties"],
+        metadata={"help": "The merge methods the informed and search modes attack, each on its full grid (peft_cat is "
+            "task arithmetic exactly)."},
     )
     search_budget: int = field(default=16, metadata={"help": "search mode: random merges per method and update."})
     repair_ks: list[int] = field(
