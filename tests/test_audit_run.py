@@ -81,7 +81,7 @@ def adapter_audit():
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     results = run_audit(
         model, tasks, "t0", "prot", "twin", {"t1": "other1", "t2": "other2"},
-        sweep_scales=SCALES, seed=0, progress=False,
+        modes=("average", "best"), sweep_scales=SCALES, seed=0, progress=False,
     )
     return model, tasks, results, weights, flags
 
@@ -209,7 +209,7 @@ def test_full_finetune_audit_restores_frozen_base_weights():
     tasks = next_token_tasks(model, {"t0": loaded("t0"), "t1": loaded("t1")})
     results = run_audit(
         model, tasks, "t0", states["t0"], None, {"t1": states["t1"]}, target="full",
-        methods=["task_arithmetic", "dare_ties"], sweep_scales=SCALES, progress=False,
+        methods=["task_arithmetic", "dare_ties"], modes=("average", "best"), sweep_scales=SCALES, progress=False,
     )
     assert results["standalone"] == {"protected": 1.0, "unprotected": None}
     assert results["finetuned"] == {"t0": None, "t1": 1.0}

@@ -5,15 +5,18 @@
     write_report(results, "audit/")          # audit.json, audit.md, audit.png
 
 Merge methods live in a registry (`methods.get(name)`, `methods.names(target)`); task vectors in
-`task_vectors`; the console command is `trap2 audit --help`.
+`task_vectors`; the informed attacker in `informed` (`InformedSettings`); post-merge repair in
+`repair` (`RepairSettings`); the console command is `trap2 audit --help`.
 """
 
 from .._lazy import lazy_exports
 
 _EXPORTS = {
     "AuditTask": ".run",
+    "InformedSettings": ".informed",
     "MergeMethod": ".methods",
     "Param": ".methods",
+    "RepairSettings": ".repair",
     "adapter_task_vector": ".task_vectors",
     "applied": ".task_vectors",
     "format_table": ".report",

@@ -14,7 +14,8 @@ The tasks file is a Python file defining
 
 where each AuditTask's `evaluate(model, split)` returns a metric in [0, 1] on split "validation" or
 "test" with the model's current weights (`trap2_hf.audit.load_metric("accuracy")` is available
-offline). It writes audit.json, audit.md and audit.png to --output_dir and prints the table.
+offline); for --repair_ks the protected task's AuditTask also gives `train_loss(model, indices)` and
+`num_train`. It writes audit.json, audit.md and audit.png to --output_dir and prints the table.
 """
 
 import argparse
@@ -25,6 +26,8 @@ import sys
 
 from .._warnings import peft_deprecation_silenced
 from . import methods as registry
+from .informed import InformedSettings
+from .repair import RepairSettings
 from .run import DEFAULT_SCALES, MODES
 
 
@@ -64,7 +67,36 @@ def make_parser() -> argparse.ArgumentParser:
         help="Also merge with mergekit's own methods, naive weights (needs pip install 'trap2_hf[mergekit]'): "
         "the names given, or with no name every method that applies to the number of updates.",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the randomised merges (DARE).")
+    informed, repair = InformedSettings(), RepairSettings()
+    parser.add_argument(
+        "--protected_weights", nargs="+", type=float, default=list(informed.protected_weights),
+        help="informed mode: weights of the released update (must include 1.0).",
+    )
+    parser.add_argument(
+        "--other_weights", nargs="+", type=float, default=list(informed.other_weights),
+        help="informed mode: weights shared by the other updates.",
+    )
+    parser.add_argument(
+        "--min_gain_kept", type=float, default=informed.min_gain_kept,
+        help="informed/search: the headline objective only counts merges where every other task keeps this "
+        "fraction of its gain over the base model.",
+    )
+    parser.add_argument(
+        "--search_budget", type=int, default=informed.budget, help="search mode: random merges per method."
+    )
+    parser.add_argument(
+        "--repair_ks", nargs="+", type=int, default=None, metavar="K",
+        help="Post-merge repair with K labelled examples of the protected task (e.g. 16 64 256); the tasks file's "
+        "protected AuditTask must define train_loss and num_train. Default: no repair.",
+    )
+    parser.add_argument("--repair_steps", type=int, default=repair.steps, help="Repair: optimizer steps.")
+    parser.add_argument("--repair_learning_rate", type=float, default=repair.learning_rate, help="Repair: AdamW lr.")
+    parser.add_argument("--repair_batch_size", type=int, default=repair.batch_size, help="Repair: batch size.")
+    parser.add_argument("--repair_rank", type=int, default=repair.rank, help="Repair: rank of the fresh LoRA.")
+    parser.add_argument(
+        "--repair_methods", nargs="+", default=list(repair.methods), help="Repair: weight-space merges repaired."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the randomised merges (DARE) and the search.")
     parser.add_argument("--device", default="auto", help="Model device: auto (cuda if available), cpu, cuda, ...")
     parser.add_argument("--output_dir", default="audit", help="Folder for audit.json, audit.md and audit.png.")
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
@@ -105,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         model, tasks, args.protected_task, protected, unprotected, other_updates,
         target=args.target, methods=args.methods, modes=tuple(args.modes),
         sweep_scales=tuple(args.sweep_scales), seed=args.seed, progress=not args.no_progress,
+        informed=InformedSettings(
+            protected_weights=tuple(args.protected_weights), other_weights=tuple(args.other_weights),
+            min_gain_kept=args.min_gain_kept, budget=args.search_budget,
+        ),
+        repair=None if not args.repair_ks else RepairSettings(
+            ks=tuple(args.repair_ks), steps=args.repair_steps, learning_rate=args.repair_learning_rate,
+            batch_size=args.repair_batch_size, rank=args.repair_rank, methods=tuple(args.repair_methods),
+            seed=args.seed,
+        ),
     )
     if args.mergekit_methods is not None:
         from .mergekit_audit import audit_mergekit, format_mergekit_table

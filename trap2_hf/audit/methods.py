@@ -71,8 +71,13 @@ class MergeMethod:
     randomized: bool = False
     targets: tuple[str, ...] = field(default=("adapter", "full"))
     # merge(taus, w * 1) == w * merge(taus, 1) for a shared weight w (with the same seed): one merge
-    # serves every weight of the grid.
+    # serves every weight of the grid. The weight-space merges here are linear in each update's own
+    # weight too, which the informed mode uses the same way.
     linear_in_weight: bool = False
+    # The keyword arguments that let each update enter at its own weight instead of a share of it
+    # (TIES's disjoint mean divides by the number of agreeing updates; `normalize=False` sums): what
+    # an attacker who wants the protected update at its nominal scale sets (mergekit: normalize: false).
+    compensation: tuple[tuple[str, object], ...] = ()
 
     def average_params(self, num_updates: int) -> dict[str, float]:
         return {p.name: p.resolve(num_updates) for p in self.params}
@@ -85,12 +90,18 @@ class MergeMethod:
         points = [dict(zip((p.name for p in ordered), values)) for values in grids]
         return [{p.name: point[p.name] for p in self.params} for point in points]
 
+    @property
+    def density_per_update(self) -> bool:
+        """Whether each update may have its own density (weight-space merges; peft's is shared)."""
+        return self.kind == WEIGHTS and any(p.name == "density" for p in self.params)
+
     def describe(self) -> dict:
         return {
             "kind": self.kind,
             "summary": self.summary,
             "randomized": self.randomized,
             "linear_in_weight": self.linear_in_weight,
+            "compensation": dict(self.compensation),
             "targets": list(self.targets),
             "params": [p.as_dict() for p in self.params],
         }
@@ -130,16 +141,27 @@ def _weighted(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.
     return stacked * merge_utils.reshape_weight_task_tensors(stacked, weights.to(stacked))
 
 
-def _sparsified(task_tensors: list[torch.Tensor], density: float, how: str) -> list[torch.Tensor]:
-    if density >= 1.0:
-        return list(task_tensors)
-    return [merge_utils.prune(t, density, method=how, rescale=how == "random") for t in task_tensors]
+def _sparsified(task_tensors: list[torch.Tensor], density, how: str) -> list[torch.Tensor]:
+    """Each update pruned to `density` (one float for all, or one per update); 1.0 keeps it whole."""
+    densities = [density] * len(task_tensors) if isinstance(density, (int, float)) else list(density)
+    if len(densities) != len(task_tensors):
+        raise ValueError(f"Got {len(densities)} densities for {len(task_tensors)} updates; pass one per update.")
+    return [
+        t if d >= 1.0 else merge_utils.prune(t, d, method=how, rescale=how == "random")
+        for t, d in zip(task_tensors, densities)
+    ]
 
 
-def _elect_and_disjoint_mean(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """TIES steps 2-3: elect each entry's sign by total mass, average the weighted entries that agree."""
+def _elect_and_disjoint_mean(
+    task_tensors: list[torch.Tensor], weights: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
+    """TIES steps 2-3: elect each entry's sign by total mass, average the weighted entries that agree
+    (`normalize=False`: sum them, so each update keeps its own weight)."""
     sign_mask = merge_utils.calculate_majority_sign_mask(torch.stack(task_tensors), method="total")
-    return merge_utils.disjoint_merge(_weighted(task_tensors, weights), sign_mask)
+    weighted = _weighted(task_tensors, weights)
+    if normalize:
+        return merge_utils.disjoint_merge(weighted, sign_mask)
+    return (weighted * sign_mask).sum(dim=0)
 
 
 def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -147,24 +169,26 @@ def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> 
     return merge_utils.task_arithmetic(task_tensors, weights.to(task_tensors[0]))
 
 
-def ties(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+def ties(task_tensors: list[torch.Tensor], weights: torch.Tensor, density, normalize: bool = True) -> torch.Tensor:
     """TIES (Yadav et al., 2023): keep each update's top-`density` entries by magnitude, elect signs,
     disjoint mean."""
-    return _elect_and_disjoint_mean(_sparsified(task_tensors, density, "magnitude"), weights)
+    return _elect_and_disjoint_mean(_sparsified(task_tensors, density, "magnitude"), weights, normalize)
 
 
-def dare_linear(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+def dare_linear(task_tensors: list[torch.Tensor], weights: torch.Tensor, density) -> torch.Tensor:
     """DARE (Yu et al., 2024): drop entries at random, keep each with prob. `density` rescaled by
     1/density, then task arithmetic."""
     return task_arithmetic(_sparsified(task_tensors, density, "random"), weights)
 
 
-def dare_ties(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+def dare_ties(
+    task_tensors: list[torch.Tensor], weights: torch.Tensor, density, normalize: bool = True
+) -> torch.Tensor:
     """DARE's random drop and rescale, then TIES's sign election and disjoint mean."""
-    return _elect_and_disjoint_mean(_sparsified(task_tensors, density, "random"), weights)
+    return _elect_and_disjoint_mean(_sparsified(task_tensors, density, "random"), weights, normalize)
 
 
-def magnitude_prune(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_prune(task_tensors: list[torch.Tensor], weights: torch.Tensor, density) -> torch.Tensor:
     """Keep each update's top-`density` entries by magnitude, then task arithmetic (no sign election)."""
     return task_arithmetic(_sparsified(task_tensors, density, "magnitude"), weights)
 
@@ -205,17 +229,22 @@ def _polar(matrix: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def _weight_space(name: str, merge, sparse: bool, randomized: bool = False) -> MergeMethod:
-    """Each weight-space merge here is linear in its shared weight: signs are elected on the
+def _weight_space(name: str, merge, sparse: bool, randomized: bool = False, compensation=()) -> MergeMethod:
+    """Each weight-space merge here is linear in each update's weight: signs are elected on the
     unweighted updates and DARE's masks depend on the seed only."""
     params = (weight_param(SPARSE_WEIGHTS), density_param()) if sparse else (weight_param(LINEAR_WEIGHTS),)
-    return MergeMethod(name, WEIGHTS, params, _summary(merge), merge, randomized=randomized, linear_in_weight=True)
+    return MergeMethod(
+        name, WEIGHTS, params, _summary(merge), merge, randomized=randomized, linear_in_weight=True,
+        compensation=tuple(compensation),
+    )
 
+
+DISJOINT_SUM = (("normalize", False),)
 
 register(_weight_space("task_arithmetic", task_arithmetic, sparse=False))
-register(_weight_space("ties", ties, sparse=True))
+register(_weight_space("ties", ties, sparse=True, compensation=DISJOINT_SUM))
 register(_weight_space("dare_linear", dare_linear, sparse=True, randomized=True))
-register(_weight_space("dare_ties", dare_ties, sparse=True, randomized=True))
+register(_weight_space("dare_ties", dare_ties, sparse=True, randomized=True, compensation=DISJOINT_SUM))
 register(_weight_space("magnitude_prune", magnitude_prune, sparse=True))
 register(_weight_space("tsv", tsv, sparse=False))
 
@@ -243,9 +272,11 @@ register(_peft("dare_ties", "DARE-TIES on A and on B separately", True, randomiz
 register(_peft("magnitude_prune", "magnitude pruning on A and on B separately", True))
 
 
-def combine_adapters(model, method: MergeMethod, adapters: list[str], params: dict[str, float], name: str) -> None:
+def combine_adapters(
+    model, method: MergeMethod, adapters: list[str], params: dict[str, float], name: str, weights=None
+) -> None:
     """Create adapter `name` on the PEFT `model` by `add_weighted_adapter` with `method`'s combination
-    type and one shared weight; the caller activates and deletes it."""
+    type and one shared weight (or `weights`, one per adapter); the caller activates and deletes it."""
     if method.kind != PEFT:
         raise ValueError(f"{method.name!r} is a weight-space merge, not a PEFT combination type.")
     if name in model.peft_config:
@@ -253,7 +284,7 @@ def combine_adapters(model, method: MergeMethod, adapters: list[str], params: di
     kwargs = {"density": params["density"]} if "density" in params else {}
     model.add_weighted_adapter(
         adapters=list(adapters),
-        weights=[params["weight"]] * len(adapters),
+        weights=[params["weight"]] * len(adapters) if weights is None else [float(w) for w in weights],
         adapter_name=name,
         combination_type=method.combination_type,
         **kwargs,

@@ -1,11 +1,12 @@
-"""The audit's outputs: audit.json (everything run_audit returned), audit.md (the table), audit.png
-(the re-scaling curve and, per method, the protected task merged with the protected update vs its twin)."""
+"""The audit's outputs: audit.json (everything run_audit returned), audit.md (the verdict and the
+tables), audit.png (the re-scaling curve; per method, the protected task merged with the protected
+update vs its twin; and, with informed attacks or repair, every attack per method)."""
 
 import json
+import math
 import os
 
-# A merge "held" when the protected task stays within this margin of max(base, chance).
-HELD_MARGIN = 0.05
+from .summary import ATTACKS, HELD_MARGIN, attack_rows, held, report_split, threat_summary
 
 
 def format_table(results: dict) -> str:
@@ -17,7 +18,10 @@ def format_table(results: dict) -> str:
     standalone = results["standalone"]
     curve = results["rescale_curve"]
     lines = [
-        f"Protected task `{task}` ({_split(results)} split). Chance {_f(chance[task])}, base model {_f(base[task])}, "
+        *threat_summary(results),
+        "",
+        *_attack_table(results),
+        f"Protected task `{task}` ({report_split(results)} split). Chance {_f(chance[task])}, base model {_f(base[task])}, "
         f"alone: protected {_f(standalone['protected'])}, unprotected twin {_f(standalone['unprotected'])}. "
         f"A merge holds (✓) when the protected task stays at or below max(base, chance) + {HELD_MARGIN:g} "
         f"= {_f(floor + HELD_MARGIN)}.",
@@ -40,15 +44,88 @@ def format_table(results: dict) -> str:
     ]
     for entry in results["methods"]:
         protected, twin = entry["protected"], entry.get("unprotected")
-        held = "✓" if protected[task] <= floor + HELD_MARGIN + 1e-9 else "✗"
+        mark = "✓" if held(protected[task], results) else "✗"
         lines.append(
             f"| {entry['method']} | {entry['mode']} | {_params(entry)} | {_f(protected[task])} | "
-            f"{_f(twin[task] if twin else None)} | {held} | {_f(protected['average'])} | "
+            f"{_f(twin[task] if twin else None)} | {mark} | {_f(protected['average'])} | "
             f"{_f(twin['average'] if twin else None)} |"
         )
     for skipped in results.get("skipped", []):
         lines.append(f"\nSkipped `{skipped['method']}`: {skipped['reason']}")
+    lines += _repair_table(results)
     return "\n".join(lines)
+
+
+def _attack_table(results: dict) -> list[str]:
+    """Per method, the protected task under each attack: `protected / twin`. Empty without informed
+    attacks or repair (the per-mode table below says it all)."""
+    grid = _attack_grid(results)
+    if grid is None:
+        return []
+    methods, columns, labels, by_key = grid
+    info = (results.get("config") or {}).get("informed") or {}
+    lines = [
+        f"`{results['protected_task']}` under each attack: merged with the protected update / with its twin "
+        "(repair: / without the released update). Informed grid: released update's weight in "
+        f"{info.get('protected_weights')}, the others' shared weight in {info.get('other_weights')}, the released "
+        f"update unpruned and TIES summed; random search: {info.get('budget')} merges per method.",
+        "",
+        "| method | " + " | ".join(labels[c] for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for method in methods:
+        cells = []
+        for column in columns:
+            row = by_key.get((method, column))
+            if row is None:
+                cells.append("–")
+            else:
+                third = row["reference"] if "reference" in row else row["unprotected"]
+                cells.append(f"{_f(row['protected'])} / {_f(third)}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _attack_grid(results: dict):
+    """(methods, attack columns, column labels, {(method, attack): row}), or None when only the
+    average and best modes ran (nothing beyond the per-mode table)."""
+    rows = attack_rows(results)
+    attacks = [a for a in ATTACKS if any(r["attack"] == a for r in rows)]
+    repairs = sorted({r["attack"] for r in rows if r["attack"].startswith("repair:")}, key=_repair_order)
+    if not any(a not in ("average", "best") for a in attacks) and not repairs:
+        return None
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    labels = {r["attack"]: r["label"] for r in rows}
+    return methods, attacks + repairs, labels, {(r["method"], r["attack"]): r for r in rows}
+
+
+def _repair_table(results: dict) -> list[str]:
+    section = results.get("repair")
+    if not section:
+        return []
+    task = results["protected_task"]
+    settings = section["settings"]
+    lines = [
+        "",
+        f"Post-merge repair: a fresh rank-{settings['rank']} LoRA, {settings['steps']} steps at lr "
+        f"{settings['learning_rate']:g} (batch {settings['batch_size']}), on k labelled `{task}` examples.",
+        "",
+        f"| method | merge repaired | k | {task}: w/ protected (before → after) | w/ twin (before → after) | "
+        "without the released update (before → after) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in section["rows"]:
+        for k, after in row["after"].items():
+            cells = [
+                f"{_f(row['before'].get(run))} → {_f(after.get(run))}" for run in ("protected", "unprotected", "reference")
+            ]
+            lines.append(f"| {row['method']} | {row['stage']} | {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _repair_order(attack: str):
+    _, stage, k = attack.split(":")
+    return (stage != "average", int(k))
 
 
 def write_report(results: dict, output_dir: str) -> dict[str, str]:
@@ -65,7 +142,9 @@ def write_report(results: dict, output_dir: str) -> dict[str, str]:
 
 def plot(results: dict, path: str) -> None:
     """Left: the protected task along W0 + s*dW for each update alone. Right: the protected task
-    after each merge, with the protected update vs with its twin."""
+    after each merge, with the protected update vs with its twin. Below, with informed attacks or
+    repair: per method and attack, the protected task with the protected update (colour and first
+    number) and with the twin or, for repair, without the released update (second number)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,9 +153,12 @@ def plot(results: dict, path: str) -> None:
     task = results["protected_task"]
     base, chance = results["base"][task], results["chance"][task]
     entries = results["methods"]
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(13, max(4.5, 0.28 * len(entries) + 1.5)), gridspec_kw={"width_ratios": [1, 1.3]}
-    )
+    grid = _attack_grid(results)
+    top = max(4.5, 0.28 * len(entries) + 1.5)
+    bottom = 0 if grid is None else 0.45 * len(grid[0]) + 3.0
+    fig = plt.figure(figsize=(13, top + bottom))
+    layout = fig.add_gridspec(2 if grid else 1, 2, width_ratios=[1, 1.3], height_ratios=[top, bottom] if grid else None)
+    left, right = fig.add_subplot(layout[0, 0]), fig.add_subplot(layout[0, 1])
     curve = results["rescale_curve"]
     left.plot(curve["scales"], curve["protected"], "o-", color="tab:red", label="protected")
     if curve.get("unprotected"):
@@ -100,10 +182,35 @@ def plot(results: dict, path: str) -> None:
     right.invert_yaxis()
     right.set(xlabel=f"{task} metric after merging (test)", title="Merged with the other updates")
     right.set_xlim(0, 1.02)
-    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=4, fontsize=8)  # below: never over a bar
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, fontsize=8)  # below: never over a bar
+    if grid is not None:
+        _plot_attacks(fig.add_subplot(layout[1, :]), grid, task)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _plot_attacks(ax, grid, task: str) -> None:
+    methods, columns, labels, by_key = grid
+    values = [[_value(by_key.get((m, c)), "protected") for c in columns] for m in methods]
+    image = ax.imshow(values, cmap="Reds", vmin=0.0, vmax=1.0, aspect="auto")
+    for i, method in enumerate(methods):
+        for j, column in enumerate(columns):
+            row = by_key.get((method, column))
+            if row is not None:
+                other = row["reference"] if "reference" in row else row["unprotected"]
+                text = f"{_f(row['protected'])}\n{_f(other)}"
+                dark = row["protected"] is not None and row["protected"] > 0.6
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    ax.set_xticks(range(len(columns)), [labels[c] for c in columns], rotation=25, ha="right", fontsize=7)
+    ax.set_yticks(range(len(methods)), methods, fontsize=7)
+    ax.set_title(f"{task} (test) per attack: with the protected update (top, colour) / twin or, for repair, "
+                 "without the released update (bottom)", fontsize=9)
+    ax.figure.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+
+
+def _value(row, key):
+    return math.nan if row is None or row.get(key) is None else row[key]
 
 
 def _own_average(results: dict, variant: str):
@@ -116,18 +223,31 @@ def _own_average(results: dict, variant: str):
 def _params(entry: dict) -> str:
     text = _format_params(entry["params"])
     twin = entry.get("unprotected_params")
-    if twin is not None and twin != entry["params"]:
+    if twin is not None and _format_params(twin) != text:
         text += f" (twin: {_format_params(twin)})"
     return text
 
 
 def _format_params(params: dict) -> str:
-    short = {"weight": "w", "density": "d"}
-    return " ".join(f"{short.get(k, k)}={v:.3g}" for k, v in params.items())
+    """`w=0.5 d=0.3` for a shared weight; for an informed configuration the weight (and density) of
+    the released update (`rel`) and of each other task's update, and `sum` for a disjoint sum."""
+    if params is None:
+        return "–"
+    short = {"weight": "w", "weights": "w", "density": "d"}
+    parts = []
+    for key, value in params.items():
+        if isinstance(value, dict):
+            parts.append(f"{short.get(key, key)}(" + " ".join(f"{_update(k)}={v:.3g}" for k, v in value.items()) + ")")
+        elif isinstance(value, bool):
+            parts.append(key if value else {"normalize": "sum"}.get(key, f"no-{key}"))
+        else:
+            parts.append(f"{short.get(key, key)}={value:.3g}")
+    return " ".join(parts)
 
 
-def _split(results: dict) -> str:
-    return results.get("config", {}).get("splits", {}).get("report", "test")
+def _update(key: str) -> str:
+    """The released update (protected or its twin) is `rel`; another task's update is its task name."""
+    return key.split(":", 1)[1] if key.startswith("other:") else "rel"
 
 
 def _mean(values):

@@ -4,16 +4,21 @@ For one protected update (and optionally its unprotected twin, trained the same 
 and the updates of other tasks on the same base, the audit measures every task on held-out data:
 
 - the base model, each update alone, and the protected task along the re-scaling ray W0 + s*dW;
-- every registered merge method in two modes: `average` (weights 1/N, the method's default density:
-  what a naive merger does) and `best` (attacker-optimistic: the method's grid searched on the
-  validation split for the highest merged average over all tasks, the test split reported). Each
-  merge is run once with the protected update and once with the twin in its place.
+- every registered merge method in up to four modes: `average` (weights 1/N, the method's default
+  density: what a naive merger does), `best` (attacker-optimistic: the method's grid searched on the
+  validation split for the highest merged average over all tasks, the test split reported), and the
+  informed attacker's `informed` (per-update weights around the released update's nominal scale) and
+  `search` (a budgeted random search), see `informed.py`. Each merge is run once with the protected
+  update and once with the twin in its place;
+- optionally, post-merge repair (`repair.py`): a fresh LoRA fine-tuned on k labelled examples of the
+  protected task on the merged weights, against the same fine-tune without the released update.
 
 Merges are applied to the weights in place and undone exactly (or, for PEFT combination types,
 created as a temporary adapter and deleted), so the base model is loaded once.
 """
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -23,10 +28,13 @@ import torch
 from torch import nn
 
 from ..rescale import rescaled_update
+from . import informed as informed_attack
 from . import methods as registry
+from .informed import InformedSettings
+from .summary import attack_rows
 from .task_vectors import TaskVector, adapter_task_vector, applied, full_task_vector, merge_task_vectors
 
-MODES = ("average", "best")
+MODES = ("average", "best", *informed_attack.MODES)
 SEARCH_SPLIT, REPORT_SPLIT = "validation", "test"
 MERGED_ADAPTER = "trap2_audit_merge"
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
@@ -39,11 +47,17 @@ class AuditTask:
     `evaluate(model, split)` returns the task metric in [0, 1] (higher is better) on `split`
     ("validation" or "test") with the model's current weights and active adapter; `chance` is the
     metric of a constant or random predictor.
+
+    Post-merge repair (only for the protected task) also needs labelled training examples:
+    `train_loss(model, indices)` returns the mean loss (a tensor with gradients) of the model as it is
+    now on the training examples `indices` (a 1-D tensor of ints below `num_train`).
     """
 
     name: str
     evaluate: Callable[[nn.Module, str], float]
     chance: float
+    train_loss: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    num_train: int = 0
 
 
 def run_audit(
@@ -59,6 +73,8 @@ def run_audit(
     sweep_scales: tuple = DEFAULT_SCALES,
     seed: int = 0,
     progress: bool = True,
+    informed: InformedSettings | None = None,
+    repair=None,
 ) -> dict:
     """Run the audit and return the content of `audit.json`.
 
@@ -66,16 +82,24 @@ def run_audit(
     `protected`, `unprotected` and the values of `others` are adapter names. With `target="full"`,
     `model` is the base model (its current weights are theta0) and they are fine-tuned states
     `{parameter name: tensor}`. `unprotected` may be None. `methods` defaults to every registered
-    method that applies to `target`.
+    method that applies to `target`. `informed` sets the informed attacker's grids and budget (default
+    `InformedSettings()`); `repair` (a `RepairSettings`) adds the post-merge repair section.
     """
     chosen = _check_arguments(model, tasks, protected_task, protected, unprotected, others, target, methods, modes)
+    informed = informed or InformedSettings()
+    stray = [m for m in informed.methods or () if m not in chosen]
+    if stray:
+        raise ValueError(f"InformedSettings.methods {stray} are not among the audited methods {chosen}; audit them too.")
     other_keys = {t: f"other:{t}" for t in others}
     updates = {"protected": protected, "unprotected": unprotected, **{other_keys[t]: u for t, u in others.items()}}
     auditor = _Auditor(model, tasks, target, updates, seed)
     variants = ["protected"] + (["unprotected"] if unprotected is not None else [])
+    attacked = any(mode in informed_attack.MODES for mode in modes)
+    if repair is not None:
+        repair.check(tasks, protected_task, target, chosen)
     total = (
-        1 + len(others) + len(variants) * (1 + len(sweep_scales))
-        + len(variants) * sum(_evaluations(registry.get(m), mode) for m in chosen for mode in modes)
+        1 + len(others) + len(variants) * (1 + len(sweep_scales)) + attacked * (1 + len(others))
+        + len(variants) * sum(_evaluations(name, modes, informed) for name in chosen)
     )
     with auditor.session(total, progress):
         base = auditor.measure(auditor.base, REPORT_SPLIT)
@@ -85,18 +109,34 @@ def run_audit(
             v: [auditor.score(lambda v=v, s=s: auditor.rescaled(v, s), protected_task) for s in sweep_scales]
             for v in variants
         }
+        references = {REPORT_SPLIT: {"base": base, "finetuned": finetuned}}
+        if attacked:
+            references[SEARCH_SPLIT] = {
+                "base": auditor.measure(auditor.base, SEARCH_SPLIT),
+                "finetuned": {
+                    t: auditor.score(lambda k=k: auditor.alone(k), t, SEARCH_SPLIT) for t, k in other_keys.items()
+                },
+            }
+        context = _AttackContext(protected_task, list(other_keys.values()), list(others), references, informed)
         entries, skipped = [], []
         for name in chosen:
             method = registry.get(name)
             try:
-                for mode in modes:
-                    entries.append(_audit_method(auditor, method, mode, variants, list(other_keys.values())))
+                for mode in _modes_for(name, modes, informed):
+                    start = time.perf_counter()
+                    entries.append(_audit_method(auditor, method, mode, variants, context))
+                    entries[-1]["seconds"] = time.perf_counter() - start
             except _MergeUnsupported as error:
                 entries = [e for e in entries if e["method"] != name]
                 skipped.append({"method": name, "reason": str(error)})
-                auditor.skip(len(variants) * sum(_evaluations(method, mode) for mode in modes))
+                auditor.skip(len(variants) * _evaluations(name, modes, informed))
+        repaired = None
+        if repair is not None:
+            from .repair import run_repair
+
+            repaired = run_repair(auditor, repair, entries, variants, context)
     task_names = [t.name for t in tasks]
-    return {
+    results = {
         "protected_task": protected_task,
         "target": target,
         "tasks": task_names,
@@ -114,6 +154,7 @@ def run_audit(
         "config": {
             "seed": seed,
             "modes": list(modes),
+            "informed": informed.describe() if attacked else None,
             "splits": {"search": SEARCH_SPLIT, "report": REPORT_SPLIT},
             "updates": {
                 "protected": _describe(protected, target),
@@ -123,12 +164,30 @@ def run_audit(
             "declared": {name: registry.get(name).describe() for name in chosen},
         },
     }
+    if repaired is not None:
+        results["repair"] = repaired
+    results["attacks"] = attack_rows(results)
+    return results
 
 
-def _audit_method(auditor: "_Auditor", method, mode: str, variants: list[str], others: list[str]) -> dict:
+@dataclass
+class _AttackContext:
+    """What every informed attack needs besides the method: the tasks, the update keys, the
+    per-split base and own-update metrics that define each task's gain, the settings."""
+
+    protected_task: str
+    other_keys: list[str]
+    other_tasks: list[str]
+    references: dict
+    settings: InformedSettings
+
+
+def _audit_method(auditor: "_Auditor", method, mode: str, variants: list[str], context: _AttackContext) -> dict:
+    if mode in informed_attack.MODES:
+        return _informed_entry(auditor, method, mode, variants, context)
     entry = {"method": method.name, "mode": mode}
     for variant in variants:
-        keys = [variant, *others]
+        keys = [variant, *context.other_keys]
         if mode == "average":
             params, search = method.average_params(len(keys)), None
         else:
@@ -147,8 +206,57 @@ def _audit_method(auditor: "_Auditor", method, mode: str, variants: list[str], o
     return entry
 
 
-def _evaluations(method, mode: str) -> int:
-    return 1 if mode == "average" else len(method.grid()) + 1
+def _informed_entry(auditor: "_Auditor", method, mode: str, variants: list[str], context: _AttackContext) -> dict:
+    """One informed-attacker entry: per variant, both objectives' picks (test scores), the searched
+    configurations (validation scores). `protected`/`params` carry the `mean` objective's pick, as in
+    the other modes; `objectives[...]["constrained"]` is the headline."""
+    entry = {"method": method.name, "mode": mode, "objectives": {o: {} for o in informed_attack.OBJECTIVES}}
+    settings = context.settings
+    for variant in variants:
+        if mode == "informed":
+            configs = informed_attack.grid_configs(method, variant, context.other_keys, settings)
+        else:
+            configs = informed_attack.search_configs(method, variant, context.other_keys, settings, auditor.seed)
+        reuse = mode == "informed"
+
+        def evaluate(config, split, reuse=reuse):
+            return auditor.measure(lambda: auditor.merged_config(method, config, reuse), split)
+
+        result = informed_attack.attack(
+            evaluate, configs, variant, context.protected_task, context.other_tasks, context.references,
+            settings.min_gain_kept,
+        )
+        auditor.skip(informed_attack.evaluations(method, mode, settings) - len(configs) - _tested(result))
+        for objective in informed_attack.OBJECTIVES:
+            entry["objectives"][objective][variant] = result[objective]
+        mean = result["mean"]
+        entry["params" if variant == "protected" else "unprotected_params"] = mean and mean["config"]
+        entry[variant] = mean and mean["test"]
+        entry.setdefault("search", {})[variant] = result["searched"]
+    entry["evaluations"] = len(configs)
+    entry.setdefault("unprotected", None)
+    entry.setdefault("unprotected_params", None)
+    return entry
+
+
+def _tested(result: dict) -> int:
+    picks = [result[o]["config"] for o in informed_attack.OBJECTIVES if result[o] is not None]
+    return len({id(config) for config in picks})
+
+
+def _modes_for(method: str, modes: tuple, informed: InformedSettings) -> list[str]:
+    return [m for m in modes if m not in informed_attack.MODES or informed.attacks(method)]
+
+
+def _evaluations(name: str, modes: tuple, informed: InformedSettings) -> int:
+    """Merges one variant costs for method `name` over `modes` (the progress bar's total)."""
+    method, total = registry.get(name), 0
+    for mode in _modes_for(name, modes, informed):
+        if mode in informed_attack.MODES:
+            total += informed_attack.evaluations(method, mode, informed)
+        else:
+            total += 1 if mode == "average" else len(method.grid()) + 1
+    return total
 
 
 class _MergeUnsupported(Exception):
@@ -162,6 +270,7 @@ class _Auditor:
         self.model, self.tasks, self.target, self.updates, self.seed = model, tasks, target, updates, seed
         self._vectors: dict[str, TaskVector] = {}
         self._unit_merge: tuple = (None, None)
+        self._shares: tuple = (None, None)
         self._bar = None
 
     @contextmanager
@@ -205,9 +314,9 @@ class _Auditor:
             scores["average"] = sum(scores.values()) / len(scores)
         return scores
 
-    def score(self, context: Callable, task: str) -> float:
-        """One task's metric on the report split inside `context()`."""
-        return self.measure(context, REPORT_SPLIT, [task])[task]
+    def score(self, context: Callable, task: str, split: str = REPORT_SPLIT) -> float:
+        """One task's metric on `split` (default: the report split) inside `context()`."""
+        return self.measure(context, split, [task])[task]
 
     def base(self):
         return self.model.disable_adapter() if self.target == "adapter" else nullcontext()
@@ -244,6 +353,48 @@ class _Auditor:
         with self._combined_adapter(method, [self.updates[k] for k in keys], params):
             yield
 
+    @contextmanager
+    def merged_config(self, method, config: dict, reuse: bool = False) -> Iterator[None]:
+        """The merge of one informed configuration ({"weights": {key: w}, "density": ..., ...});
+        updates with weight 0 leave the merge. `reuse` keeps each update's share of a weight-space
+        merge for the next configurations of the same structure (the informed grid)."""
+        keys, weights, params = self._per_update(config)
+        if method.kind == registry.WEIGHTS:
+            with self.base(), applied(self.model, self.config_vector(method, config, reuse)):
+                yield
+            return
+        with self._combined_adapter(method, [self.updates[k] for k in keys], params, weights):
+            yield
+
+    def config_vector(self, method, config: dict, reuse: bool = False) -> TaskVector:
+        """The merged task vector of a configuration, for a weight-space method."""
+        keys, weights, params = self._per_update(config)
+        if not (reuse and method.linear_in_weight):
+            return merge_task_vectors(method, [self.vector(k) for k in keys], params, self.seed, weights)
+        cache_key = (method.name, tuple(keys), repr(sorted(params.items())))
+        if self._shares[0] != cache_key:
+            self._shares = (cache_key, None)
+            vectors = [self.vector(k) for k in keys]
+            shares = [
+                merge_task_vectors(method, vectors, params, self.seed, [float(i == j) for j in range(len(keys))])
+                for i in range(len(keys))
+            ]
+            self._shares = (cache_key, shares)
+        merged: TaskVector = {}
+        for share, weight in zip(self._shares[1], weights):
+            for name, tensor in share.items():
+                merged[name] = merged[name] + weight * tensor if name in merged else weight * tensor
+        return merged
+
+    @staticmethod
+    def _per_update(config: dict) -> tuple[list[str], list[float], dict]:
+        keys = [k for k, w in config["weights"].items() if w != 0]
+        weights = [float(config["weights"][k]) for k in keys]
+        params = {k: v for k, v in config.items() if k != "weights"}
+        if isinstance(params.get("density"), dict):
+            params["density"] = [float(params["density"][k]) for k in keys]
+        return keys, weights, params
+
     def _merged_vector(self, method, keys: list[str], params: dict) -> tuple[TaskVector, float]:
         """The merged task vector and the scale to apply it at; for a method linear in its shared
         weight, the merge at weight 1 is kept and re-used along the weight grid."""
@@ -258,11 +409,11 @@ class _Auditor:
         return self._unit_merge[1], float(params["weight"])
 
     @contextmanager
-    def _combined_adapter(self, method, adapters: list[str], params: dict) -> Iterator[None]:
+    def _combined_adapter(self, method, adapters: list[str], params: dict, weights=None) -> Iterator[None]:
         try:
             with torch.random.fork_rng():
                 torch.manual_seed(self.seed)
-                registry.combine_adapters(self.model, method, adapters, params, MERGED_ADAPTER)
+                registry.combine_adapters(self.model, method, adapters, params, MERGED_ADAPTER, weights)
             self.model.set_adapter(MERGED_ADAPTER, inference_mode=True)
         except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
             self._drop_merged_adapter()

@@ -77,9 +77,11 @@ def full_task_vector(model: nn.Module, finetuned: Mapping[str, torch.Tensor]) ->
 
 
 def merge_task_vectors(
-    method: MergeMethod, vectors: list[TaskVector], params: Mapping[str, float], seed: int = 0
+    method: MergeMethod, vectors: list[TaskVector], params: Mapping, seed: int = 0, weights=None
 ) -> TaskVector:
-    """Merge task vectors tensor by tensor with a `weights` method; `params["weight"]` is shared by all.
+    """Merge task vectors tensor by tensor with a `weights` method; `params["weight"]` is shared by all,
+    unless `weights` gives one per vector (then `params` needs no "weight"; a density may also be a
+    list, one per vector).
 
     A tensor missing from a vector counts as zero (an adapter that does not touch that layer).
     Randomised methods draw from a fork of the global RNG seeded with `seed`: reproducible, and the
@@ -88,7 +90,12 @@ def merge_task_vectors(
     if method.kind != WEIGHTS:
         raise ValueError(f"{method.name!r} is a PEFT combination type; it merges adapters, not task vectors.")
     extra = {k: v for k, v in params.items() if k != "weight"}
-    weights = torch.full((len(vectors),), float(params["weight"]))
+    if weights is None:
+        weights = torch.full((len(vectors),), float(params["weight"]))
+    else:
+        if len(weights) != len(vectors):
+            raise ValueError(f"Got {len(weights)} weights for {len(vectors)} task vectors; pass one per vector.")
+        weights = torch.tensor([float(w) for w in weights])
     keys = sorted(set().union(*vectors))
     merged = {}
     with torch.random.fork_rng(devices=_cuda_devices(vectors)):

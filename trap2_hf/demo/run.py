@@ -25,6 +25,9 @@ import torch
 from peft import PeftModel
 from transformers import HfArgumentParser, PrinterCallback, TrainerCallback
 
+from ..audit import methods as methods_registry
+from ..audit.informed import InformedSettings
+from ..audit.repair import RepairSettings
 from ..callbacks import RescaleCurveCallback
 from ..config import Trap2Settings, Trap2TrainingArguments
 from ..trainer import Trap2Trainer
@@ -34,6 +37,8 @@ from .tasks import TASK_SETS, make_task_set
 # The audit's merges that combine updates linearly, W0 + sum_i w_i dW_i (up to peft's cross terms or
 # rank truncation): the ones the demo's protection criterion covers.
 LINEAR_METHODS = ("task_arithmetic", "peft_linear", "peft_cat", "peft_svd")
+# The merge the demo repairs (a weight-space merge: the fresh LoRA trains on the merged weights).
+REPAIR_METHODS = ("task_arithmetic",)
 
 
 @dataclass
@@ -75,6 +80,26 @@ class DemoArguments:
     test_size: int = field(default=120, metadata={"help": "Test sentences per task (multiple of 4)."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
     methods: list[str] | None = field(default=None, metadata={"help": "Audit only these merge methods (default: all)."})
+    modes: list[str] = field(
+        default_factory=lambda: ["average", "best", "informed", "search"],
+        metadata={"help": "Audit modes: average, best, informed (per-update weights), search (random, budgeted)."},
+    )
+    informed_methods: list[str] = field(
+        default_factory=lambda: ["task_arithmetic"],
+        metadata={
+            "help": "The merge methods the informed and search modes attack, each on its full grid (default: task "
+            "arithmetic only, to fit the demo's time budget; add ties dare_ties for the sparsifying merges)."
+        },
+    )
+    search_budget: int = field(default=16, metadata={"help": "search mode: random merges per method and update."})
+    repair_ks: list[int] = field(
+        default_factory=lambda: [16, 64, 256],
+        metadata={
+            "help": "Post-merge repair with k labelled examples of the protected task (k above train_size are left "
+            "out); empty: no repair."
+        },
+    )
+    repair_steps: int = field(default=40, metadata={"help": "Repair: steps of the fresh LoRA."})
     foreign_tasks: list[str] | None = field(
         default=None,
         metadata={
@@ -225,7 +250,20 @@ def audit_tasks(setup: DemoSetup) -> list:
     def evaluator(task):
         return lambda model, split: demo_model.accuracy(model, setup.heads[task], setup.data[task][split])
 
-    return [AuditTask(name=t.name, evaluate=evaluator(t.name), chance=t.chance) for t in setup.tasks]
+    def train_loss(task):
+        train = setup.data[task]["train"]
+
+        def loss(model, indices):
+            batch = demo_model.trimmed_collate([{k: v[i] for k, v in train.items()} for i in indices.tolist()])
+            logits = demo_model.classify(model, setup.heads[task], batch["input_ids"], batch["attention_mask"])
+            return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+        return loss
+
+    return [
+        AuditTask(t.name, evaluator(t.name), t.chance, train_loss(t.name), len(setup.data[t.name]["train"]["labels"]))
+        for t in setup.tasks
+    ]
 
 
 def train_all(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings, log=print) -> dict:
@@ -289,11 +327,26 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
     unprotected = setup.unprotected if unprotected == "twin" else unprotected
     common = dict(protected_task=setup.protected_task, protected=protected, unprotected=unprotected,
                   target="adapter", methods=demo.methods, seed=demo.seed)
-    results = run_audit(setup.model, audit_tasks(setup), others=setup.others, **common)
+    audited = demo.methods or methods_registry.names("adapter")
+    attacked = tuple(m for m in demo.informed_methods if m in audited)
+    informed = InformedSettings(budget=demo.search_budget, methods=attacked)
+    repair = None
+    ks = tuple(k for k in demo.repair_ks if k <= demo.train_size)  # k labelled examples out of train_size
+    if ks:
+        repaired = tuple(m for m in REPAIR_METHODS if m in audited)
+        repair = RepairSettings(
+            ks=ks, steps=demo.repair_steps, learning_rate=demo.learning_rate,
+            batch_size=demo.batch_size, rank=demo.lora_rank, methods=repaired, seed=demo.seed,
+        ) if repaired else None
+    results = run_audit(
+        setup.model, audit_tasks(setup), others=setup.others, modes=tuple(demo.modes), informed=informed,
+        repair=repair, **common,
+    )
     partner = heldout_partner(setup, demo)
     if partner is not None:
         tasks = [t for t in audit_tasks(setup) if t.name in (setup.protected_task, partner)]
-        section = run_audit(setup.model, tasks, others={partner: setup.others[partner]}, **common)
+        naive = tuple(m for m in demo.modes if m in ("average", "best"))
+        section = run_audit(setup.model, tasks, others={partner: setup.others[partner]}, modes=naive, **common)
         results["heldout_partner"] = {"partner": partner, "methods": section["methods"], "skipped": section["skipped"]}
     return results
 

@@ -76,6 +76,9 @@ def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:
     from .run import audit_setup, train_plain, train_protected, with_foreign_updates
 
     specs = [parse_variant(spec) for spec in demo.compare_variants]
+    # The comparison ranks protection settings by the merges of the paper's protocol; the informed
+    # attacker and repair are the single audit's job (`trap2 demo` without --compare_variants).
+    demo = dataclasses.replace(demo, modes=[m for m in demo.modes if m in ("average", "best")], repair_ks=[])
     start = time.perf_counter()
     plain_runs = train_plain(setup, demo, log)
     initial = _adapter_state(setup.model, setup.protected)

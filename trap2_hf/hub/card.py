@@ -453,6 +453,10 @@ def audit_eval_results(audit: dict) -> list[EvalResult]:
                 results.append(result(f"{label}, {variant} update", values[task]))
             if values.get("average") is not None:
                 results.append(result(f"{label}, {variant} update", values["average"], dataset="merged-tasks-average"))
+    if "rescale_curve" in audit:  # a full `trap2 audit` report: the informed attacker's headline and repair
+        from ..audit.summary import eval_rows
+
+        results += [result(name, value) for name, value in eval_rows(audit)]
     return results
 
 

@@ -1,0 +1,209 @@
+"""Post-merge repair: how cheaply an attacker rebuilds the protected skill after a broken merge.
+
+After a merge (the naive one, `average` mode, and the informed attacker's pick), the attacker
+fine-tunes a fresh LoRA on the merged weights with k labelled examples of the protected task, for a
+fixed budget (steps, learning rate, batch size). The reference is the same fine-tune of the same
+merge without the released update (the other updates at the same weights): what the attacker gets
+without the released update at all. The protection is worth something only where the repaired merge
+ends at or below that reference.
+
+Every run of one k sees the same examples in the same order and starts from the same LoRA
+initialisation (both are functions of `seed`), so the protected update, its twin and the reference are
+paired. The k-example pools are nested (the 16 are among the 64).
+"""
+
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import methods as registry
+from .task_vectors import applied
+
+if TYPE_CHECKING:
+    from .run import _AttackContext, _Auditor
+
+REPAIR_ADAPTER = "trap2_audit_repair"
+STAGES = ("average", "informed")
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    """The repair attacker's budget: a fresh LoRA, `steps` AdamW steps on k labelled examples."""
+
+    ks: tuple[int, ...] = (16, 64, 256)
+    steps: int = 40
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    rank: int = 8
+    # LoRA target modules; None: the released adapter's own targets (adapters), "all-linear" (full).
+    target_modules: tuple[str, ...] | str | None = None
+    methods: tuple[str, ...] = ("task_arithmetic",)
+    seed: int = 0
+
+    def check(self, tasks: list, protected_task: str, target: str, audited: list[str]) -> None:
+        """Refuse settings the audit cannot run, naming the value and the fix."""
+        task = next(t for t in tasks if t.name == protected_task)
+        if task.train_loss is None or task.num_train < 1:
+            raise ValueError(
+                f"Repair needs labelled examples of {protected_task!r}: give its AuditTask train_loss(model, "
+                "indices) and num_train, or pass repair=None."
+            )
+        too_many = [k for k in self.ks if not 1 <= k <= task.num_train]
+        if too_many or not self.ks:
+            raise ValueError(
+                f"Repair ks {list(self.ks)}: each k must be between 1 and the task's {task.num_train} labelled examples."
+            )
+        for name in self.methods:
+            method = registry.get(name)
+            if method.kind != registry.WEIGHTS:
+                raise ValueError(
+                    f"Repair method {name!r} is a PEFT combination; repair runs on weight-space merges "
+                    f"({', '.join(n for n in registry.names() if registry.get(n).kind == registry.WEIGHTS)})."
+                )
+            if name not in audited:
+                raise ValueError(f"Repair method {name!r} is not among the audited methods {audited}; audit it too.")
+        if self.steps < 1 or self.batch_size < 1 or self.rank < 1 or self.learning_rate <= 0:
+            raise ValueError(
+                f"Repair needs steps, batch_size, rank >= 1 and learning_rate > 0; got steps={self.steps}, "
+                f"batch_size={self.batch_size}, rank={self.rank}, learning_rate={self.learning_rate}."
+            )
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def run_repair(
+    auditor: "_Auditor", settings: RepairSettings, entries: list[dict], variants: list[str], context: "_AttackContext"
+) -> dict:
+    """The `repair` section of audit.json: per method and stage, the protected-task metric on the
+    test split before and after repair with each k, for each variant and for the reference."""
+    task = next(t for t in auditor.tasks if t.name == context.protected_task)
+    rows = []
+    for name in settings.methods:
+        method = registry.get(name)
+        for stage in STAGES:
+            configs = _stage_configs(method, stage, entries, variants, context)
+            if configs is None:
+                continue
+            released = configs["protected"]
+            reference = {**released, "weights": {k: w for k, w in released["weights"].items() if k != "protected"}}
+            if isinstance(reference.get("density"), dict):
+                reference["density"] = {k: d for k, d in reference["density"].items() if k != "protected"}
+            runs = {**configs, "reference": reference}
+            start = time.perf_counter()
+            row = {"method": name, "stage": stage, "configs": runs, "before": {}, "after": {}, "training": {}}
+            for run, config in runs.items():
+                vector = auditor.config_vector(method, config)
+                row["before"][run] = auditor.score(lambda v=vector: _holding(auditor, v), task.name)
+                for k in settings.ks:
+                    score, log = fine_tune_and_score(auditor, task, vector, k, settings)
+                    row["after"].setdefault(str(k), {})[run] = score
+                    row["training"].setdefault(str(k), {})[run] = log
+            row["seconds"] = time.perf_counter() - start
+            rows.append(row)
+    return {"settings": settings.describe(), "rows": rows}
+
+
+def fine_tune_and_score(auditor: "_Auditor", task, vector: dict, k: int, settings: RepairSettings):
+    """Fine-tune a fresh LoRA on base + `vector` with the first k examples of the seeded pool; return
+    the task's test metric with it and the training log. The model is left as it was."""
+    model = auditor.model
+    with applied(model, vector), _fresh_lora(auditor, settings) as trainable:
+        log = _train(model, task, trainable, k, settings)
+        model.eval()
+        score = float(task.evaluate(model, "test"))
+    return score, log
+
+
+@contextmanager
+def _holding(auditor: "_Auditor", vector: dict):
+    with auditor.base(), applied(auditor.model, vector):
+        yield
+
+
+def _stage_configs(method, stage: str, entries: list[dict], variants: list[str], context) -> dict | None:
+    """Per variant, the merge configuration repaired at `stage`: the naive merge (weights 1/N, the
+    method's default density), or the informed pick (the constrained objective's, else the mean's)."""
+    if stage == "average":
+        params = method.average_params(1 + len(context.other_keys))
+        weight = params.pop("weight")
+        return {v: {"weights": {k: weight for k in [v, *context.other_keys]}, **params} for v in variants}
+    entry = next((e for e in entries if e["method"] == method.name and e["mode"] == "informed"), None)
+    if entry is None:
+        return None
+    picks = {}
+    for variant in variants:
+        pick = entry["objectives"]["constrained"][variant] or entry["objectives"]["mean"][variant]
+        picks[variant] = pick["config"]
+    return picks
+
+
+@contextmanager
+def _fresh_lora(auditor: "_Auditor", settings: RepairSettings):
+    """A fresh LoRA (seeded initialisation) on the model's current weights, the only trainable
+    parameters while inside; removed on exit."""
+    from peft import LoraConfig
+
+    model = auditor.model
+    if auditor.target == "adapter":
+        targets = settings.target_modules or model.peft_config[auditor.updates["protected"]].target_modules
+    else:
+        targets = settings.target_modules or "all-linear"
+    config = LoraConfig(
+        r=settings.rank, lora_alpha=2 * settings.rank, lora_dropout=0.0,
+        target_modules=list(targets) if isinstance(targets, (set, tuple, list)) else targets,
+    )
+    had_config = hasattr(model, "peft_config")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        if auditor.target == "adapter":
+            model.add_adapter(REPAIR_ADAPTER, config)
+            model.set_adapter(REPAIR_ADAPTER)
+            tuner = None
+        else:
+            from peft.tuners.lora import LoraModel
+
+            tuner = LoraModel(model, config, REPAIR_ADAPTER)
+    try:
+        marker = f".{REPAIR_ADAPTER}."
+        trainable = []
+        for name, param in model.named_parameters():
+            param.requires_grad_(marker in name)
+            if marker in name:
+                trainable.append(param)
+        yield trainable
+    finally:
+        if tuner is None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=f"Adapter {REPAIR_ADAPTER} was active")
+                model.delete_adapter(REPAIR_ADAPTER)
+        else:
+            tuner.unload()
+            if not had_config and hasattr(model, "peft_config"):
+                del model.peft_config
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+
+def _train(model, task, trainable: list, k: int, settings: RepairSettings) -> dict:
+    generator = torch.Generator().manual_seed(settings.seed)
+    pool = torch.randperm(task.num_train, generator=generator)[:k]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    losses = []
+    model.train()
+    with torch.enable_grad(), torch.random.fork_rng():
+        torch.manual_seed(settings.seed)  # dropout masks: the same for every paired run
+        for _ in range(settings.steps):
+            batch = pool[torch.randperm(k, generator=generator)[: settings.batch_size]]
+            loss = task.train_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    return {"trainable_parameters": sum(p.numel() for p in trainable), "loss_first": losses[0], "loss_last": losses[-1]}

@@ -1,0 +1,154 @@
+"""What an attacker gets: the audit's results as one row per (method, attack), and the plain-words
+verdict (what the protection stops, what it does not) that audit.md and the model card print.
+
+Every number is the protected task's metric on the report split, merged with the protected update
+and with its unprotected twin; repair rows add the reference (the same repair without the released
+update).
+"""
+
+# A merge "held" when the protected task stays within this margin of max(base, chance).
+HELD_MARGIN = 0.05
+
+ATTACKS = {
+    "average": "naive merge (weights 1/N)",
+    "best": "best shared weight",
+    "informed:mean": "informed grid, best mean",
+    "informed:constrained": "informed grid, others keep ≥{kept:.0%} of their gain",
+    "search:mean": "random search, best mean",
+    "search:constrained": "random search, others keep ≥{kept:.0%} of their gain",
+}
+REPAIR_STAGES = {"average": "the naive merge", "informed": "the informed merge"}
+
+
+def attack_rows(results: dict) -> list[dict]:
+    """One row per (method, attack): {"method", "attack", "label", "protected", "unprotected"} (and
+    "reference", "before" for repair rows). Constrained objectives with no qualifying merge give None."""
+    task = results["protected_task"]
+    kept = _min_gain_kept(results)
+    rows = []
+    for entry in results["methods"]:
+        if "objectives" in entry:
+            for objective in ("mean", "constrained"):
+                key = f"{entry['mode']}:{objective}"
+                picks = entry["objectives"][objective]
+                rows.append(_row(entry["method"], key, kept, *(_metric(picks.get(v), task) for v in _VARIANTS)))
+        else:
+            twin = entry.get("unprotected")
+            rows.append(_row(entry["method"], entry["mode"], kept, entry["protected"][task], twin and twin[task]))
+    for repair in (results.get("repair") or {}).get("rows", []):
+        for k, after in repair["after"].items():
+            row = {
+                "method": repair["method"],
+                "attack": f"repair:{repair['stage']}:{k}",
+                "label": f"repair with k={k} after {REPAIR_STAGES[repair['stage']]}",
+                "protected": after["protected"],
+                "unprotected": after.get("unprotected"),
+                "reference": after["reference"],
+                "before": repair["before"],
+            }
+            rows.append(row)
+    return rows
+
+
+def floor(results: dict) -> float:
+    """max(base, chance) on the protected task: what a merge that gained the attacker nothing scores."""
+    task = results["protected_task"]
+    return max(results["base"][task], results["chance"][task])
+
+
+def held(value, results: dict) -> bool:
+    return value is not None and value <= floor(results) + HELD_MARGIN + 1e-9
+
+
+def threat_summary(results: dict) -> list[str]:
+    """Markdown bullets: which attacks the protection stops and which it does not, from the numbers."""
+    task = results["protected_task"]
+    rows = attack_rows(results)
+    ceiling = floor(results) + HELD_MARGIN
+    stops, fails, impossible = [], [], []
+    for attack in ATTACKS:
+        everyone = [r for r in rows if r["attack"] == attack]
+        group = [r for r in everyone if r["protected"] is not None]
+        if len(group) < len(everyone):
+            twins = [r["unprotected"] for r in everyone if r["protected"] is None and r["unprotected"] is not None]
+            with_twin = f"; with the twin in its place: up to {max(twins):.2f}" if twins else ""
+            impossible.append(f"{everyone[0]['label']} ({len(everyone) - len(group)} methods{with_twin})")
+        if not group:
+            continue
+        worst = max(group, key=lambda r: r["protected"])
+        twins = [r["unprotected"] for r in group if r["unprotected"] is not None]
+        twin = f"; with the twin up to {max(twins):.2f}" if twins else ""
+        label = group[0]["label"]
+        if held(worst["protected"], results):
+            stops.append(f"{label} ({len(group)} methods: `{task}` at most {worst['protected']:.2f}{twin})")
+        else:
+            broken = sorted((r for r in group if not held(r["protected"], results)), key=lambda r: -r["protected"])
+            names = ", ".join(f"{r['method']} {r['protected']:.2f}" for r in broken[:3])
+            more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+            fails.append(f"{label} ({len(broken)} of {len(group)} methods above {ceiling:.2f}: {names}{more}{twin})")
+    lines = [
+        f"**What the protection stops and what it does not** (`{task}`, {report_split(results)} split; a merge "
+        f"gains the attacker nothing at or below max(base, chance) + {HELD_MARGIN:g} = {ceiling:.2f}):",
+        "- Stops: " + ("; ".join(stops) if stops else "none of the audited attacks") + ".",
+        "- Does not stop: " + ("; ".join(fails) if fails else "none of the audited attacks") + ".",
+    ]
+    if impossible:
+        lines.append(
+            f"- No merge with the protected update qualified for: {'; '.join(impossible)} (no configuration "
+            "searched kept that much of every other task's gain on validation)."
+        )
+    for row in (r for r in rows if r["attack"].startswith("repair:")):
+        gap = row["protected"] - row["reference"]
+        verdict = (
+            "no more than without the released update" if gap <= HELD_MARGIN + 1e-9
+            else f"{gap:+.2f} over the same repair without the released update"
+        )
+        lines.append(
+            f"- {row['method']}, {row['label']}: `{task}` {row['protected']:.2f} "
+            f"(without the released update: {row['reference']:.2f}), {verdict}."
+        )
+    if any(r["attack"].startswith("repair:") for r in rows):
+        lines.append(
+            "  The protection is worth something against repair only where the repaired merge stays at or below "
+            "the repair without the released update."
+        )
+    return lines
+
+
+def eval_rows(results: dict) -> list[tuple[str, float]]:
+    """(name, value) of the rows `model-index` does not get from the method entries: the informed
+    attacker's headline (constrained) picks and the repair runs."""
+    out = []
+    for row in attack_rows(results):
+        if row["attack"].endswith(":constrained") or row["attack"].startswith("repair:"):
+            for variant in ("protected", "unprotected", "reference"):
+                value = row.get(variant)
+                if value is not None:
+                    who = "without the released update" if variant == "reference" else f"{variant} update"
+                    out.append((f"{row['method']}, {row['label']}, {who}", value))
+    return out
+
+
+_VARIANTS = ("protected", "unprotected")
+
+
+def _row(method: str, attack: str, kept: float, protected, unprotected) -> dict:
+    return {
+        "method": method,
+        "attack": attack,
+        "label": ATTACKS[attack].format(kept=kept),
+        "protected": protected,
+        "unprotected": unprotected,
+    }
+
+
+def _metric(pick, task):
+    return None if pick is None else pick["test"][task]
+
+
+def _min_gain_kept(results: dict) -> float:
+    return ((results.get("config") or {}).get("informed") or {}).get("min_gain_kept", 0.6)
+
+
+def report_split(results: dict) -> str:
+    return results.get("config", {}).get("splits", {}).get("report", "test")
