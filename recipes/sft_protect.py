@@ -10,7 +10,8 @@ python recipes/sft_protect.py --config recipes/tiny/config_lora.yaml
 python recipes/sft_protect.py --config recipes/tiny/config_full.yaml
 ```
 
-# Two CPU processes (DDP over gloo): the same weights as one process with the same global batch
+# Two CPU processes (DDP over gloo), saved to out/tiny-lora-trap2: the same weights as one process with the same
+# global batch (the tiny YAML has no dropout, whose masks are drawn per rank)
 ```bash
 ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 29511 \
     recipes/sft_protect.py --config recipes/tiny/config_lora.yaml --per_device_train_batch_size 4
