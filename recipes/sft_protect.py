@@ -23,7 +23,7 @@ accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recip
     --config recipes/qwen2.5-0.5b-instruct/sft/config_lora.yaml
 ```
 
-# 8 GPUs, DDP: Llama-3.1-8B on GSM8K, LoRA r=32 with the paper's settings
+# 8 GPUs, DDP: Llama-3.1-8B on GSM8K, LoRA r=32 (the paper's setup, with lambda 0.05 and 2 scales per step)
 ```bash
 accelerate launch --config_file recipes/accelerate_configs/ddp.yaml --num_processes 8 recipes/sft_protect.py \
     --config recipes/llama-3.1-8b/sft/config_lora_r32.yaml

@@ -511,3 +511,25 @@ def test_a_large_adapter_goes_through_lfs_and_an_interrupted_push_finishes(hub_s
     assert all(WRITE_TOKEN.encode() not in data for data in repo.values())
     captured = capsys.readouterr()
     assert WRITE_TOKEN not in caplog.text + captured.out + captured.err
+
+
+def test_the_card_says_what_the_audit_measured_or_that_none_ran():
+    protection = {"update": "lora", "library_version": "0", "trap_lambda": 0.05, "trap_scale_min": 0.05,
+                  "trap_scale_max": 2.0, "trap_margin": 0.05, "sha256": {"adapter_config.json": "0" * 64}}
+    unaudited = ModelCard(render_card(None, protection)).text
+    assert "no merge audit was run for this update" in unaudited
+    assert "degrade" not in unaudited and "base model's level" not in unaudited  # no promise it did not measure
+
+    naive = {"method": "task_arithmetic", "mode": "average", "params": {"weight": 0.5},
+             "protected": {"copy": 0.03, "average": 0.3}, "unprotected": {"copy": 0.75, "average": 0.7}}
+    audited = ModelCard(render_card(None, protection, audit={**AUDIT, "methods": [naive, *AUDIT["methods"]]})).text
+    assert "no merge audit was run" not in audited
+    assert ("Under a naive task_arithmetic merge (weights 1/N), the protected task `copy` fell from 0.91 (alone) to "
+            "0.03 (accuracy; base model 0.02; the same merge with an unprotected update: 0.75).") in audited
+    assert "The strongest of the 2 merges audited, task_arithmetic (best), left `copy` at 0.05." in audited
+    assert "Re-scaled by s = 0.5, 1.5, it scored 0.1, 0.05 (unprotected: 0.8, 0.85)." in audited
+
+    # An audit whose merges kept the skill says so, in the same words: it does not claim a fall.
+    kept = {**naive, "protected": {"copy": 0.95, "average": 0.8}}
+    text = ModelCard(render_card(None, protection, audit={**SHORT_AUDIT, "methods": [kept]})).text
+    assert "the protected task `copy` was at 0.95 (accuracy; base model 0.02;" in text and "fell" not in text

@@ -73,11 +73,23 @@ def test_recipe_folders_hold_the_promised_recipes():
     assert {p.name for p in ACCELERATE_CONFIGS} == {"single_gpu.yaml", "ddp.yaml", "zero2.yaml", "zero3.yaml", "fsdp2.yaml"}
 
 
-def test_paper_recipe_has_the_paper_settings():
+def test_paper_recipe_has_the_paper_setup():
     script_args, args, model_args = parse(["--config", str(RECIPES / "llama-3.1-8b/sft/config_lora_r32.yaml")])
-    assert (args.trap_lambda, args.trap_weighting, model_args.lora_r) == (0.01, "inv_sqrt", 32)
+    assert (args.trap_weighting, model_args.lora_r, model_args.lora_alpha) == ("inv_sqrt", 32, 32)
     assert (args.trap_scale_min, args.trap_scale_max, args.trap_margin, args.max_grad_norm) == (0.05, 2.0, 0.05, 1.0)
     assert script_args.dataset_prompt_template.endswith("step by step.\n")
+
+
+FLAGSHIP_RECIPES = [p for p in TRAINING_RECIPES if p.parent.name != "tiny"]  # the GPU recipes
+
+
+@pytest.mark.parametrize("path", FLAGSHIP_RECIPES, ids=rel)
+def test_flagship_recipes_use_settings_measured_to_protect(path):
+    """The paper's lambda 0.01 with one uniform scale per step left every demo merge at 1.00; lambda 0.05 with two
+    stratified scales brought naive merges to chance (recipes/README.md, "Protection settings")."""
+    _, args, _ = parse(["--config", str(path)])
+    assert args.trap_lambda >= 0.05 and args.trap_scales_per_step >= 2, (args.trap_lambda, args.trap_scales_per_step)
+    assert args.trap_scale_sampling == "stratified" and args.trap_weighting == "inv_sqrt"
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=rel)
