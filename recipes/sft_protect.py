@@ -10,7 +10,8 @@ python recipes/sft_protect.py --config recipes/tiny/config_lora.yaml
 python recipes/sft_protect.py --config recipes/tiny/config_full.yaml
 ```
 
-# Two CPU processes (DDP over gloo): the same weights as one process with the same global batch
+# Two CPU processes (DDP over gloo), saved to out/tiny-lora-trap2: the same weights as one process with the same
+# global batch (the tiny YAML has no dropout, whose masks are drawn per rank)
 ```bash
 ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 29511 \
     recipes/sft_protect.py --config recipes/tiny/config_lora.yaml --per_device_train_batch_size 4
@@ -22,7 +23,7 @@ accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recip
     --config recipes/qwen2.5-0.5b-instruct/sft/config_lora.yaml
 ```
 
-# 8 GPUs, DDP: Llama-3.1-8B on GSM8K, LoRA r=32 with the paper's settings
+# 8 GPUs, DDP: Llama-3.1-8B on GSM8K, LoRA r=32 (the paper's setup, with lambda 0.05 and 2 scales per step)
 ```bash
 accelerate launch --config_file recipes/accelerate_configs/ddp.yaml --num_processes 8 recipes/sft_protect.py \
     --config recipes/llama-3.1-8b/sft/config_lora_r32.yaml

@@ -540,3 +540,97 @@ def test_a_network_failure_while_fetching_files_is_not_called_an_interrupted_upl
     with pytest.raises(ConnectionError, match="the Hub could not be reached .ConnectionResetError") as err:
         load_protected_adapter(tiny_llama(), "alice/dropped")
     assert "interrupted" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- real-size uploads (LFS)
+def wide_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import VOCAB
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+
+
+def large_lora_model():
+    """A random-weight LoRA of about 11 MB (float32): over the Hub's 10 MB limit for regular files."""
+    config = LoraConfig(r=208, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(wide_llama(), config)
+
+
+def test_a_large_adapter_goes_through_lfs_and_an_interrupted_push_finishes(hub_server, tmp_path, caplog, capsys):
+    import hashlib
+
+    caplog.set_level(logging.DEBUG)
+    out = str(tmp_path / "large")
+    args = Trap2TrainingArguments(output_dir=out, use_cpu=True, report_to="none", hub_model_id="large",
+                                  hub_token=WRITE_TOKEN, trap_lambda=0.005)
+    trainer = Trap2Trainer(model=large_lora_model(), args=args, train_dataset=token_dataset(4))
+    hub_server.multipart_chunk_size = 5 * 1024 * 1024
+
+    hub_server.fail_uploads = 1  # the storage refuses the first part: nothing reaches the repo
+    with pytest.raises(HubPushError, match="storage the Hub sent the large files to answered 403 Forbidden: Request has expired. .*Nothing is lost"):
+        trainer.push_to_hub()
+    weights = os.path.join(out, "adapter_model.safetensors")
+    size = os.path.getsize(weights)
+    assert size > 10 * 1024 * 1024
+    assert "adapter_model.safetensors" not in hub_server.files("alice/large") and not hub_server.objects
+    hub_server.fail_commits = 1  # the bytes are stored, the commit fails
+    with pytest.raises(HubPushError, match="Nothing is lost"):
+        trainer.push_to_hub()
+    with open(weights, "rb") as f:
+        local = f.read()
+    sha = hashlib.sha256(local).hexdigest()
+    assert sha in hub_server.objects and "adapter_model.safetensors" not in hub_server.files("alice/large")
+    puts = len([r for r in hub_server.storage_requests if r[0] == "PUT"])
+    assert puts == 1 + 3  # the refused part, then three parts of 5 MiB at most
+    trainer.push_to_hub()  # re-run: the stored object is not uploaded again, the commit goes through
+    assert len([r for r in hub_server.storage_requests if r[0] == "PUT"]) == puts
+
+    repo = hub_server.files("alice/large")
+    assert repo["adapter_model.safetensors"] == local
+    lfs = {entry["path"]: entry for entry in hub_server.lfs_commits}
+    assert lfs["adapter_model.safetensors"]["oid"] == sha and lfs["adapter_model.safetensors"]["size"] == size
+    card = ModelCard(repo["README.md"].decode())
+    recorded = card.data.to_dict()["trap2"]["sha256"]
+    assert recorded and all(recorded[name] == _sha256(repo[name]) for name in recorded)
+    assert not [name for name in repo if name.endswith(PICKLE_NAMES)], sorted(repo)
+    commits = len(hub_server.repos["alice/large"]["commits"])
+    trainer.push_to_hub()  # nothing changed: no new commit
+    assert len(hub_server.repos["alice/large"]["commits"]) == commits
+
+    # Pull through the storage redirect: the same weights, checked against the card.
+    model, facts = load_protected_adapter(wide_llama(), "alice/large")
+    assert_same_weights(adapter_weights(trainer.model), model)
+    assert facts["sha256"]["adapter_model.safetensors"] == sha
+    assert any(r[0] == "GET" and sha in r[1] for r in hub_server.storage_requests)
+
+    # The token goes to the Hub's API only: never to the storage, into a file, a log line or the console.
+    assert all(auth is None for _, _, auth in hub_server.storage_requests)
+    assert all(auth in (None, f"Bearer {WRITE_TOKEN}") for _, _, auth in hub_server.requests)
+    assert all(WRITE_TOKEN.encode() not in data for data in repo.values())
+    captured = capsys.readouterr()
+    assert WRITE_TOKEN not in caplog.text + captured.out + captured.err
+
+
+def test_the_card_says_what_the_audit_measured_or_that_none_ran():
+    protection = {"update": "lora", "library_version": "0", "trap_lambda": 0.05, "trap_scale_min": 0.05,
+                  "trap_scale_max": 2.0, "trap_margin": 0.05, "sha256": {"adapter_config.json": "0" * 64}}
+    unaudited = ModelCard(render_card(None, protection)).text
+    assert "no merge audit was run for this update" in unaudited
+    assert "degrade" not in unaudited and "base model's level" not in unaudited  # no promise it did not measure
+
+    naive = {"method": "task_arithmetic", "mode": "average", "params": {"weight": 0.5},
+             "protected": {"copy": 0.03, "average": 0.3}, "unprotected": {"copy": 0.75, "average": 0.7}}
+    audited = ModelCard(render_card(None, protection, audit={**AUDIT, "methods": [naive, *AUDIT["methods"]]})).text
+    assert "no merge audit was run" not in audited
+    assert ("Under a naive task_arithmetic merge (weights 1/N), the protected task `copy` fell from 0.91 (alone) to "
+            "0.03 (accuracy; base model 0.02; the same merge with an unprotected update: 0.75).") in audited
+    assert "The strongest of the 2 merges audited, task_arithmetic (best), left `copy` at 0.05." in audited
+    assert "Re-scaled by s = 0.5, 1.5, it scored 0.1, 0.05 (unprotected: 0.8, 0.85)." in audited
+
+    # An audit whose merges kept the skill says so, in the same words: it does not claim a fall.
+    kept = {**naive, "protected": {"copy": 0.95, "average": 0.8}}
+    text = ModelCard(render_card(None, protection, audit={**SHORT_AUDIT, "methods": [kept]})).text
+    assert "the protected task `copy` was at 0.95 (accuracy; base model 0.02;" in text and "fell" not in text

@@ -139,7 +139,7 @@ def test_accumulation_keeps_the_step_normalisation(tmp_out, mode):
     settings = dict(trap_lambda=0.3, trap_mode=mode, trap_rescaled_fraction=0.5)
     trainer, grads, seen = train(model, tmp_out, dataset, 4, accumulation=2, **settings)
     rows = [trainer.trap_rows(4, step=0, micro_batch=m) for m in range(2)]
-    assert rows[0][0].tolist() != rows[1][0].tolist()
+    assert len({tuple(trainer.trap_rows(4, step=0, micro_batch=m)[0].tolist()) for m in range(8)}) > 1
     expected = direct_row_gradients(reference, seen, trainer.trap_scales(0), 0.5, rows, 0.3, "inv")
     assert_grads_close(grads, expected)
 
@@ -247,6 +247,25 @@ def test_rows_are_drawn_with_probability_fraction():
     assert totals == {3, 4} and sum(counts) / len(counts) == pytest.approx(1.8, abs=0.05)
     torch.testing.assert_close(hits / 4000, torch.full((2, 6), 0.3), atol=0.025, rtol=0)
     assert [r.tolist() for r in rescaled_rows(5, 1.0, 2, torch.Generator())] == [list(range(5))] * 2
+
+
+@pytest.mark.parametrize("world_size, batch_size, fraction, num_scales", [(2, 4, 0.3, 2), (3, 1, 0.5, 2), (2, 8, 0.25, 1)])
+def test_ranks_take_their_share_of_one_draw_for_the_global_micro_batch(world_size, batch_size, fraction, num_scales):
+    """Rank r's rows are rows r*b..(r+1)*b-1 of what one process draws for the global micro-batch (W*b rows)."""
+    hits = torch.zeros(num_scales, world_size * batch_size)
+    bound = -(-num_scales * fraction * batch_size // 1)
+    for seed in range(2000):
+        one = rescaled_rows(world_size * batch_size, fraction, num_scales, torch.Generator().manual_seed(seed))
+        shares = [
+            rescaled_rows(batch_size, fraction, num_scales, torch.Generator().manual_seed(seed), rank, world_size)
+            for rank in range(world_size)
+        ]
+        for k in range(num_scales):
+            union = torch.cat([share[k] + rank * batch_size for rank, share in enumerate(shares)])
+            assert union.tolist() == one[k].tolist()
+            hits[k, union] += 1
+        assert all(sum(len(rows) for rows in share) <= bound for share in shares)  # each rank's memory bound
+    torch.testing.assert_close(hits / 2000, torch.full_like(hits, fraction), atol=0.035, rtol=0)
 
 
 @pytest.mark.parametrize(

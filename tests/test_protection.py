@@ -2,12 +2,12 @@
 
 Task: a tiny causal LM learns the successor rule (next token = this token + 1) with LoRA. An
 unprotected twin keeps it under re-scaling; the protected adapter matches the twin at s=1 and falls
-far below it at s=0.5 and s=1.5. Measured (accuracy at s = 0.5 / 1 / 1.5):
-  Trap2Trainer     twin 0.92 / 1.00 / 0.94   protected 0.16 / 1.00 / 0.01
-  Trap2SFTTrainer  twin 0.79 / 1.00 / 0.67   protected 0.33 / 1.00 / 0.02
+far below it at s=0.5 and s=1.5. Measured (accuracy at s = 0.5 / 1 / 1.5; the protected runs in auto, fused):
+  Trap2Trainer     twin 0.92 / 1.00 / 0.94   protected 0.22 / 1.00 / 0.00
+  Trap2SFTTrainer  twin 0.79 / 1.00 / 0.67   protected 0.34 / 1.00 / 0.10
 Full fine-tuning: theta0 is the same model trained on the +2 rule; the update theta - theta0 learns the
 +1 rule. Measured (s = 0.75 / 1 / 1.5): twin 1.00 / 1.00 / 0.98, auto (sub_batch, f = 0.5) 0.00 / 1.00 /
-0.06, two_pass 0.00 / 1.00 / 0.06 (different weights, the same counts).
+0.08, two_pass 0.00 / 1.00 / 0.06.
 """
 
 import copy

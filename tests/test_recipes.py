@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from trap2_hf import Trap2SFTConfig
+from trap2_hf.fused import rescaled_rows, rows_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -72,11 +73,23 @@ def test_recipe_folders_hold_the_promised_recipes():
     assert {p.name for p in ACCELERATE_CONFIGS} == {"single_gpu.yaml", "ddp.yaml", "zero2.yaml", "zero3.yaml", "fsdp2.yaml"}
 
 
-def test_paper_recipe_has_the_paper_settings():
+def test_paper_recipe_has_the_paper_setup():
     script_args, args, model_args = parse(["--config", str(RECIPES / "llama-3.1-8b/sft/config_lora_r32.yaml")])
-    assert (args.trap_lambda, args.trap_weighting, model_args.lora_r) == (0.01, "inv_sqrt", 32)
+    assert (args.trap_weighting, model_args.lora_r, model_args.lora_alpha) == ("inv_sqrt", 32, 32)
     assert (args.trap_scale_min, args.trap_scale_max, args.trap_margin, args.max_grad_norm) == (0.05, 2.0, 0.05, 1.0)
     assert script_args.dataset_prompt_template.endswith("step by step.\n")
+
+
+FLAGSHIP_RECIPES = [p for p in TRAINING_RECIPES if p.parent.name != "tiny"]  # the GPU recipes
+
+
+@pytest.mark.parametrize("path", FLAGSHIP_RECIPES, ids=rel)
+def test_flagship_recipes_use_settings_measured_to_protect(path):
+    """The paper's lambda 0.01 with one uniform scale per step left every demo merge at 1.00; lambda 0.05 with two
+    stratified scales brought naive merges to chance (recipes/README.md, "Protection settings")."""
+    _, args, _ = parse(["--config", str(path)])
+    assert args.trap_lambda >= 0.05 and args.trap_scales_per_step >= 2, (args.trap_lambda, args.trap_scales_per_step)
+    assert args.trap_scale_sampling == "stratified" and args.trap_weighting == "inv_sqrt"
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=rel)
@@ -214,17 +227,17 @@ WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
 _ONE_PROCESS_RUNS = {}
 
 
-def one_process(kind: str, tmp_path_factory) -> Path:
+def one_process(kind: str, tmp_path_factory, *flags: str) -> Path:
     """A tiny recipe as users run it: `python recipes/sft_protect.py --config ...`, global batch 4 (run once)."""
-    if kind not in _ONE_PROCESS_RUNS:
+    if (kind, flags) not in _ONE_PROCESS_RUNS:
         out = tmp_path_factory.mktemp(f"one-{kind}") / "out"
         _run(
             [sys.executable, str(SCRIPT), "--config", RECIPE_FILES[kind], "--output_dir", str(out),
-             "--per_device_train_batch_size", "4", "--disable_tqdm", "true", *TRAP_FLAGS],
+             "--per_device_train_batch_size", "4", "--disable_tqdm", "true", *TRAP_FLAGS, *flags],
             _env(out.parent),
         )
-        _ONE_PROCESS_RUNS[kind] = out
-    return _ONE_PROCESS_RUNS[kind]
+        _ONE_PROCESS_RUNS[kind, flags] = out
+    return _ONE_PROCESS_RUNS[kind, flags]
 
 
 @pytest.fixture(scope="module", params=sorted(RECIPE_FILES))
@@ -334,6 +347,13 @@ PROBE = textwrap.dedent(
         return rescaled(self, scale)
     Trap2SFTTrainer.trap_rescaled = recording_rescaled
 
+    from trap2_hf.fused import FusedPlan
+    build = FusedPlan.build.__func__
+    def recording_build(cls, batch_size, rows, *args):
+        record.setdefault("copies", []).append([r.tolist() for r in rows])
+        return build(cls, batch_size, rows, *args)
+    FusedPlan.build = classmethod(recording_build)
+
     trainer = recipe.main(*recipe.parse_args(sys.argv[3:]))
     record["rank"], record["world_size"] = trainer.args.process_index, trainer.args.world_size
     record["global_step"] = trainer.state.global_step
@@ -397,16 +417,28 @@ def run_two_processes(tmp_path, kind: str, out: Path, *flags: str) -> list[dict]
 
 @pytest.mark.slow
 def test_tiny_recipe_two_process_ddp_runs_the_default_fused_step(tmp_path, tmp_path_factory):
-    """The default trap_mode ('auto') runs a LoRA recipe fused: one backward per micro-batch and one all-reduce per
-    optimizer step on each of 2 ranks. With every row re-scaled (fraction 1) it trains exactly the reference's
-    adapter on one process with the same global batch."""
-    one_out = one_process("lora", tmp_path_factory)
+    """The default trap_mode ('auto') runs a LoRA recipe fused, re-scaling a quarter of the (scale, row) pairs: one
+    backward per micro-batch and one all-reduce per optimizer step on each of 2 ranks. The rows are drawn once for
+    the global micro-batch and each rank takes its share (here the one copy of each micro-batch's 2 rows x 2
+    scales x 0.25 lands on one rank), so 2 ranks x batch 1 train exactly what one process trains on the same
+    micro-batches (batch 2), both with 2 accumulation steps and no dropout."""
+    default = ("--trap_mode", "auto", "--gradient_accumulation_steps", "2")
+    one_out = one_process("lora", tmp_path_factory, *default, "--per_device_train_batch_size", "2")
     out = tmp_path / "out"
-    ranks = run_two_processes(tmp_path, "lora", out, "--trap_mode", "auto", "--trap_rescaled_fraction", "1")
+    ranks = run_two_processes(tmp_path, "lora", out, *default)
     for r in ranks:
         assert r["backwards"] == STEPS * 2 and r["allreduces"] == STEPS and r["scales"] == [], r
-    card = (out / "README.md").read_text()
-    assert "trap_mode: fused" in card
+    fraction = 0.25 / SCALES_PER_STEP  # the default share of re-scaled rows, split among the scales
+    for card in (out / "README.md").read_text(), (one_out / "README.md").read_text():
+        assert "trap_mode: fused" in card and f"trap_rescaled_fraction: {fraction}" in card
+    # Per micro-batch, rank r re-scaled global row r exactly where one process's draw for the 2 rows does.
+    drawn = [
+        rescaled_rows(2, fraction, SCALES_PER_STEP, rows_generator(42, step, micro_batch))
+        for step in range(STEPS) for micro_batch in range(2)
+    ]
+    for rank, r in enumerate(ranks):
+        assert r["copies"] == [[[0] if rank in rows.tolist() else [] for rows in per_scale] for per_scale in drawn]
+    assert 0 < sum(len(rows) for per_scale in drawn for rows in per_scale) < 2 * SCALES_PER_STEP * len(drawn)
     one, two = load_file(one_out / WEIGHTS["lora"]), load_file(out / WEIGHTS["lora"])
     assert one.keys() == two.keys()
     for name in one:

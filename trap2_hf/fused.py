@@ -1,12 +1,19 @@
 """The re-scaled term on part of a batch: which rows, with what weight, and the fused step's one loss.
 
 `sub_batch` and `fused` re-scale, for each scale s_k of the step, a random set R_k of rows of each
-micro-batch. Each of the K*b (scale, row) pairs is drawn with probability f (`trap_rescaled_fraction`):
-floor(K*f*b) pairs, one more with probability frac(K*f*b), without replacement. So weighting those
-rows by 1/f makes each scale's re-scaled loss an unbiased estimate of the whole micro-batch's,
-micro-batch by micro-batch, under any gradient accumulation, and a micro-batch never carries more
-than ceil(K*f*b) re-scaled copies, which bounds fused's memory. f = 1 takes every row, in order:
-exactly two_pass.
+micro-batch. Each of the K*b (scale, row) pairs is drawn with probability f (`trap_rescaled_fraction`),
+by systematic sampling: the pairs are laid out row by row (each row's K scales in a random order) and
+every 1/f-th is taken from a random start. So weighting those rows by 1/f makes each scale's re-scaled
+loss an unbiased estimate of the whole micro-batch's, micro-batch by micro-batch, under any gradient
+accumulation, and any run of consecutive rows holds floor or ceil of K*f*(its rows) drawn pairs: a
+micro-batch never carries more than ceil(K*f*b) re-scaled copies, which bounds fused's memory.
+f = 1 takes every row, in order: exactly two_pass.
+
+Under data parallelism the draw is made once for the global micro-batch (the W ranks' b rows, rank by
+rank), from (seed, step, micro-batch) alone, and each rank takes its own b rows of it: the union of the
+ranks' rows is what one process with the global micro-batch draws, so W processes train the same
+update as one (up to float error, where nothing else differs per rank, such as dropout masks), and
+each rank's share still holds at most ceil(K*f*b) copies.
 
 The fused step runs ONE forward/backward over the b rows plus copies of the rows of every R_k, copy
 j computing with its own scale s_j (`rescale.rescaled_adapter_per_sample`), with the loss
@@ -22,7 +29,6 @@ micro-batch by micro-batch, for any accumulation. The loss's value is the nomina
 copies enter as x - x.detach()), so logs read as two_pass's.
 """
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,22 +47,33 @@ class FusedUnsupported(NotImplementedError):
     """This batch cannot be run fused (found at its first forward, before any computation); two_pass can."""
 
 
-def rows_generator(seed: int, step: int, micro_batch: int, rank: int = 0) -> torch.Generator:
-    """A generator that depends only on (seed, optimizer step, micro-batch, rank), like the scales'."""
-    mixed = seed * 1_000_003 + step * 7_919 + micro_batch * 104_729 + rank * 15_485_863 + 99_991
+def rows_generator(seed: int, step: int, micro_batch: int) -> torch.Generator:
+    """A generator that depends only on (seed, optimizer step, micro-batch), like the scales': every rank
+    draws the same rows of the global micro-batch."""
+    mixed = seed * 1_000_003 + step * 7_919 + micro_batch * 104_729 + 99_991
     return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
 
-def rescaled_rows(batch_size: int, fraction: float, num_scales: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """The rows each of `num_scales` scales re-scales in one micro-batch (see the module docstring)."""
+def rescaled_rows(
+    batch_size: int,
+    fraction: float,
+    num_scales: int,
+    generator: torch.Generator,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[torch.Tensor]:
+    """The rows of this rank's `batch_size` rows that each of `num_scales` scales re-scales, drawn for the
+    global micro-batch of `world_size * batch_size` rows (see the module docstring)."""
     if fraction >= 1:
         return [torch.arange(batch_size) for _ in range(num_scales)]
-    expected = fraction * batch_size * num_scales
-    count = math.floor(expected)
-    count += int(torch.rand((), generator=generator, dtype=torch.float64).item() < expected - count)
-    pairs = torch.randperm(num_scales * batch_size, generator=generator)[:count]
-    scale_of, row_of = pairs // batch_size, pairs % batch_size
-    return [row_of[scale_of == k].sort().values for k in range(num_scales)]
+    total = batch_size * world_size
+    start = torch.rand((), generator=generator, dtype=torch.float64)
+    scale_order = torch.rand(total, num_scales, generator=generator).argsort(dim=1)
+    position = torch.arange(total * num_scales, dtype=torch.float64)
+    taken = torch.floor((position + 1) * fraction + start) > torch.floor(position * fraction + start)
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    taken, scale_order = taken.view(total, num_scales)[mine], scale_order[mine]
+    return [(taken & (scale_order == k)).any(dim=1).nonzero().flatten() for k in range(num_scales)]
 
 
 def batch_size_of(inputs: dict) -> int:

@@ -315,11 +315,15 @@ class Trap2TrainerMixin:
         return scales
 
     def trap_rows(self, batch_size: int, step: int | None = None, micro_batch: int = 0) -> list[torch.Tensor]:
-        """The rows of a micro-batch that each scale re-scales in 'sub_batch' and 'fused' modes: a function of
-        (seed, step, micro-batch, rank) only."""
+        """The rows of a micro-batch that each scale re-scales in 'sub_batch' and 'fused' modes: this rank's share
+        of the global micro-batch's draw, a function of (seed, step, micro-batch) only."""
         step = self.state.global_step if step is None else step
-        generator = rows_generator(self.args.seed, step, micro_batch, self.args.process_index)
-        return rescaled_rows(batch_size, self.args.trap_rescaled_fraction, self.args.trap_scales_per_step, generator)
+        args = self.args
+        generator = rows_generator(args.seed, step, micro_batch)
+        return rescaled_rows(
+            batch_size, args.trap_rescaled_fraction, args.trap_scales_per_step, generator,
+            rank=args.process_index, world_size=args.world_size,
+        )
 
     def _trap_next_rows(self, batch_size: int) -> list[torch.Tensor]:
         step = self.state.global_step

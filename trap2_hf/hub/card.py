@@ -326,9 +326,7 @@ def protection_section(
         "",
         "**What this means**",
         f"- Used alone, at full strength, on {base}: it behaves like an ordinary fine-tune.",
-        "- Merged with other updates (task arithmetic, averaging, TIES, DARE, TSV, CART, ...) or re-scaled "
-        "(LoRA `scaling`/`lora_alpha` changed, the update multiplied by s ≠ 1): expect its skill to degrade, "
-        "often to the base model's level or below. Do not merge or re-scale it.",
+        f"- Merged with other updates or re-scaled: {measured_protection(audit)}",
         "- A deterrent, not a guarantee: stronger attacks (distillation, fine-tuning after merging) can recover "
         "part of the skill.",
         "",
@@ -369,6 +367,50 @@ def protection_section(
 
 
 # ----------------------------------------------------------------------------- the audit
+def measured_protection(audit: dict | None) -> str:
+    """What the card says merging does to this update: what its audit measured, or that none was run. The
+    card promises nothing it did not measure (how much protection holds varies with the task and settings)."""
+    if not audit:
+        return (
+            "**no merge audit was run for this update**, so what merging or re-scaling does to its skill has not "
+            "been measured. Run `trap2 audit` (and refresh this card with `trap2 card --audit`) before relying on it."
+        )
+    task = audit["protected_task"]
+    metric = audit.get("metric", "accuracy")
+    alone = (audit.get("standalone") or {}).get("protected")
+    base = _per_task(audit.get("base"), task)
+    methods = [m for m in audit.get("methods", []) if (m.get("protected") or {}).get(task) is not None]
+    sentences = []
+    average = [m for m in methods if m.get("mode") == "average"]
+    naive = next((m for m in average if m["method"] == "task_arithmetic"), average[0] if average else None)
+    if naive:
+        merged, twin = naive["protected"][task], (naive.get("unprotected") or {}).get(task)
+        change = f"fell from {_fmt(alone)} (alone) to" if alone is not None and merged < alone else "was at"
+        sentences.append(
+            f"Under a naive {naive['method']} merge (weights 1/N), the protected task `{task}` {change} "
+            f"{_fmt(merged)} ({metric}; base model {_fmt(base)}; the same merge with an unprotected update: "
+            f"{_fmt(twin)})."
+        )
+    strongest = max(methods, key=lambda m: m["protected"][task], default=naive)
+    if strongest is not naive:
+        audited = f"of the {len(methods)} merges audited" if len(methods) > 1 else "merge audited"
+        sentences.append(
+            f"The strongest {audited}, {strongest['method']} ({strongest.get('mode', 'best')}), left `{task}` at "
+            f"{_fmt(strongest['protected'][task])}"
+            f"{'' if naive else f' ({metric}; alone {_fmt(alone)}, base model {_fmt(base)})'}."
+        )
+    curve = audit.get("rescale_curve") or {}
+    off = [i for i, scale in enumerate(curve.get("scales", [])) if scale != 1]
+    if off and curve.get("protected"):
+        scales = ", ".join(f"{curve['scales'][i]:g}" for i in off)
+        values = ", ".join(_fmt(curve["protected"][i]) for i in off)
+        twin = ", ".join(_fmt(curve["unprotected"][i]) for i in off) if curve.get("unprotected") else "–"
+        sentences.append(f"Re-scaled by s = {scales}, it scored {values} (unprotected: {twin}).")
+    if not sentences:
+        return "the merge audit recorded no merge results for this update, so what merging does has not been measured."
+    return "measured by its merge audit (table below). " + " ".join(sentences) + " Other merges were not measured."
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

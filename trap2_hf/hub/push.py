@@ -168,6 +168,20 @@ def hub_errors(repo_id: str, folder: str):
             f"Upload to {repo_id!r} failed ({type(err).__name__}: {err}). "
             f"Nothing is lost: {_resume_hint(repo_id, folder)}"
         ) from err
+    except RuntimeError as err:
+        # huggingface_hub wraps a failed LFS upload (large files go to the Hub's storage, not its API) in a
+        # RuntimeError; the storage's answer (e.g. an expired upload URL) is no verdict on the token.
+        cause = err.__cause__
+        if not isinstance(cause, (HfHubHTTPError, *_network_errors())):
+            raise
+        if isinstance(cause, HfHubHTTPError):
+            answer = f"answered {str(cause).splitlines()[0].rstrip('.')}"
+        else:
+            answer = f"could not be reached ({type(cause).__name__}: {cause})"
+        raise HubPushError(
+            f"Upload to {repo_id!r} failed: {err} The storage the Hub sent the large files to {answer}. Files "
+            f"already stored are not sent again. Nothing is lost: {_resume_hint(repo_id, folder)}"
+        ) from err
 
 
 def create_repo(api: HfApi, repo_id: str, folder: str, *, token: str | None, private: bool | None = None) -> str:
