@@ -21,6 +21,18 @@ def test_help_imports_no_heavy_library():
     assert out.strip().endswith("loaded: []"), out
 
 
+def test_card_help_imports_neither_trl_nor_the_trainer():
+    """`trap2 card` only reads and writes settings: it must not pay for TRL and transformers' Trainer (seconds)."""
+    code = (
+        "import sys\nfrom trap2_hf.cli import main\n"
+        "try:\n    main(['card', '--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
+        "print('loaded:', sorted(m for m in ('trl', 'transformers.trainer', 'trap2_hf.config') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "--trap_lambda" in out and "--trap_rescaled_fraction" in out
+    assert out.strip().endswith("loaded: []"), out
+
+
 def test_public_names_load_on_first_use():
     import trap2_hf
     import trap2_hf.audit

@@ -5,7 +5,7 @@ from ._lazy import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Trap2Settings": ".config",
+    "Trap2Settings": ".settings",
     "Trap2SFTConfig": ".config",
     "Trap2SFTTrainer": ".trainer",
     "Trap2Trainer": ".trainer",

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .config import trap_scale_intervals
+from .settings import trap_scale_intervals
 
 
 def scale_weight(scale: float, weighting: str) -> float:

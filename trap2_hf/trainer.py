@@ -30,13 +30,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from ._warnings import peft_deprecation_silenced
-from .config import (
-    FULL_RESCALED_SHARE,
-    Trap2SFTConfig,
-    Trap2Settings,
-    Trap2TrainingArguments,
-    check_run_arguments,
-)
+from .config import Trap2SFTConfig, Trap2TrainingArguments
+from .settings import FULL_RESCALED_SHARE, Trap2Settings, check_run_arguments
 from .hub.card import ordinary_permissions
 from .hub.push import Trap2HubMixin
 from .fused import (

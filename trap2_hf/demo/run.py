@@ -29,7 +29,8 @@ from ..audit import methods as methods_registry
 from ..audit.informed import InformedSettings
 from ..audit.repair import RepairSettings
 from ..callbacks import RescaleCurveCallback
-from ..config import Trap2Settings, Trap2TrainingArguments
+from ..config import Trap2TrainingArguments
+from ..settings import Trap2Settings
 from ..trainer import Trap2Trainer
 from . import model as demo_model
 from .tasks import TASK_SETS, make_task_set

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..config import Trap2Settings
+from ..settings import Trap2Settings
 
 PRESETS = {
     "none": None,

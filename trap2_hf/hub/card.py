@@ -17,7 +17,7 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_index
 
-from ..config import Trap2Settings, trap_scale_intervals
+from ..settings import Trap2Settings, trap_scale_intervals
 
 CARD_NAME = "README.md"
 AUDIT_JSON = "audit.json"

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from ..config import Trap2Settings
+from ..settings import Trap2Settings
 from .card import CARD_NAME, SETTING_NAMES, ProtectionCardError, read_protection, update_files, write_card
 
 

@@ -1,0 +1,369 @@
+"""The protection settings, defined once; `config.py` mixes them into `TrainingArguments` and TRL's `SFTConfig`.
+
+Kept free of transformers and TRL so that what only reads or writes settings (`trap2 card`, the model card)
+starts without importing them. Every field is a dataclass field with `help` metadata, so it is a command-line flag and a YAML key
+with no extra code, and the model card records exactly these values.
+"""
+
+import os
+from dataclasses import dataclass, field, fields
+
+WEIGHTINGS = ("inv", "inv_sqrt", "none")
+TARGETS = ("adapter", "full")
+SCALE_SAMPLINGS = ("uniform", "stratified")
+REFERENCE_DEVICES = ("same", "cpu")
+REFERENCE_DTYPES = ("same", "float32", "bfloat16", "float16")
+TRAP_MODES = ("auto", "two_pass", "sub_batch", "fused")
+# sub_batch and fused re-scale, all scales of a step together, this fraction of each micro-batch's rows
+# when trap_rescaled_fraction is unset (each scale gets its share); two_pass re-scales all of them.
+DEFAULT_RESCALED_SHARE = 0.25
+# ...and where 'auto' picks sub_batch (full fine-tuning): the scales share the micro-batch, so the re-scaled passes
+# cost one pass over it (two_pass: one per scale); on full fine-tunes this protects as two_pass does (README).
+FULL_RESCALED_SHARE = 1.0
+# What each annotated type of a setting accepts (a bool is an int to Python, never a setting's value).
+NUMBER_KINDS = {int: int, float: (int, float), float | None: (int, float, type(None))}
+
+
+@dataclass
+class Trap2Settings:
+    """Trap² protection settings (see METHOD.md): J = L(1) - lambda * E_s[w(s) * L(s)]."""
+
+    trap_lambda: float = field(
+        default=0.05,
+        metadata={
+            "help": "Weight lambda of the off-nominal (re-scaled) loss, which is maximised. 0 is ordinary "
+            "fine-tuning. The paper uses 0.001-0.01; with its 0.01 and one scale per step the trap did not form "
+            "on task sets it was not tuned on, while 0.05 with one scale on each side of 1 per step did (README)."
+        },
+    )
+    trap_scale_min: float = field(
+        default=0.05, metadata={"help": "Smallest scale s at which the update is re-scaled (> 0)."}
+    )
+    trap_scale_max: float = field(
+        default=2.0,
+        metadata={
+            "help": "Largest re-scaling s. Equal to trap_scale_min (outside the margin) fixes the scale."
+        },
+    )
+    trap_margin: float = field(
+        default=0.05,
+        metadata={"help": "Margin delta around s = 1 that is never sampled: s is drawn outside [1-delta, 1+delta]."},
+    )
+    trap_weighting: str = field(
+        default="inv",
+        metadata={
+            "help": "Re-weighting w(s) of the re-scaled loss, which compensates gradients that shrink for s < 1: "
+            "'inv' (1/s, the paper's vision default), 'inv_sqrt' (1/sqrt(s), its LLM default) or 'none'.",
+            "choices": list(WEIGHTINGS),
+        },
+    )
+    trap_target: str = field(
+        default="adapter",
+        metadata={
+            "help": "What the update is: 'adapter' (the trained PEFT adapter, re-scaled as W0 + s*dW) or 'full' "
+            "(every trainable parameter, re-scaled as theta0 + s*(theta - theta0)).",
+            "choices": list(TARGETS),
+        },
+    )
+    trap_scales_per_step: int = field(
+        default=2,
+        metadata={
+            "help": "How many scales are drawn per optimizer step; each costs one more forward/backward pass "
+            "(on a fraction of the rows in sub_batch and fused modes). The re-scaled term is averaged over them."
+        },
+    )
+    trap_scale_sampling: str = field(
+        default="stratified",
+        metadata={
+            "help": "'uniform': every scale uniform on [min, 1-delta] U [1+delta, max]. 'stratified': the "
+            "scales of one step alternate between the two sides of 1 (uniform within each side).",
+            "choices": list(SCALE_SAMPLINGS),
+        },
+    )
+    trap_reference_device: str = field(
+        default="same",
+        metadata={
+            "help": "Full fine-tuning only: where theta0 (the weights at the start) is kept: 'same' as the "
+            "parameter or 'cpu' (offloaded).",
+            "choices": list(REFERENCE_DEVICES),
+        },
+    )
+    trap_reference_dtype: str = field(
+        default="same",
+        metadata={
+            "help": "Full fine-tuning only: dtype of the theta0 copy ('same' as the parameter, 'float32', "
+            "'bfloat16', 'float16').",
+            "choices": list(REFERENCE_DTYPES),
+        },
+    )
+
+    trap_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "How a step computes the re-scaled term. 'auto' (default): 'fused' where it is exact (a LoRA/"
+            "rsLoRA adapter on a causal LM, TRL SFT, a sequence classifier, or a model declaring "
+            "trap_sample_losses); for trap_target='full', 'sub_batch' with the scales sharing each micro-batch's "
+            "rows (trap_rescaled_fraction 1 / trap_scales_per_step: one extra pass in all, and theta0 the only extra "
+            "memory); else 'two_pass'. The trainer logs its choice and the model card records it. "
+            "'two_pass': the reference algorithm, exact: one more forward/backward over the whole micro-batch per "
+            "scale (about 1 + trap_scales_per_step times a plain step; the graphs are never alive at once, so peak "
+            "memory stays at plain's: the memory-saving mode). 'sub_batch': the same on a random fraction "
+            "trap_rescaled_fraction of the rows (any update and model; unbiased; plain's memory). 'fused': ONE "
+            "forward/backward over the micro-batch plus re-scaled copies of a random fraction of its rows, each "
+            "copy at its own scale (unbiased; about 1.1-1.3x a plain step for LoRA and 1 + trap_scales_per_step * "
+            "fraction times the activation memory; full fine-tuning too where every trainable parameter sits in a "
+            "Linear, Conv1D, Embedding or norm layer and theta0 is on the device). Protection: README, Performance.",
+            "choices": list(TRAP_MODES),
+        },
+    )
+    trap_rescaled_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of each micro-batch's rows that each drawn scale re-scales, in (0, 1]; rows are drawn "
+            "at random and weighted by 1/fraction, so the re-scaled loss is unbiased. Unset: 1 for two_pass (which "
+            "takes only 1); for sub_batch and fused (and auto where it picks fused) 0.25 / trap_scales_per_step, so "
+            "the scales of a step together re-scale a quarter of the rows whatever their number; 1 / "
+            "trap_scales_per_step where auto picks sub_batch (full fine-tuning)."
+        },
+    )
+
+    trap_offray: str = field(
+        default="",
+        metadata={
+            "help": "Off-ray terms (beyond the paper; off by default): the loss is also maximised where merges other "
+            "than a re-scaling put the update. Comma-separated; each term is at most one own-update transform "
+            "('dare': random drop-and-rescale, 'prune': magnitude top-k, 'factor_dare': drop-and-rescale of each "
+            "LoRA factor at weight sqrt(w) each) and at most one partner ('foreign': the trap_foreign_adapters "
+            "added at coefficients c_j, 'synthetic': a random low-rank update of the layer's own dW norm times c), "
+            "joined by '+', e.g. 'dare,synthetic' or 'dare+foreign'. LoRA adapters only; needs trap_mode='two_pass'."
+        },
+    )
+    trap_offray_lambda: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the off-ray terms (maximised, like trap_lambda). Unset: trap_lambda."},
+    )
+    trap_offray_per_step: int = field(
+        default=1,
+        metadata={
+            "help": "Off-ray passes per optimizer step (each one more forward/backward); the terms of trap_offray "
+            "are taken in turn and averaged."
+        },
+    )
+    trap_offray_weight_min: float = field(
+        default=0.3, metadata={"help": "Smallest weight w of the own update in an off-ray term (uniform draw)."}
+    )
+    trap_offray_weight_max: float = field(
+        default=2.0,
+        metadata={"help": "Largest weight w of the own update in an off-ray term; the range should include 1."},
+    )
+    trap_offray_keep_min: float = field(
+        default=0.1,
+        metadata={"help": "Smallest keep rate of 'dare'/'factor_dare' (density kept by 'prune'), in (0, 1]."},
+    )
+    trap_offray_keep_max: float = field(
+        default=0.9, metadata={"help": "Largest keep rate / density of the sparsifying off-ray terms, in (0, 1]."}
+    )
+    trap_foreign_adapters: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Folders of other LoRA adapters of the same base (PEFT save_pretrained output) used by the "
+            "'foreign' term. Loaded once, frozen, never saved into the protected update."
+        },
+    )
+    trap_foreign_coef_min: float = field(
+        default=0.3,
+        metadata={"help": "Smallest coefficient c of a foreign or synthetic partner update (uniform draw, > 0)."},
+    )
+    trap_foreign_coef_max: float = field(
+        default=2.0, metadata={"help": "Largest coefficient c of a foreign or synthetic partner update."}
+    )
+    trap_guard_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a guard term that is MINIMISED: the loss at dW plus small dense noise (trap_guard_noise "
+            "* ||dW|| per layer), so the update stays robust to quantization-sized perturbations. 0: off."
+        },
+    )
+    trap_guard_noise: float = field(
+        default=0.05, metadata={"help": "Norm of the guard term's noise relative to each layer's ||dW||."}
+    )
+
+    def __post_init__(self):
+        self.derive_trap_defaults()
+
+    def derive_trap_defaults(self) -> None:
+        """Fill in the settings whose default depends on others, so what is recorded is what runs."""
+        if self.trap_rescaled_fraction is None and self.trap_mode == "two_pass":
+            self.trap_rescaled_fraction = 1.0
+        elif self.trap_rescaled_fraction is None and self.trap_mode in ("sub_batch", "fused"):
+            scales = self.trap_scales_per_step if isinstance(self.trap_scales_per_step, int) else 1
+            self.trap_rescaled_fraction = DEFAULT_RESCALED_SHARE / max(1, scales)
+        # 'auto' is resolved by the trainer, which knows the model (Trap2TrainerMixin._trap_resolve_mode).
+        if self.trap_offray_lambda is None:
+            self.trap_offray_lambda = self.trap_lambda
+        if isinstance(self.trap_offray, (list, tuple)):
+            self.trap_offray = ",".join(str(t) for t in self.trap_offray)
+        if isinstance(self.trap_foreign_adapters, str):
+            self.trap_foreign_adapters = [p for p in self.trap_foreign_adapters.split(",") if p.strip()]
+        self.trap_foreign_adapters = list(self.trap_foreign_adapters or [])
+
+    @property
+    def trap_offray_terms(self) -> list[str]:
+        """The parsed off-ray terms (empty: off)."""
+        from .offray import parse_terms
+
+        return parse_terms(self.trap_offray)
+
+    @property
+    def trap_offray_active(self) -> bool:
+        """Whether a step runs off-ray or guard passes."""
+        return bool(self.trap_offray_terms and self.trap_offray_lambda) or self.trap_guard_lambda > 0
+
+    def validate_trap_settings(self) -> None:
+        """Raise a ValueError that names the field, the value and what is allowed."""
+        self._validate_number_types()
+        _check_choice("trap_weighting", self.trap_weighting, WEIGHTINGS)
+        _check_choice("trap_target", self.trap_target, TARGETS)
+        _check_choice("trap_scale_sampling", self.trap_scale_sampling, SCALE_SAMPLINGS)
+        _check_choice("trap_reference_device", self.trap_reference_device, REFERENCE_DEVICES)
+        _check_choice("trap_reference_dtype", self.trap_reference_dtype, REFERENCE_DTYPES)
+        if not self.trap_lambda >= 0:
+            raise ValueError(
+                f"trap_lambda must be >= 0, got {self.trap_lambda}. Use 0 for ordinary fine-tuning or a small "
+                "positive value such as 0.01."
+            )
+        if not self.trap_margin > 0:
+            raise ValueError(
+                f"trap_margin must be > 0, got {self.trap_margin}: the scale s = 1 itself must never be "
+                "sampled. Use a small positive margin such as 0.05."
+            )
+        if not self.trap_scale_min > 0:
+            raise ValueError(
+                f"trap_scale_min must be > 0, got {self.trap_scale_min}. Use e.g. 0.05 (the reference default)."
+            )
+        if self.trap_scale_min > self.trap_scale_max:
+            raise ValueError(
+                f"trap_scale_min ({self.trap_scale_min}) must be <= trap_scale_max ({self.trap_scale_max})."
+            )
+        if not trap_scale_intervals(self.trap_scale_min, self.trap_scale_max, self.trap_margin):
+            raise ValueError(
+                f"No scale in [trap_scale_min, trap_scale_max] = [{self.trap_scale_min}, {self.trap_scale_max}] "
+                f"lies outside the margin [1 - trap_margin, 1 + trap_margin] = "
+                f"[{1 - self.trap_margin}, {1 + self.trap_margin}]. Widen the range or shrink trap_margin."
+            )
+        if not (isinstance(self.trap_scales_per_step, int) and self.trap_scales_per_step >= 1):
+            raise ValueError(f"trap_scales_per_step must be an integer >= 1, got {self.trap_scales_per_step!r}.")
+        _check_choice("trap_mode", self.trap_mode, TRAP_MODES)
+        fraction = self.trap_rescaled_fraction
+        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+            raise ValueError(
+                f"trap_rescaled_fraction must be in (0, 1], got {fraction!r}. Use e.g. 0.25 (a quarter of each "
+                "micro-batch is re-scaled) or 1 (all of it)."
+            )
+        if self.trap_mode == "two_pass" and fraction not in (None, 1, 1.0):
+            raise ValueError(
+                f"trap_rescaled_fraction={fraction} needs trap_mode='sub_batch' or 'fused'; trap_mode='two_pass' "
+                "always re-scales the whole micro-batch."
+            )
+        if self.trap_mode == "fused" and self.trap_target == "full" and self.trap_reference_device == "cpu":
+            raise ValueError(
+                "trap_mode='fused' on a full fine-tune reads theta0 at every step, which trap_reference_device='cpu' "
+                "offloads; use trap_mode='sub_batch' or 'two_pass', or trap_reference_device='same'."
+            )
+        self._validate_offray()
+
+    def _validate_number_types(self) -> None:
+        # In Python nothing parses the values: "0.1" would otherwise fail later in a comparison, naming no field.
+        # The annotations, not fields' .type: HfArgumentParser rewrites `float | None` there to `float`.
+        annotations = Trap2Settings.__annotations__
+        for f in fields(Trap2Settings):
+            kinds = NUMBER_KINDS.get(annotations[f.name])
+            value = getattr(self, f.name)
+            if kinds is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+                kind = "an integer" if kinds is int else "a number"
+                example = f.default if f.default is not None else 0.25
+                raise ValueError(
+                    f"{f.name} must be {kind}, got {value!r} (a {type(value).__name__}); pass e.g. {f.name}={example}."
+                )
+
+    def _validate_offray(self) -> None:
+        terms = self.trap_offray_terms  # raises on an unknown term
+        for name in ("trap_offray_lambda", "trap_guard_lambda", "trap_guard_noise"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be >= 0, got {value!r}.")
+        if not (isinstance(self.trap_offray_per_step, int) and self.trap_offray_per_step >= 1):
+            raise ValueError(f"trap_offray_per_step must be an integer >= 1, got {self.trap_offray_per_step!r}.")
+        for low, high, lo_bound, what in (
+            ("trap_offray_weight_min", "trap_offray_weight_max", 0.0, "a positive weight range such as 0.3-2.0"),
+            ("trap_offray_keep_min", "trap_offray_keep_max", 0.0, "keep rates in (0, 1] such as 0.1-0.9"),
+            ("trap_foreign_coef_min", "trap_foreign_coef_max", 0.0, "a positive coefficient range such as 0.3-2.0"),
+        ):
+            a, b = getattr(self, low), getattr(self, high)
+            if not (a > lo_bound and a <= b):
+                raise ValueError(f"{low} ({a}) must be > 0 and <= {high} ({b}); use {what}.")
+        if self.trap_offray_keep_max > 1:
+            raise ValueError(f"trap_offray_keep_max must be <= 1, got {self.trap_offray_keep_max}.")
+        uses_foreign = any("foreign" in t.split("+") for t in terms)
+        if uses_foreign and not self.trap_foreign_adapters:
+            raise ValueError(
+                f"trap_offray={self.trap_offray!r} has a 'foreign' term but trap_foreign_adapters is empty. List "
+                "the folders of other LoRA adapters of the same base, or use 'synthetic' instead of 'foreign'."
+            )
+        if self.trap_foreign_adapters and not uses_foreign:
+            raise ValueError(
+                f"trap_foreign_adapters is set ({self.trap_foreign_adapters}) but no trap_offray term uses it. Add a "
+                "'foreign' term (e.g. trap_offray='foreign') or drop trap_foreign_adapters."
+            )
+        if terms or self.trap_guard_lambda > 0:
+            if self.trap_target != "adapter":
+                raise ValueError(
+                    f"trap_offray / trap_guard_lambda transform a LoRA adapter's weights; trap_target="
+                    f"{self.trap_target!r} is not supported. Use trap_target='adapter' with a LoRA adapter, or drop them."
+                )
+            if self.trap_mode in ("sub_batch", "fused"):
+                raise ValueError(
+                    f"trap_offray / trap_guard_lambda run extra full passes, which trap_mode={self.trap_mode!r} "
+                    "does not; use trap_mode='two_pass'."
+                )
+
+    def trap_settings_dict(self) -> dict:
+        """The protection settings as plain values: what the model card and the audit record."""
+        return {f.name: getattr(self, f.name) for f in fields(Trap2Settings)}
+
+
+def trap_scale_intervals(scale_min: float, scale_max: float, margin: float) -> list[tuple[float, float]]:
+    """The parts of [scale_min, scale_max] outside (1 - margin, 1 + margin): the support of S."""
+    intervals = []
+    low_hi = min(scale_max, 1.0 - margin)
+    if scale_min <= low_hi:
+        intervals.append((scale_min, low_hi))
+    high_lo = max(scale_min, 1.0 + margin)
+    if high_lo <= scale_max:
+        intervals.append((high_lo, scale_max))
+    return intervals
+
+
+def check_run_arguments(args) -> None:
+    """Refuse, before any model is loaded, a run that trains nothing (its save would carry a protection card
+    for an untrained update) or that could not save what it trained."""
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(
+            f"output_dir={args.output_dir!r} is a file, not a folder: the update could not be saved there. Pass "
+            "a new or existing folder."
+        )
+    if args.max_steps == 0:
+        raise ValueError(
+            "max_steps=0 trains nothing (transformers would still run one step), and the saved update would be "
+            "labelled protected. Pass max_steps > 0, or leave it at -1 to train for num_train_epochs."
+        )
+    if args.max_steps < 0 and not args.num_train_epochs > 0:
+        raise ValueError(
+            f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains nothing, and the saved "
+            "update would be labelled protected. Pass num_train_epochs > 0 or max_steps > 0."
+        )
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
