@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from conftest import text_dataset, tiny_llama, tiny_tokenizer, token_dataset
 from hub_server import READ_TOKEN, WRITE_TOKEN, hub_server  # noqa: F401 -- the fixture
 from trap2_hf import Trap2Trainer, Trap2TrainingArguments, load_protected_adapter
+from trap2_hf._warnings import XET_FALLBACK_NOTICE
 from trap2_hf.cli import main as trap2_main
 from trap2_hf.hub import BaseModelMismatchError, ChecksumMismatchError, HubPushError, ProtectionCardError
 from trap2_hf.hub.card import render_card
@@ -326,6 +327,22 @@ def test_an_interrupted_upload_can_be_rerun(trained, hub_server, monkeypatch):
     trained.push_to_hub()  # nothing changed: nothing re-uploaded
     assert len(hub_server.repos["alice/flaky"]["commits"]) == commits
     load_protected_adapter(tiny_llama(), "alice/flaky")
+
+
+def test_a_push_with_hf_xet_installed_prints_no_fallback_notice(trained, hub_server, monkeypatch, caplog):
+    """huggingface_hub warns that open files go over HTTP, not xet, on every push: expected, so not shown."""
+    from huggingface_hub import _commit_api
+
+    monkeypatch.setattr(_commit_api, "is_xet_available", lambda: True)  # as with hf_xet installed
+    monkeypatch.setattr(trained.args, "hub_model_id", "xet-installed")
+    monkeypatch.setattr(trained.args, "hub_token", WRITE_TOKEN)
+    monkeypatch.setattr(trained, "hub_model_id", None)
+    caplog.set_level(logging.WARNING)
+    trained.push_to_hub()
+    assert "adapter_model.safetensors" in hub_server.files("alice/xet-installed")
+    assert not [r for r in caplog.records if "Xet Storage" in r.getMessage()]
+    logging.getLogger("huggingface_hub._commit_api").warning(XET_FALLBACK_NOTICE)  # the filter left with the push
+    assert [r for r in caplog.records if "Xet Storage" in r.getMessage()]
 
 
 def test_pushes_go_through_the_hub_api_given(hub_server, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Warnings raised inside libraries we call that name nothing our users wrote."""
 
 import contextlib
+import logging
 import warnings
 
 
@@ -12,3 +13,25 @@ def peft_deprecation_silenced():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
+
+XET_FALLBACK_NOTICE = "Uploading files as a binary IO buffer is not supported by Xet Storage"
+
+
+class _DropXetFallbackNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(XET_FALLBACK_NOTICE)
+
+
+@contextlib.contextmanager
+def xet_fallback_notice_silenced():
+    """Our pushes hand huggingface_hub open files on purpose (a save during an asynchronous push cannot mix
+    versions), so with hf_xet installed it warns on every push that it uploads them over HTTP (LFS) instead:
+    the upload is complete either way, and the user can do nothing about the notice."""
+    hub_logger = logging.getLogger("huggingface_hub._commit_api")
+    notice_filter = _DropXetFallbackNotice()
+    hub_logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        hub_logger.removeFilter(notice_filter)

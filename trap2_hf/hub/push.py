@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
+from .._warnings import xet_fallback_notice_silenced
 from .card import (
     CARD_NAME,
     TRAINING_ARGS_JSON,
@@ -218,9 +219,10 @@ def upload_folder(
 
     def commit():
         try:
-            return api.create_commit(
-                repo_id, operations, commit_message=commit_message, token=token, revision=revision
-            )
+            with xet_fallback_notice_silenced():
+                return api.create_commit(
+                    repo_id, operations, commit_message=commit_message, token=token, revision=revision
+                )
         finally:
             for handle in handles:
                 handle.close()
