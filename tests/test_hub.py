@@ -356,7 +356,7 @@ def test_pushes_go_through_the_hub_api_given(hub_server, tmp_path, monkeypatch):
 
 
 def test_a_crash_while_saving_leaves_no_folder_that_looks_complete(trained, tmp_path, monkeypatch):
-    import trap2_hf.hub.push as push
+    import trap2_hf.hub.mixin as mixin
 
     out = str(tmp_path / "copy")
     trained.save_model(out)
@@ -364,7 +364,7 @@ def test_a_crash_while_saving_leaves_no_folder_that_looks_complete(trained, tmp_
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(push, "write_card", crash)
+    monkeypatch.setattr(mixin, "write_card", crash)
     with pytest.raises(OSError, match="disk full"):
         trained.save_model(out)
     with pytest.raises(ProtectionCardError, match="no README.md"):

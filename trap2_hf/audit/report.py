@@ -11,7 +11,10 @@ from .summary import ATTACKS, HELD_MARGIN, attack_rows, held, report_split, thre
 
 def format_table(results: dict) -> str:
     """The markdown summary: one row per (method, mode), protected task and all-task average, each
-    merged with the protected update and with its unprotected twin."""
+    merged with the protected update and with its unprotected twin. The model card shows this table
+    too, and for a short audit (no re-scaling curve, e.g. written by hand) the short table."""
+    if "rescale_curve" not in results:
+        return _short_table(results)
     task = results["protected_task"]
     base, chance = results["base"], results["chance"]
     floor = max(base[task], chance[task])
@@ -54,6 +57,48 @@ def format_table(results: dict) -> str:
         lines.append(f"\nSkipped `{skipped['method']}`: {skipped['reason']}")
     lines += _repair_table(results)
     return "\n".join(lines)
+
+
+def _short_table(audit: dict) -> str:
+    """A short audit: `base` and `chance` may be plain numbers, numbers keep four significant digits."""
+    task = audit["protected_task"]
+    standalone = audit["standalone"]
+    lines = [
+        f"Base model: {format_value(per_task(audit.get('base'), task))}; "
+        f"chance: {format_value(per_task(audit.get('chance'), task))}; "
+        f"alone: protected {format_value(standalone.get('protected'))}, "
+        f"unprotected {format_value(standalone.get('unprotected'))}.",
+        "",
+        f"| merge | mode | parameters | {task} (protected) | {task} (unprotected) | average (protected) "
+        "| average (unprotected) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in audit.get("methods", []):
+        prot, unprot = m.get("protected") or {}, m.get("unprotected") or {}
+        lines.append(
+            f"| {m['method']} | {m.get('mode', '')} | {_short_params(m.get('params'))} | "
+            f"{format_value(prot.get(task))} | {format_value(unprot.get(task))} | {format_value(prot.get('average'))} | "
+            f"{format_value(unprot.get('average'))} |"
+        )
+    return "\n".join(lines)
+
+
+def _short_params(params) -> str:
+    if not params:
+        return ""
+    return ", ".join(f"{k}={format_value(v)}" for k, v in params.items()) if isinstance(params, dict) else str(params)
+
+
+def per_task(value, task):
+    """`base` and `chance` are per-task mappings in `trap2 audit` reports, plain numbers in short ones."""
+    return value.get(task) if isinstance(value, dict) else value
+
+
+def format_value(value) -> str:
+    """Four significant digits (the card's prose and the short table); "–" for a missing value."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "–" if value is None else str(value)
 
 
 def _attack_table(results: dict) -> list[str]:

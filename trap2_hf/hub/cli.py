@@ -17,7 +17,9 @@ import os
 import sys
 
 from ..settings import Trap2Settings
-from .card import CARD_NAME, SETTING_NAMES, ProtectionCardError, read_protection, update_files, write_card
+from .card import CARD_NAME, write_card
+from .files import update_files
+from .protection import SETTING_NAMES, ProtectionCardError, read_protection
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Wrote {os.path.join(args.folder, CARD_NAME)}")
     if not args.push:
         return 0
-    from .push import HubPushError  # the Trainer side of the Hub code: imported only to push
+    from .upload import HubPushError  # huggingface_hub's upload machinery: imported only to push
 
     try:
         repo_id = create_repo_and_push(args)
@@ -117,7 +119,7 @@ def create_repo_and_push(args) -> str:
     from huggingface_hub import HfApi
 
     from .. import __version__
-    from .push import create_repo, upload_folder
+    from .upload import create_repo, upload_folder
 
     api = HfApi(library_name="trap2_hf", library_version=__version__)
     repo_id = create_repo(api, args.push, args.folder, token=None, private=args.private or None)

@@ -4,15 +4,9 @@ files checked against the sha256 it recorded at save."""
 import os
 
 from .._warnings import peft_deprecation_silenced
-from .card import (
-    ADAPTER_WEIGHTS,
-    CARD_NAME,
-    ChecksumMismatchError,
-    ProtectionCardError,
-    base_model_config,
-    read_protection,
-    verify_checksums,
-)
+from .card import CARD_NAME
+from .files import ADAPTER_WEIGHTS, ChecksumMismatchError, verify_checksums
+from .protection import ProtectionCardError, base_model_config, read_protection
 
 # Keyword arguments that choose which files to fetch; the others go to `PeftModel.from_pretrained`.
 DOWNLOAD_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "endpoint")
