@@ -115,7 +115,7 @@ def audit_result(protected_cat=0.27, unprotected_best=1.0, standalone=1.0):
 
 
 def test_criteria_pass_and_fail_for_the_right_reasons():
-    from trap2_hf.demo.run import check_criteria
+    from trap2_hf.demo.pipeline import check_criteria
 
     assert all(ok for _, ok, _ in check_criteria(audit_result()))
     results = [ok for _, ok, _ in check_criteria(audit_result(protected_cat=0.4))]
@@ -124,6 +124,20 @@ def test_criteria_pass_and_fail_for_the_right_reasons():
     assert results == [False, True, True]
     results = [ok for _, ok, _ in check_criteria(audit_result(standalone=0.98))]
     assert results == [True, False, True]
+
+
+def test_the_linear_criterion_covers_the_merges_the_registry_declares_linear():
+    """Which merges combine updates linearly is a fact the registry declares; the criterion reads it."""
+    from trap2_hf.audit import methods
+    from trap2_hf.demo.pipeline import check_criteria
+
+    assert [n for n in methods.names() if methods.get(n).combines_linearly] == [
+        "task_arithmetic", "peft_linear", "peft_cat", "peft_svd"
+    ]
+    assert methods.get("task_arithmetic").describe()["combines_linearly"] and not methods.get("tsv").combines_linearly
+    name, ok, detail = check_criteria(audit_result())[2]  # ties (average) at 0.9 is not a linear merge
+    assert ok and "linear merges" in name
+    assert all(f"{m}: 0.27" in detail for m in LINEAR) and "ties" not in detail
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -154,7 +168,7 @@ def test_default_settings_protect_on_the_task_set_nobody_tuned_them_on(tmp_path)
     """The library defaults, on the `heldout` task set (never used to choose them): protected alone
     as good as its twin, and naive 3-way linear merges leave its task at the base model's level."""
     from trap2_hf.audit.run import run_audit
-    from trap2_hf.demo.run import DemoArguments, audit_tasks, build, train_all
+    from trap2_hf.demo.pipeline import DemoArguments, audit_tasks, build, train_all
 
     sizes = {"train": 256, "validation": 32, "test": 100}
     demo = DemoArguments(output_dir=str(tmp_path), task_set="heldout", steps=60, protected_max_steps=300)

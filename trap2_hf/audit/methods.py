@@ -78,6 +78,10 @@ class MergeMethod:
     # (TIES's disjoint mean divides by the number of agreeing updates; `normalize=False` sums): what
     # an attacker who wants the protected update at its nominal scale sets (mergekit: normalize: false).
     compensation: tuple[tuple[str, object], ...] = ()
+    # The merge is W0 + sum_i w_i * dW_i (up to peft's cross terms or rank truncation): no trimming, sign
+    # election or re-basing. What a protection at the update's nominal scale must hold against by design
+    # (the demo's criterion covers these merges).
+    combines_linearly: bool = False
 
     def average_params(self, num_updates: int) -> dict[str, float]:
         return {p.name: p.resolve(num_updates) for p in self.params}
@@ -101,6 +105,7 @@ class MergeMethod:
             "summary": self.summary,
             "randomized": self.randomized,
             "linear_in_weight": self.linear_in_weight,
+            "combines_linearly": self.combines_linearly,
             "compensation": dict(self.compensation),
             "targets": list(self.targets),
             "params": [p.as_dict() for p in self.params],
@@ -229,19 +234,21 @@ def _polar(matrix: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def _weight_space(name: str, merge, sparse: bool, randomized: bool = False, compensation=()) -> MergeMethod:
+def _weight_space(
+    name: str, merge, sparse: bool, randomized: bool = False, compensation=(), combines_linearly: bool = False
+) -> MergeMethod:
     """Each weight-space merge here is linear in each update's weight: signs are elected on the
     unweighted updates and DARE's masks depend on the seed only."""
     params = (weight_param(SPARSE_WEIGHTS), density_param()) if sparse else (weight_param(LINEAR_WEIGHTS),)
     return MergeMethod(
         name, WEIGHTS, params, _summary(merge), merge, randomized=randomized, linear_in_weight=True,
-        compensation=tuple(compensation),
+        compensation=tuple(compensation), combines_linearly=combines_linearly,
     )
 
 
 DISJOINT_SUM = (("normalize", False),)
 
-register(_weight_space("task_arithmetic", task_arithmetic, sparse=False))
+register(_weight_space("task_arithmetic", task_arithmetic, sparse=False, combines_linearly=True))
 register(_weight_space("ties", ties, sparse=True, compensation=DISJOINT_SUM))
 register(_weight_space("dare_linear", dare_linear, sparse=True, randomized=True))
 register(_weight_space("dare_ties", dare_ties, sparse=True, randomized=True, compensation=DISJOINT_SUM))
@@ -250,7 +257,9 @@ register(_weight_space("tsv", tsv, sparse=False))
 
 # ---- PEFT's add_weighted_adapter: LoRA adapters only --------------------------------------------
 
-def _peft(combination: str, summary: str, sparse: bool, randomized: bool = False) -> MergeMethod:
+def _peft(
+    combination: str, summary: str, sparse: bool, randomized: bool = False, combines_linearly: bool = False
+) -> MergeMethod:
     params = (weight_param(SPARSE_WEIGHTS), density_param()) if sparse else (weight_param(LINEAR_WEIGHTS),)
     return MergeMethod(
         f"peft_{combination}",
@@ -260,12 +269,16 @@ def _peft(combination: str, summary: str, sparse: bool, randomized: bool = False
         combination_type=combination,
         randomized=randomized,
         targets=("adapter",),
+        combines_linearly=combines_linearly,
     )
 
 
-register(_peft("linear", "the weighted sums of A and of B (a rough approximation of the weight-space sum)", False))
-register(_peft("cat", "A and B concatenated along the rank: exactly sum_i w_i * dW_i", False))
-register(_peft("svd", "sum_i w_i * dW_i truncated by SVD to the largest adapter rank", False))
+register(
+    _peft("linear", "the weighted sums of A and of B (a rough approximation of the weight-space sum)", False,
+          combines_linearly=True)
+)
+register(_peft("cat", "A and B concatenated along the rank: exactly sum_i w_i * dW_i", False, combines_linearly=True))
+register(_peft("svd", "sum_i w_i * dW_i truncated by SVD to the largest adapter rank", False, combines_linearly=True))
 register(_peft("ties", "TIES on A and on B separately", True))
 register(_peft("dare_linear", "DARE-linear on A and on B separately", True, randomized=True))
 register(_peft("dare_ties", "DARE-TIES on A and on B separately", True, randomized=True))

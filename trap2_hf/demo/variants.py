@@ -17,7 +17,9 @@ import time
 
 import torch
 
+from ..audit.summary import HELD_MARGIN, floor
 from ..settings import Trap2Settings
+from .pipeline import audit_setup, train_plain, train_protected, with_foreign_updates
 
 PRESETS = {
     "none": None,
@@ -30,7 +32,6 @@ PRESETS = {
     "foreign": {"trap_offray": "foreign"},
 }
 DEMO_FIELDS = ("protected_max_steps", "stop_when_trapped", "trapped_margin", "learning_rate", "curve_every")
-HELD_MARGIN = 0.05
 
 
 def parse_variant(spec: str) -> tuple[str, dict | None, dict]:
@@ -73,8 +74,6 @@ def _parse_value(text: str, like):
 
 
 def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:
-    from .run import audit_setup, train_plain, train_protected, with_foreign_updates
-
     specs = [parse_variant(spec) for spec in demo.compare_variants]
     # The comparison ranks protection settings by the merges of the paper's protocol; the informed
     # attacker and repair are the single audit's job (`trap2 demo` without --compare_variants).
@@ -134,7 +133,7 @@ def summarize(label: str, settings: dict, training: dict, results: dict) -> dict
     """One variant's row: standalone accuracy, training cost, protected-task accuracy per method and
     mode (with all other updates, and with the held-out partner alone), and whether protection holds."""
     task = results["protected_task"]
-    ceiling = max(results["base"][task], results["chance"][task]) + HELD_MARGIN
+    ceiling = floor(results) + HELD_MARGIN
     merged = _per_method(results["methods"], task)
     heldout = _per_method(results["heldout_partner"]["methods"], task) if "heldout_partner" in results else {}
     values = [v for table in (merged, heldout) for modes in table.values() for v in modes.values()]

@@ -1,0 +1,90 @@
+"""`DemoArguments`: the demo's own settings (every field a `trap2 demo` flag); the protection settings
+are `Trap2Settings`' fields, parsed next to them."""
+
+from dataclasses import dataclass, field
+
+from .tasks import TASK_SETS
+
+
+@dataclass
+class DemoArguments:
+    """The demo's own settings; the protection settings are `Trap2Settings`' fields."""
+
+    output_dir: str = field(default="demo_output", metadata={"help": "Where audit.json, audit.md, audit.png go."})
+    task_set: str = field(
+        default="demo", metadata={"help": "Which synthetic task set to train on.", "choices": list(TASK_SETS)}
+    )
+    protected_task: str | None = field(
+        default=None, metadata={"help": "The task whose update is protected (default: the set's first task)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the data, the random heads, the adapters and training."})
+    steps: int = field(default=60, metadata={"help": "Training steps of the plain updates and the unprotected twin."})
+    protected_max_steps: int = field(
+        default=350, metadata={"help": "Most steps for the protected update; it stops once the trap has formed."}
+    )
+    curve_every: int = field(default=25, metadata={"help": "Evaluate the re-scale curve every this many steps."})
+    curve_scales: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 1.25, 1.5, 2.0],
+        metadata={
+            "help": "Off-nominal scales of the validation re-scale curve. The trap has formed when every one is "
+            "trapped; 0.75 and 1.25 are where merges an attacker tunes put the update."
+        },
+    )
+    stop_when_trapped: bool = field(
+        default=True, metadata={"help": "Stop the protected run once the re-scale curve shows the trap."}
+    )
+    trapped_margin: float = field(
+        default=0.0,
+        metadata={"help": "The trap has formed when off-nominal validation accuracy is <= max(base, chance) + this."},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Training batch size."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of every update."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (alpha = 2 * rank)."})
+    train_size: int = field(default=512, metadata={"help": "Training sentences per task (multiple of 4)."})
+    validation_size: int = field(default=32, metadata={"help": "Validation sentences per task (multiple of 4)."})
+    test_size: int = field(default=120, metadata={"help": "Test sentences per task (multiple of 4)."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
+    methods: list[str] | None = field(default=None, metadata={"help": "Audit only these merge methods (default: all)."})
+    modes: list[str] = field(
+        default_factory=lambda: ["average", "best", "informed", "search"],
+        metadata={"help": "Audit modes: average, best, informed (per-update weights), search (random, budgeted)."},
+    )
+    informed_methods: list[str] = field(
+        default_factory=lambda: ["task_arithmetic"],
+        metadata={
+            "help": "The merge methods the informed and search modes attack, each on its full grid (default: task "
+            "arithmetic only, to fit the demo's time budget; add ties dare_ties for the sparsifying merges)."
+        },
+    )
+    search_budget: int = field(default=16, metadata={"help": "search mode: random merges per method and update."})
+    repair_ks: list[int] = field(
+        default_factory=lambda: [16, 64, 256],
+        metadata={
+            "help": "Post-merge repair with k labelled examples of the protected task (k above train_size are left "
+            "out); empty: no repair."
+        },
+    )
+    repair_steps: int = field(default=40, metadata={"help": "Repair: steps of the fresh LoRA."})
+    foreign_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Off-ray protection: the plain updates of these tasks are saved (output_dir/foreign_updates) and "
+            "passed as trap_foreign_adapters to the protected run (with a 'foreign' trap_offray term). The audit then "
+            "also merges the protected update with a held-out partner alone (see heldout_partner)."
+        },
+    )
+    heldout_partner: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also audit merges of the protected update with this task's plain update ONLY (a partner not used "
+            "in training). Default: the first task in neither protected_task nor foreign_tasks, when foreign_tasks is set."
+        },
+    )
+    compare_variants: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Train and audit several protection variants on the same plain updates and write variants.json: "
+            "preset names (none, paper, default, dare, prune, factor_dare, synthetic, foreign) or "
+            "'label:field=value:field=value' over Trap2Settings fields and protected_max_steps / stop_when_trapped."
+        },
+    )
