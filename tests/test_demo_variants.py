@@ -20,6 +20,16 @@ def test_bad_variants_are_refused(spec):
         parse_variant(spec)
 
 
+def test_variant_values_parse_as_the_same_command_line_flags_would():
+    label, settings, demo = parse_variant("x:trap_lambda=1:trap_foreign_adapters=a/b:learning_rate=1e-3:trapped_margin=0")
+    assert settings == {"trap_lambda": 1.0, "trap_foreign_adapters": ["a/b"]} and type(settings["trap_lambda"]) is float
+    assert demo == {"learning_rate": 0.001, "trapped_margin": 0.0}
+    for spec, named in [("x:trap_lambda=abc", "'abc'"), ("x:trap_weighting=nope", "'nope'"),
+                        ("x:stop_when_trapped=maybe", "maybe")]:
+        with pytest.raises(SystemExit, match=f"variant '{spec}': argument --{spec[2:].split('=')[0]}.*{named}"):
+            parse_variant(spec)
+
+
 def audit(protected_topic, heldout_topic):
     def entries(value):
         return [

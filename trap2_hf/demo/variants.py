@@ -17,8 +17,10 @@ import time
 
 import torch
 
+from .._args import parse_fields
 from ..audit.summary import HELD_MARGIN, floor
 from ..settings import Trap2Settings
+from .arguments import DemoArguments
 from .pipeline import audit_setup, train_plain, train_protected, with_foreign_updates
 
 PRESETS = {
@@ -45,32 +47,23 @@ def parse_variant(spec: str) -> tuple[str, dict | None, dict]:
             )
         preset = PRESETS[label]
         return label, None if preset is None else dict(preset), {}
-    settings_fields = {f.name: f for f in dataclasses.fields(Trap2Settings)}
-    overrides, demo_overrides = {}, {}
+    settings_fields = {f.name for f in dataclasses.fields(Trap2Settings)}
+    given, demo_given = {}, {}
     for item in rest.split(":"):
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"trap2 demo: variant {spec!r}: {item!r} is not field=value.")
         if key in settings_fields:
-            overrides[key] = _parse_value(value, settings_fields[key].default)
+            given[key] = value
         elif key in DEMO_FIELDS:
-            demo_overrides[key] = _parse_value(value, True if key == "stop_when_trapped" else 0.0)
+            demo_given[key] = value
         else:
             raise SystemExit(
                 f"trap2 demo: variant {spec!r}: unknown field {key!r}; use a Trap2Settings field or one of {DEMO_FIELDS}."
             )
-    return label, overrides, demo_overrides
-
-
-def _parse_value(text: str, like):
-    if isinstance(like, bool):
-        return text.lower() in ("1", "true", "yes")
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    # Parsed as the same flags on the command line would be (`trap2 demo --trap_lambda 0.1`).
+    context = f"trap2 demo: variant {spec!r}"
+    return label, parse_fields(Trap2Settings, given, context), parse_fields(DemoArguments, demo_given, context)
 
 
 def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from .._args import omit_unset
 from ..settings import Trap2Settings
 from .card import CARD_NAME, write_card
 from .files import update_files
@@ -31,9 +32,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser = HfArgumentParser(
         Trap2Settings, prog="trap2 card", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    omit_unset(parser, SETTING_NAMES)
     for action in parser._actions:
         if action.dest in SETTING_NAMES:
-            action.default = argparse.SUPPRESS
             action.help = f"{action.help or ''} (default: the existing card's value, else Trap2Settings' default)"
     parser.add_argument("folder", help="The update folder (adapter_config.json + adapter_model.safetensors).")
     parser.add_argument("--push", metavar="REPO_ID", help="Upload the folder (no pickles) to this Hub repo.")

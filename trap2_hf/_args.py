@@ -1,0 +1,28 @@
+"""Parsing settings dataclasses from text: always through transformers' `HfArgumentParser` (TRL's parser,
+which the recipe uses, is a subclass), so a value parses the same as a flag, a recipe key or a variant."""
+
+import argparse
+
+
+def omit_unset(parser: argparse.ArgumentParser, names) -> None:
+    """Leave the flags of `names` that are not given out of the parsed namespace, so that a value given can be
+    told from a default (a card's recorded value, or a derived default, applies instead)."""
+    for action in parser._actions:
+        if action.dest in names:
+            action.default = argparse.SUPPRESS
+
+
+def parse_fields(dataclass_type, values: dict[str, str], context: str) -> dict:
+    """`values` (field name -> text) parsed as the `--field=text` flags of `dataclass_type`; returns only
+    those fields, typed. A value that does not parse raises `SystemExit` naming `context` and the flag."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_type)
+    omit_unset(parser, set(values))
+
+    def error(message: str):
+        raise SystemExit(f"{context}: {message.rstrip('.')}.")
+
+    parser.error = error
+    namespace = parser.parse_args([f"--{name}={text}" for name, text in values.items()])
+    return {name: getattr(namespace, name) for name in values}
