@@ -33,8 +33,7 @@ def main(argv=None) -> int:
 
     from trap2_hf.audit import run_audit
     from trap2_hf.audit.mergekit_audit import audit_mergekit, format_mergekit_table
-    from trap2_hf.demo.pipeline import audit_tasks, build, train_plain, train_protected, with_foreign_updates
-    from trap2_hf.demo.run import make_parser
+    from trap2_hf.demo.run import audit_tasks, build, make_parser, train_plain, train_protected, with_foreign_updates
 
     demo, trap = make_parser().parse_args_into_dataclasses(args=["--seed", str(args.seed)])
     trap.validate_trap_settings()

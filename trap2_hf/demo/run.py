@@ -18,8 +18,15 @@ import sys
 import torch
 from transformers import HfArgumentParser
 
+from .._lazy import lazy_exports
 from ..settings import Trap2Settings
 from .arguments import DemoArguments
+
+# The pipeline lived here before pipeline.py: `from trap2_hf.demo.run import build` (benchmarks) still works,
+# importing the pipeline (and the trainer) only when such a name is asked for.
+_MOVED = ("DemoSetup", "audit_setup", "audit_tasks", "base_accuracy", "build", "check_criteria", "heldout_partner",
+          "train_all", "train_plain", "train_protected", "train_update", "with_foreign_updates")
+__getattr__ = lazy_exports(__name__, dict.fromkeys(_MOVED, "trap2_hf.demo.pipeline"))
 
 
 def make_parser() -> HfArgumentParser:
