@@ -88,7 +88,7 @@ class Trap2TrainerMixin:
             )
         self._trap_mode_requested = self.args.trap_mode
         if self.args.trap_mode == "auto":
-            modes.resolve_auto(self)
+            logger.info(modes.resolve_auto(self))
         elif self.args.trap_lambda != 0:
             self._trap_mode_named(self.args.trap_mode).prepare(self)  # refuses a mode that is not exact here
         self._trap_check_offray()

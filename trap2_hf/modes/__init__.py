@@ -59,8 +59,9 @@ def get_mode(name: str) -> TrapMode:
     return MODES[name]()
 
 
-def resolve_auto(trainer) -> None:
-    """trap_mode='auto': the first mode of `AUTO_ORDER` that is exact for `trainer`'s model and settings."""
+def resolve_auto(trainer) -> str:
+    """trap_mode='auto': the first mode of `AUTO_ORDER` that is exact for `trainer`'s model and settings. Returns
+    the line the trainer logs: the choice, and why."""
     trainer.args = copy.copy(trainer.args)
     args = trainer.args
     reasons = []
@@ -74,8 +75,7 @@ def resolve_auto(trainer) -> None:
         use_mode(args, choice.mode)
         fraction = f" (trap_rescaled_fraction={args.trap_rescaled_fraction:g})" if choice.share is not None else ""
         why = choice.why or (reasons[0] if reasons else "")
-        logger.info("trap_mode='auto' chose %r%s%s.", choice.mode, fraction, f": {why}" if why else "")
-        return
+        return f"trap_mode='auto' chose {choice.mode!r}{fraction}{f': {why}' if why else ''}."
     raise ValueError(f"trap_mode='auto' found no exact mode: {'; '.join(reasons)}")
 
 
