@@ -163,28 +163,6 @@ def _prompt_completion(dataset, prompt_template: str, completion_template: str):
     )
 
 
-def check_launcher(trainer) -> None:
-    """Refuse the backend combinations whose Trap² step would be silently wrong (see recipes/README.md)."""
-    from accelerate.utils import DistributedType
-
-    args, accelerator = trainer.args, trainer.accelerator
-    kind = accelerator.distributed_type
-    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if kind == DistributedType.DEEPSPEED else None
-    if args.trap_target == "full" and (kind == DistributedType.FSDP or zero_stage == 3):
-        raise NotImplementedError(
-            "trap_target='full' with FSDP or DeepSpeed ZeRO-3 is not supported: theta0 is snapshotted before the "
-            "parameters are sharded and the re-scaling writes whole parameters. Use DDP or ZeRO-2 for a full "
-            "fine-tune, or a LoRA adapter (trap_target='adapter') with FSDP/ZeRO-3."
-        )
-    if kind == DistributedType.DEEPSPEED and args.trap_lambda > 0 and not getattr(trainer, "trap_supports_deepspeed", False):
-        raise NotImplementedError(
-            "DeepSpeed steps its optimizer inside every backward at an accumulation boundary (accelerate's "
-            "DeepSpeedEngineWrapper.backward), and a Trap² step runs 1 + trap_scales_per_step backwards per "
-            "micro-batch, so this trainer would take that many optimizer steps per step. Use DDP or FSDP "
-            "(recipes/accelerate_configs/), or trap_lambda=0; see recipes/README.md."
-        )
-
-
 def main(script_args, training_args, model_args, callbacks=None):
     """Train, save (with the protection card), audit if asked, push if asked; returns the trainer."""
     from trl import get_peft_config, get_quantization_config
@@ -212,8 +190,7 @@ def main(script_args, training_args, model_args, callbacks=None):
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
         callbacks=callbacks,
-    )
-    check_launcher(trainer)
+    )  # refuses the launchers whose Trap² step would be silently wrong (trap2_hf/launchers.py)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved the protected update and its card to {training_args.output_dir}")

@@ -190,7 +190,7 @@ def llama_with_weight_norm():
 )
 def test_re_scaled_passes_form_theta_s_on_the_fly_only_where_exact(tmp_out, make_model, settings, on_the_fly):
     """auto (sub_batch) and two_pass form theta_s module by module (RowGroups.at_scale) where every trainable
-    parameter sits in a known module; elsewhere they write it into the weights (rescale.rescaled_parameters)."""
+    parameter sits in a known module; elsewhere they write it into the weights (rescale_full.rescaled_parameters)."""
     _, trainer = auto_trainer(tmp_out, make_model(), trap_target="full", **settings)
     assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", 0.5)
     assert (trainer._trap_full_rows is not None) == on_the_fly

@@ -55,3 +55,17 @@ def test_trap_objective_formula():
     joint = trap_objective(nominal, [l_a, l_b], [0.25, 1.44], 0.1, "inv_sqrt")
     assert joint.item() == pytest.approx(1.0 - 0.1 * (2.0 * 3.0 + (1 / 1.2) * 5.0) / 2)
     assert math.isclose(trap_objective(nominal, [l_a], [0.5], 0.0, "inv").item(), 1.0)
+
+
+def test_draw_seeds_stay_what_earlier_versions_drew():
+    """A run resumed with a newer version draws the scales and rows the interrupted one would have drawn."""
+    from trap2_hf import seeding
+
+    for seed, step, micro_batch in [(0, 0, 0), (42, 7, 3), (2**40 + 3, 123_456, 9)]:
+        assert seeding.SCALES.seed(seed, step) == (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
+        rows = seeding.ROWS.seed(seed, step, micro_batch)
+        assert rows == (seed * 1_000_003 + step * 7_919 + micro_batch * 104_729 + 99_991) % (2**63 - 1)
+        expected = torch.Generator().manual_seed(seeding.SCALES.seed(seed, step))
+        assert torch.equal(torch.rand(4, generator=step_generator(seed, step)), torch.rand(4, generator=expected))
+    with pytest.raises(ValueError, match="mixes 2 values, got 1"):
+        seeding.SCALES.seed(1)

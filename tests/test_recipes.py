@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from trap2_hf import Trap2SFTConfig
-from trap2_hf.fused import rescaled_rows, rows_generator
+from trap2_hf.rows import rescaled_rows, rows_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -181,7 +181,8 @@ def _launch(kind: str, zero_stage=None, trap_target="adapter", trap_lambda=0.01,
 
 
 def test_launcher_check_refuses_silently_wrong_combinations():
-    check = load_recipe().check_launcher
+    from trap2_hf.launchers import refuse_unsupported_launcher as check
+
     for ok in [_launch("MULTI_GPU"), _launch("MULTI_GPU", trap_target="full"), _launch("FSDP"), _launch("NO"),
                _launch("DEEPSPEED", zero_stage=2, trap_lambda=0.0),
                _launch("DEEPSPEED", zero_stage=3, trap_supports_deepspeed=True)]:

@@ -218,6 +218,24 @@ def test_full_target_on_peft_model_is_refused(tmp_out):
         Trap2Trainer(model=lora_model(), args=args, train_dataset=token_dataset(4))
 
 
+def test_full_fine_tuning_under_fsdp_is_refused_when_the_trainer_is_built(tmp_out, monkeypatch):
+    """A script calling Trap2Trainer directly (no recipe) gets the refusal, before theta0 is snapshotted."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    import trap2_hf.updates
+
+    snapshots = []
+    monkeypatch.setattr(trap2_hf.updates, "snapshot_parameters", lambda *args: snapshots.append(args))
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    args = Trap2TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True, trap_target="full")
+    with pytest.raises(NotImplementedError, match="trap_target='full' with FSDP or DeepSpeed ZeRO-3 is not supported"):
+        Trap2Trainer(model=tiny_llama(), args=args, train_dataset=token_dataset(4))
+    assert snapshots == []
+    args = Trap2TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True)  # a LoRA adapter: allowed
+    assert Trap2Trainer(model=lora_model(), args=args, train_dataset=token_dataset(4)).trap_reference is None
+
+
 def test_plain_training_arguments_get_default_protection(tmp_out):
     args = TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True, max_steps=1, learning_rate=3e-3, logging_steps=1)
     trainer = Trap2Trainer(model=lora_model(), args=args, train_dataset=token_dataset(4))

@@ -13,11 +13,11 @@ _EXPORTS = {
     "load_protected_adapter": ".hub",
     "rescaled_adapter": ".rescale",
     "rescaled_loss_coefficient": ".objective",
-    "rescaled_parameters": ".rescale",
-    "rescaled_update": ".rescale",
+    "rescaled_parameters": ".rescale_full",
+    "rescaled_update": ".updates",
     "sample_scales": ".objective",
     "scale_weight": ".objective",
-    "snapshot_parameters": ".rescale",
+    "snapshot_parameters": ".rescale_full",
     "trap_objective": ".objective",
 }
 __all__ = list(_EXPORTS)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .rescale import rescaled_update
+from .updates import rescaled_update, update_kind
 
 
 class RescaleCurveCallback(TrainerCallback):
@@ -124,7 +124,7 @@ class RescaleCurveCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.target is None:
             self.target = getattr(args, "trap_target", "adapter")
-        if self.target == "full" and self.reference is None:
+        if update_kind(self.target).needs_reference and self.reference is None:
             raise ValueError(
                 "RescaleCurveCallback on a full fine-tune needs theta0: use callback.attach(trainer) or pass "
                 "reference=trainer.trap_reference."

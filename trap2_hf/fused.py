@@ -38,84 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rows import FusedUnsupported, append_rows, is_batched
+
 IGNORE_INDEX = -100
-# Batch keys that describe several sequences packed into one row: rows are not samples there.
-PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")
-
-
-class FusedUnsupported(NotImplementedError):
-    """This batch cannot be run fused (found at its first forward, before any computation); two_pass can."""
-
-
-def rows_generator(seed: int, step: int, micro_batch: int) -> torch.Generator:
-    """A generator that depends only on (seed, optimizer step, micro-batch), like the scales': every rank
-    draws the same rows of the global micro-batch."""
-    mixed = seed * 1_000_003 + step * 7_919 + micro_batch * 104_729 + 99_991
-    return torch.Generator().manual_seed(mixed % (2**63 - 1))
-
-
-def rescaled_rows(
-    batch_size: int,
-    fraction: float,
-    num_scales: int,
-    generator: torch.Generator,
-    rank: int = 0,
-    world_size: int = 1,
-) -> list[torch.Tensor]:
-    """The rows of this rank's `batch_size` rows that each of `num_scales` scales re-scales, drawn for the
-    global micro-batch of `world_size * batch_size` rows (see the module docstring)."""
-    if fraction >= 1:
-        return [torch.arange(batch_size) for _ in range(num_scales)]
-    total = batch_size * world_size
-    start = torch.rand((), generator=generator, dtype=torch.float64)
-    scale_order = torch.rand(total, num_scales, generator=generator).argsort(dim=1)
-    position = torch.arange(total * num_scales, dtype=torch.float64)
-    taken = torch.floor((position + 1) * fraction + start) > torch.floor(position * fraction + start)
-    mine = slice(rank * batch_size, (rank + 1) * batch_size)
-    taken, scale_order = taken.view(total, num_scales)[mine], scale_order[mine]
-    return [(taken & (scale_order == k)).any(dim=1).nonzero().flatten() for k in range(num_scales)]
-
-
-def batch_size_of(inputs: dict) -> int:
-    for key in ("input_ids", "labels", "attention_mask", "inputs_embeds", "pixel_values"):
-        if torch.is_tensor(inputs.get(key)) and inputs[key].dim() > 0:
-            return inputs[key].shape[0]
-    for value in inputs.values():
-        if torch.is_tensor(value) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError(f"Cannot tell the batch size of inputs with keys {sorted(inputs)}: no tensor among them.")
-
-
-def select_rows(inputs: dict, rows: torch.Tensor, batch_size: int) -> dict:
-    """The inputs restricted to `rows`: every tensor whose first dimension is the batch."""
-    return {key: _rows_of(value, rows, batch_size) for key, value in inputs.items()}
-
-
-def check_rows_are_samples(inputs: dict) -> None:
-    """FusedUnsupported where the batch packs several sequences into one row (packing, padding_free)."""
-    packed = sorted(key for key in PACKED_KEYS if key in inputs)
-    if packed:
-        raise FusedUnsupported(
-            f"The batch packs several sequences into one row ({', '.join(packed)}), so a row is not a sample and "
-            "cannot be copied on its own; use trap_mode='two_pass' or 'sub_batch', or turn packing/padding_free off."
-        )
-
-
-def append_rows(inputs: dict, rows: torch.Tensor, batch_size: int) -> dict:
-    """The inputs followed by copies of `rows`, tensor by tensor."""
-    check_rows_are_samples(inputs)
-    return {
-        key: torch.cat([value, _rows_of(value, rows, batch_size)]) if _is_batched(value, batch_size) else value
-        for key, value in inputs.items()
-    }
-
-
-def _is_batched(value, batch_size: int) -> bool:
-    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch_size
-
-
-def _rows_of(value, rows: torch.Tensor, batch_size: int):
-    return value.index_select(0, rows.to(value.device)) if _is_batched(value, batch_size) else value
 
 
 @dataclass
@@ -413,7 +338,7 @@ def _original_rows(outputs, plan: FusedPlan, **replace):
         raise RuntimeError("trap_mode='fused' needs dict-like model outputs (return_dict=True).")
     total = plan.batch_size + plan.num_copies
     values = {
-        key: value[: plan.batch_size] if _is_batched(value, total) else value
+        key: value[: plan.batch_size] if is_batched(value, total) else value
         for key, value in outputs.items()
         if key not in replace
     }

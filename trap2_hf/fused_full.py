@@ -26,7 +26,7 @@ read elsewhere, as TRL's fused LM head reads lm_head.weight) raises RuntimeError
 must be on the parameters' device.
 
 `RowGroups.at_scale(s)` puts every row at s: sub_batch's and two_pass's re-scaled passes use it instead of writing
-theta_s into the weights (`rescale.rescaled_parameters`), which is what the trainer falls back to otherwise.
+theta_s into the weights (`rescale_full.rescaled_parameters`), which is what the trainer falls back to otherwise.
 """
 
 from collections.abc import Iterator

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .seeding import SCALES
 from .settings import trap_scale_intervals
 
 
@@ -76,7 +77,7 @@ def _point_in_union(intervals: list[tuple[float, float]], u: float) -> float:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A generator that depends only on (seed, optimizer step): every rank, and every resumed run,
     draws the same scales for the same step with no state to checkpoint."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1))
+    return SCALES.generator(seed, step)
 
 
 def trap_objective(

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+
 # Layers whose output is affine in their own parameters, so output-space re-scaling is weight-space
 # (transformers' Conv1D is GPT-2's x @ W + b).
 AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, Conv1D)
@@ -77,7 +78,7 @@ def rescaled_adapter(model: nn.Module, scale: float, adapter_names: Iterable[str
                     stack.enter_context(_rescaled_modules_to_save(module, module_name, adapter, scale))
                     touched += 1
             elif isinstance(module, BaseTunerLayer):
-                present = names & _adapters_of(module)
+                present = names & adapters_of(module)
                 for adapter in present:
                     if isinstance(module, LoraLayer) and adapter not in getattr(module, "lora_variant", {}):
                         stack.enter_context(_rescaled_lora_scaling(module, adapter, scale))
@@ -90,129 +91,6 @@ def rescaled_adapter(model: nn.Module, scale: float, adapter_names: Iterable[str
                 "Check the adapter name, or use trap_target='full'."
             )
         yield
-
-
-@contextmanager
-def rescaled_parameters(model: nn.Module, scale: float, reference: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Hold theta0 + s*(theta - theta0) in every parameter named in `reference` (theta0), in place.
-
-    Besides theta0 the context keeps a one-byte residual per element where theta0 is kept
-    (`_InPlaceRescale`), not a copy of theta, so full fine-tuning's only weight-sized extra memory is
-    theta0, and offloading theta0 offloads both; theta comes back bit for bit on exit."""
-    params = dict(model.named_parameters())
-    missing = sorted(set(reference) - set(params))
-    if missing:
-        raise ValueError(
-            f"The reference weights (theta0) name parameters the model does not have: {missing[:5]}. "
-            "Pass the state of this model's trainable parameters at the start of training."
-        )
-    rescaled, hooks = [], []
-    try:
-        with torch.no_grad():
-            for name, theta0 in reference.items():
-                param = params[name]
-                rescaled.append(_InPlaceRescale(param.data, theta0, scale))
-                if param.requires_grad:
-                    hooks.append(param.register_hook(lambda grad, s=scale: grad * s))
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-        with torch.no_grad():
-            for state in reversed(rescaled):
-                state.restore()
-
-
-class _InPlaceRescale:
-    """theta -> theta0 + s*(theta - theta0) in `data`'s own storage, and back exactly.
-
-    The inverse theta0 + (theta_s - theta0)/s is off by a few units in the last place (rounding);
-    the difference of the bit patterns of theta and that inverse is stored per element (int8, or int16
-    for s < 1/200), and the rare elements whose difference does not fit are stored exactly, all on
-    theta0's device (`trap_reference_device='cpu'` offloads them with it). The work goes chunk by
-    chunk, so the temporaries are small whatever the parameter's size."""
-
-    CHUNK = 1 << 22
-    INT_VIEWS = {4: torch.int32, 2: torch.int16, 8: torch.int64}
-
-    def __init__(self, data: torch.Tensor, theta0: torch.Tensor, scale: float):
-        if data.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise TypeError(f"Cannot re-scale a {data.dtype} parameter; full protection needs floating-point weights.")
-        self.data, self.theta0, self.scale = data, theta0, scale
-        self.copy = None
-        if scale == 0 or not data.is_contiguous():  # no inverse, or no flat view: keep a copy instead
-            self.copy = data.clone()
-            data.copy_(torch.lerp(theta0.to(data.device, data.dtype), data, scale))
-            return
-        self.home = theta0.device  # the residual lives where theta0 does: offloaded with it
-        self.int_view = self.INT_VIEWS[data.element_size()]
-        store = torch.int8 if scale >= 1 / 200 else torch.int16
-        self.limit = torch.iinfo(store).max
-        self.residuals, self.exceptions = [], []
-        for index, (flat, chunk0) in enumerate(self._chunks()):
-            rescaled = torch.lerp(chunk0, flat, scale)
-            ours = flat.view(self.int_view)
-            theirs = self._inverse(rescaled, chunk0).view(self.int_view)
-            # Bit patterns of the same sign differ by less than the integer type's range; a sign change is an
-            # exception (its difference is not taken, so nothing overflows).
-            sign_changed = (ours ^ theirs) < 0
-            difference = ours - torch.where(sign_changed, ours, theirs)
-            del theirs
-            outside = (sign_changed | (difference.abs() > self.limit)).nonzero().squeeze(1)
-            if len(outside):
-                self.exceptions.append((index, outside.to(self.home), flat[outside].to(self.home)))
-                difference[outside] = 0
-            self.residuals.append(difference.to(store).to(self.home))
-            del difference, sign_changed
-            flat.copy_(rescaled)
-
-    def restore(self) -> None:
-        if self.copy is not None:
-            self.data.copy_(self.copy)
-            return
-        exceptions = {index: (where, values) for index, where, values in self.exceptions}
-        for index, (flat, chunk0) in enumerate(self._chunks()):
-            inverse = self._inverse(flat, chunk0)
-            inverse.view(self.int_view).add_(self.residuals[index].to(flat.device))  # same sign: no overflow
-            flat.copy_(inverse)
-            if index in exceptions:
-                where, values = exceptions[index]
-                flat[where.to(flat.device)] = values.to(flat.device)
-
-    def _chunks(self):
-        flat = self.data.view(-1)
-        theta0 = self.theta0.reshape(-1)
-        for start in range(0, flat.numel(), self.CHUNK):
-            stop = start + self.CHUNK
-            yield flat[start:stop], theta0[start:stop].to(flat.device, flat.dtype)
-
-    def _inverse(self, rescaled: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
-        """theta0 + (rescaled - theta0) / s, the same operations (so the same bits) wherever it is called."""
-        inverse = rescaled - theta0
-        inverse.div_(self.scale)
-        return inverse.add_(theta0)
-
-
-@contextmanager
-def rescaled_update(
-    model: nn.Module,
-    scale: float,
-    target: str = "adapter",
-    reference: dict[str, torch.Tensor] | None = None,
-    adapter_names: Iterable[str] | None = None,
-) -> Iterator[None]:
-    """Re-scale the update of `model` by `scale`: an adapter (`target='adapter'`) or, for
-    `target='full'`, the parameters' difference from `reference` (theta0)."""
-    if target == "adapter":
-        with rescaled_adapter(model, scale, adapter_names):
-            yield
-    elif target == "full":
-        if reference is None:
-            raise ValueError("trap_target='full' needs the reference weights theta0 (`reference=`).")
-        with rescaled_parameters(model, scale, reference):
-            yield
-    else:
-        raise ValueError(f"Unknown target {target!r}; use 'adapter' or 'full'.")
 
 
 @contextmanager
@@ -272,7 +150,7 @@ def per_sample_targets(
             continue
         if not isinstance(module, BaseTunerLayer):
             continue
-        for adapter in sorted(names & _adapters_of(module)):
+        for adapter in sorted(names & adapters_of(module)):
             lora_b = getattr(module, "lora_B", {})
             if (
                 not isinstance(module, LoraLayer)
@@ -323,23 +201,8 @@ def _blend_rows(base: nn.Module, scales: _RowScales, layer_name: str, adapted_fo
     return base_out + scales.like(adapted, layer_name) * (adapted - base_out)
 
 
-def snapshot_parameters(
-    model: nn.Module, device: str = "same", dtype: str = "same"
-) -> dict[str, torch.Tensor]:
-    """theta0: a detached copy of every trainable parameter, optionally offloaded or down-cast."""
-    snapshot = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            copy = param.detach().clone()
-            if dtype != "same":
-                copy = copy.to(getattr(torch, dtype))
-            if device != "same":
-                copy = copy.to(device)
-            snapshot[name] = copy
-    return snapshot
-
-
-def _adapters_of(layer) -> set[str]:
+def adapters_of(layer) -> set[str]:
+    """The names of the adapters a PEFT tuner layer holds (active or not, trained or not)."""
     found = set()
     for layer_name in layer.adapter_layer_names:
         found |= set(getattr(layer, layer_name).keys())
@@ -370,7 +233,7 @@ def _rescaled_layer_output(layer, layer_name: str, adapter: str, scale: float) -
             f"{type(base).__name__}) is not supported yet: only layers affine in their weights "
             f"({', '.join(t.__name__ for t in AFFINE_LAYERS)}) can be re-scaled exactly."
         )
-    others = [a for a in layer.active_adapters if a != adapter and a in _adapters_of(layer)]
+    others = [a for a in layer.active_adapters if a != adapter and a in adapters_of(layer)]
     if others:
         raise NotImplementedError(
             f"{layer_name} has other active adapters {others} besides {adapter!r}; re-scaling one of several "

@@ -8,18 +8,19 @@ with no extra code, and the model card records exactly these values.
 import os
 from dataclasses import dataclass, field, fields
 
+from .offray.terms import RANGES, parse_terms, term
+
 WEIGHTINGS = ("inv", "inv_sqrt", "none")
 TARGETS = ("adapter", "full")
 SCALE_SAMPLINGS = ("uniform", "stratified")
 REFERENCE_DEVICES = ("same", "cpu")
 REFERENCE_DTYPES = ("same", "float32", "bfloat16", "float16")
-TRAP_MODES = ("auto", "two_pass", "sub_batch", "fused")
-# sub_batch and fused re-scale, all scales of a step together, this fraction of each micro-batch's rows
-# when trap_rescaled_fraction is unset (each scale gets its share); two_pass re-scales all of them.
 DEFAULT_RESCALED_SHARE = 0.25
-# ...and where 'auto' picks sub_batch (full fine-tuning): the scales share the micro-batch, so the re-scaled passes
-# cost one pass over it (two_pass: one per scale); on full fine-tunes this protects as two_pass does (README).
-FULL_RESCALED_SHARE = 1.0
+# Per mode (`modes/`), the share of each micro-batch's rows that the scales of a step re-scale together where
+# trap_rescaled_fraction is unset (each scale gets share / trap_scales_per_step); None: whole micro-batches.
+# 'auto' resolves to one of these, with the share its order names (`modes.AUTO_ORDER`).
+MODE_SHARES = {"two_pass": None, "sub_batch": DEFAULT_RESCALED_SHARE, "fused": DEFAULT_RESCALED_SHARE}
+TRAP_MODES = ("auto", *MODE_SHARES)
 # What each annotated type of a setting accepts (a bool is an int to Python, never a setting's value).
 NUMBER_KINDS = {int: int, float: (int, float), float | None: (int, float, type(None))}
 
@@ -32,8 +33,7 @@ class Trap2Settings:
         default=0.05,
         metadata={
             "help": "Weight lambda of the off-nominal (re-scaled) loss, which is maximised. 0 is ordinary "
-            "fine-tuning. The paper uses 0.001-0.01; with its 0.01 and one scale per step the trap did not form "
-            "on task sets it was not tuned on, while 0.05 with one scale on each side of 1 per step did (README)."
+            "fine-tuning. The paper uses 0.001-0.01; the README's protection measurements use the default."
         },
     )
     trap_scale_min: float = field(
@@ -103,8 +103,8 @@ class Trap2Settings:
             "help": "How a step computes the re-scaled term. 'auto' (default): 'fused' where it is exact (a LoRA/"
             "rsLoRA adapter on a causal LM, TRL SFT, a sequence classifier, or a model declaring "
             "trap_sample_losses); for trap_target='full', 'sub_batch' with the scales sharing each micro-batch's "
-            "rows (trap_rescaled_fraction 1 / trap_scales_per_step: one extra pass in all, and theta0 the only extra "
-            "memory); else 'two_pass'. The trainer logs its choice and the model card records it. "
+            "rows (one extra pass in all, and theta0 the only extra memory); else 'two_pass'. The trainer logs its "
+            "choice and the model card records it. "
             "'two_pass': the reference algorithm, exact: one more forward/backward over the whole micro-batch per "
             "scale (about 1 + trap_scales_per_step times a plain step; the graphs are never alive at once, so peak "
             "memory stays at plain's: the memory-saving mode). 'sub_batch': the same on a random fraction "
@@ -193,12 +193,10 @@ class Trap2Settings:
 
     def derive_trap_defaults(self) -> None:
         """Fill in the settings whose default depends on others, so what is recorded is what runs."""
-        if self.trap_rescaled_fraction is None and self.trap_mode == "two_pass":
-            self.trap_rescaled_fraction = 1.0
-        elif self.trap_rescaled_fraction is None and self.trap_mode in ("sub_batch", "fused"):
-            scales = self.trap_scales_per_step if isinstance(self.trap_scales_per_step, int) else 1
-            self.trap_rescaled_fraction = DEFAULT_RESCALED_SHARE / max(1, scales)
-        # 'auto' is resolved by the trainer, which knows the model (Trap2TrainerMixin._trap_resolve_mode).
+        if self.trap_rescaled_fraction is None and self.trap_mode in MODE_SHARES:
+            share = MODE_SHARES[self.trap_mode]
+            self.trap_rescaled_fraction = default_rescaled_fraction(share, self.trap_scales_per_step)
+        # 'auto' is resolved by the trainer, which knows the model (`modes.resolve_auto`).
         if self.trap_offray_lambda is None:
             self.trap_offray_lambda = self.trap_lambda
         if isinstance(self.trap_offray, (list, tuple)):
@@ -210,8 +208,6 @@ class Trap2Settings:
     @property
     def trap_offray_terms(self) -> list[str]:
         """The parsed off-ray terms (empty: off)."""
-        from .offray import parse_terms
-
         return parse_terms(self.trap_offray)
 
     @property
@@ -294,17 +290,14 @@ class Trap2Settings:
                 raise ValueError(f"{name} must be >= 0, got {value!r}.")
         if not (isinstance(self.trap_offray_per_step, int) and self.trap_offray_per_step >= 1):
             raise ValueError(f"trap_offray_per_step must be an integer >= 1, got {self.trap_offray_per_step!r}.")
-        for low, high, lo_bound, what in (
-            ("trap_offray_weight_min", "trap_offray_weight_max", 0.0, "a positive weight range such as 0.3-2.0"),
-            ("trap_offray_keep_min", "trap_offray_keep_max", 0.0, "keep rates in (0, 1] such as 0.1-0.9"),
-            ("trap_foreign_coef_min", "trap_foreign_coef_max", 0.0, "a positive coefficient range such as 0.3-2.0"),
-        ):
-            a, b = getattr(self, low), getattr(self, high)
-            if not (a > lo_bound and a <= b):
-                raise ValueError(f"{low} ({a}) must be > 0 and <= {high} ({b}); use {what}.")
-        if self.trap_offray_keep_max > 1:
-            raise ValueError(f"trap_offray_keep_max must be <= 1, got {self.trap_offray_keep_max}.")
-        uses_foreign = any("foreign" in t.split("+") for t in terms)
+        for declared in RANGES.values():
+            a, b = getattr(self, declared.low), getattr(self, declared.high)
+            if not (a > 0 and a <= b):
+                raise ValueError(f"{declared.low} ({a}) must be > 0 and <= {declared.high} ({b}); use {declared.example}.")
+        for declared in RANGES.values():
+            if declared.at_most_one and getattr(self, declared.high) > 1:
+                raise ValueError(f"{declared.high} must be <= 1, got {getattr(self, declared.high)}.")
+        uses_foreign = any(term(t).needs_foreign_adapters for t in terms)
         if uses_foreign and not self.trap_foreign_adapters:
             raise ValueError(
                 f"trap_offray={self.trap_offray!r} has a 'foreign' term but trap_foreign_adapters is empty. List "
@@ -330,6 +323,15 @@ class Trap2Settings:
     def trap_settings_dict(self) -> dict:
         """The protection settings as plain values: what the model card and the audit record."""
         return {f.name: getattr(self, f.name) for f in fields(Trap2Settings)}
+
+
+def default_rescaled_fraction(share: float | None, scales_per_step) -> float:
+    """trap_rescaled_fraction where it is unset: `share` of the rows for the scales of a step together (each scale
+    share / trap_scales_per_step), or 1 (whole micro-batches) for share None."""
+    if share is None:
+        return 1.0
+    scales = scales_per_step if isinstance(scales_per_step, int) else 1
+    return share / max(1, scales)
 
 
 def trap_scale_intervals(scale_min: float, scale_max: float, margin: float) -> list[tuple[float, float]]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..rescale import rescaled_update
+from ..updates import rescaled_update
 from . import informed as informed_attack
 from . import methods as registry
 from .informed import InformedSettings

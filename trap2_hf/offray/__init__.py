@@ -1,0 +1,53 @@
+"""Off-ray perturbations: the update as merges other than a plain re-scaling see it.
+
+Trap² shapes the loss along W0 + s*dW only. Merges also add other updates (W0 + s*dW + sum_j c_j dW_j)
+and transform the update itself (DARE drop-and-rescale, magnitude pruning / TIES trimming, PEFT's
+factor-wise combinations). An off-ray term is one such transformed weight, dW' = T(dW); the trainer
+maximises the loss there as it does at re-scaled weights.
+
+A term is an own-update transform, a partner, or both joined by '+':
+- own transforms: 'dare' (w * M (.) dW / keep, M ~ Bernoulli(keep) per entry), 'prune' (w times the
+  top-`keep` fraction of dW's entries by magnitude), 'factor_dare' (each LoRA factor dropped and
+  rescaled on its own, then combined at weight w as sqrt(w) on each factor: peft's dare_linear
+  combination); without one the own update is re-scaled, w * dW;
+- partners: 'foreign' (sum_j c_j dW_j over the listed adapters of the same base) and 'synthetic' (a
+  random rank-r update U V^T with ||U V^T|| = c * ||dW||, per layer, redrawn every step).
+'guard' (not a term one lists: `trap_guard_lambda`) is dW plus small dense noise, whose loss is
+*minimised*, so the update tolerates quantization-sized perturbations.
+
+The package, by reason to change: `terms.py` (the names and the ranges each draws from; pure data, which the
+settings validate against), `draws.py` (a step's draws), `transforms.py` (one stateless function per part),
+`foreign.py` (loading other adapters), `context.py` (`offray_layers`, `offray_update`). Adding a term: its part in
+`terms.py` and its function in `transforms.py`.
+
+Inside `offray_update(model, draw)` every LoRA Linear layer of the trained adapter computes
+W0 x + dW' x, with dW' built by autograd from the layer's own A and B, so gradients flow into them.
+Every random choice comes from `draw.seed` and the layer's index (`seeding.py`), so a forward recomputed by
+activation checkpointing sees the same masks, and a resumed run the same draws.
+"""
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "GUARD": ".terms",
+    "OWN_TRANSFORMS": ".terms",
+    "PARTNERS": ".terms",
+    "RANGES": ".terms",
+    "Term": ".terms",
+    "parse_terms": ".terms",
+    "term": ".terms",
+    "OffrayDraw": ".draws",
+    "draw_offray": ".draws",
+    "draw_ranges": ".draws",
+    "guard_draw": ".draws",
+    "layer_parts": ".transforms",
+    "parts_dense": ".transforms",
+    "ForeignUpdate": ".foreign",
+    "canonical_path": ".foreign",
+    "load_foreign_update": ".foreign",
+    "matched_foreign_updates": ".foreign",
+    "offray_layers": ".context",
+    "offray_update": ".context",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,109 @@
+"""The off-ray transforms, one stateless function per part of a term (`terms.py` names them).
+
+A layer's dW' is a sum of parts, each ('dense', M) or ('lowrank', B', A') with dW' = B' @ A', built by autograd
+from the layer's LoRA factors `a` (r x in) and `b` (out x r) and its `scaling`, so gradients flow into them.
+Every random choice comes from the layer's generator (`seeding.OFFRAY_LAYER`: the draw's seed and the layer's
+index), drawn in a fixed order: own part, then partner.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..seeding import OFFRAY_LAYER
+from .draws import OffrayDraw
+
+
+# ----------------------------------------------------------------------------- own-update transforms
+def _scale(a, b, scaling, draw, generator):
+    """w * dW."""
+    return [("lowrank", draw.weight * scaling * b, a)]
+
+
+def _dare(a, b, scaling, draw, generator):
+    """w * M (.) dW / keep, M ~ Bernoulli(keep) per entry."""
+    mask = torch.rand(b.shape[0], a.shape[1], generator=generator, device=a.device) < draw.keep
+    return [("dense", (draw.weight * scaling / draw.keep) * (mask.to(a.dtype) * (b @ a)))]
+
+
+def _prune(a, b, scaling, draw, generator):
+    """w times the top-`keep` fraction of dW's entries by magnitude."""
+    delta = scaling * (b @ a)
+    k = max(1, int(draw.keep * delta.numel()))
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[torch.topk(delta.detach().abs().reshape(-1), k=k).indices] = 1
+    return [("dense", draw.weight * mask.view_as(delta) * delta)]
+
+
+def _factor_dare(a, b, scaling, draw, generator):
+    """Each LoRA factor dropped and rescaled on its own, combined at weight w (peft's dare_linear)."""
+    mask_a = (torch.rand(a.shape, generator=generator, device=a.device) < draw.keep).to(a.dtype)
+    mask_b = (torch.rand(b.shape, generator=generator, device=a.device) < draw.keep).to(a.dtype)
+    return [("lowrank", (draw.weight * scaling / draw.keep**2) * (mask_b * b), mask_a * a)]
+
+
+def _guard(a, b, scaling, draw, generator):
+    """dW plus dense noise of norm `draw.noise` * ||dW||."""
+    noise = torch.randn(b.shape[0], a.shape[1], generator=generator, device=a.device, dtype=a.dtype)
+    norm = _lowrank_norm(scaling * b.detach(), a.detach())
+    return [("lowrank", 1.0 * scaling * b, a), ("dense", noise * (draw.noise * norm / noise.norm().clamp_min(1e-12)))]
+
+
+TRANSFORMS = {"scale": _scale, "dare": _dare, "prune": _prune, "factor_dare": _factor_dare, "guard": _guard}
+
+
+# ----------------------------------------------------------------------------- partners
+def _foreign(a, b, scaling, draw, generator, foreign):
+    """sum_j c_j dW_j over the foreign updates that have this layer."""
+    return [("lowrank", c * pair[0], pair[1]) for c, pair in foreign if pair is not None]
+
+
+def _synthetic(a, b, scaling, draw, generator, foreign):
+    """A random rank-r update U V^T with ||U V^T|| = c * ||dW||."""
+    rank = a.shape[0]
+    u = torch.randn(b.shape[0], rank, generator=generator, device=a.device, dtype=a.dtype)
+    v = torch.randn(rank, a.shape[1], generator=generator, device=a.device, dtype=a.dtype)
+    target = draw.coefs[0] * _lowrank_norm(scaling * b.detach(), a.detach())
+    return [("lowrank", u * (target / _lowrank_norm(u, v).clamp_min(1e-12)), v)]
+
+
+PARTNER_UPDATES = {"foreign": _foreign, "synthetic": _synthetic}
+
+
+# ----------------------------------------------------------------------------- one layer
+def layer_parts(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    draw: OffrayDraw,
+    index: int,
+    foreign: list[tuple[float, tuple[torch.Tensor, torch.Tensor] | None]] = (),
+) -> list[tuple]:
+    """dW' of one layer as a sum of parts, each ('dense', M) or ('lowrank', B', A') with dW' = B' @ A'.
+
+    `a`, `b`: the layer's LoRA factors (r x in, out x r); `foreign`: (c_j, (scaling_j*B_j, A_j) or None)."""
+    generator = OFFRAY_LAYER.generator(draw.seed, index, device=a.device)
+    spec = draw.spec
+    if spec.own.name not in TRANSFORMS:
+        raise ValueError(f"Unknown off-ray transform {spec.own.name!r}.")
+    parts = TRANSFORMS[spec.own.name](a, b, scaling, draw, generator)
+    if spec.partner is not None:
+        parts += PARTNER_UPDATES[spec.partner.name](a, b, scaling, draw, generator, foreign)
+    return parts
+
+
+def parts_dense(parts: list[tuple]) -> torch.Tensor:
+    """dW' as one matrix (for checks)."""
+    return sum(p[1] if p[0] == "dense" else p[1] @ p[2] for p in parts)
+
+
+def apply_parts(parts: list[tuple], x: torch.Tensor) -> torch.Tensor:
+    out = None
+    for part in parts:
+        y = F.linear(x, part[1]) if part[0] == "dense" else F.linear(F.linear(x, part[2]), part[1])
+        out = y if out is None else out + y
+    return out
+
+
+def _lowrank_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """||B @ A||_F from the r x r Gram matrices: sqrt(trace((B^T B)(A A^T)))."""
+    return ((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt()

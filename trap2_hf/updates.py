@@ -1,0 +1,192 @@
+"""What the protected update is: one class per kind, and everything that depends on the kind.
+
+`trap_target` names the kind; the rest of the package asks `update_kind(settings or name)` for the object and
+calls it instead of comparing the string. An update kind owns, for its kind of update:
+
+- `check(model)`: refuse a model this kind cannot protect, naming the fix;
+- `reference(model, settings, given)`: theta0, where re-scaling needs it (full fine-tuning), else None;
+- `rescaled(model, scale, ...)`: the context in which the model computes with W0 + s*dW;
+- `pass_row_targets(model, settings)`: modules that form the re-scaled weights as they run for the re-scaled
+  passes (full fine-tuning, `fused_full.py`), or None: re-scale in place;
+- `copy_row_targets(model, settings)` and `rescaled_copies(...)`: where the fused step's per-row scales act, and
+  the context that puts each copied row at its scale;
+- `card_kind(model)`: the update as the model card names it ('lora', 'loha', ..., 'full').
+
+Adding a kind: one subclass here, an entry in `UPDATE_KINDS`, and its name in `settings.TARGETS` (which the
+settings validate without importing this module).
+"""
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
+from .rescale import (
+    per_sample_targets,
+    refuse_methods_without_weight_delta,
+    rescaled_adapter,
+    rescaled_adapter_per_sample,
+    trained_adapter_names,
+)
+from .rescale_full import rescaled_parameters, snapshot_parameters
+
+
+class UpdateKind:
+    """The base of the update kinds; `name` is the `trap_target` value."""
+
+    name: str = ""
+    needs_reference = False  # whether re-scaling reads theta0
+    # Whether the fused step's copies form the re-scaled weights module by module (so a module whose weights are
+    # read outside its forward, as TRL's fused LM head reads lm_head.weight, would see the nominal ones).
+    copies_form_weights_per_module = False
+
+    def check(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def reference(self, model: nn.Module, settings, given: dict[str, torch.Tensor] | None = None):
+        return None
+
+    def rescaled(self, model: nn.Module, scale: float, reference=None, adapter_names=None, row_targets=None):
+        raise NotImplementedError
+
+    def pass_row_targets(self, model: nn.Module, settings):
+        return None
+
+    def copy_row_targets(self, model: nn.Module, settings):
+        raise NotImplementedError
+
+    def rescaled_copies(self, model: nn.Module, plan, scales: list[float], reference, targets, device):
+        raise NotImplementedError
+
+    def card_kind(self, model: nn.Module) -> str:
+        raise NotImplementedError
+
+
+class AdapterUpdate(UpdateKind):
+    """A trained PEFT adapter, re-scaled as W0 + s*dW (`rescale.py`)."""
+
+    name = "adapter"
+
+    def check(self, model: nn.Module) -> None:
+        if not has_adapter(model):
+            refuse_methods_without_weight_delta(model)
+            raise ValueError(
+                "trap_target='adapter' but the model has no PEFT adapter. Wrap the model with "
+                "peft.get_peft_model(model, LoraConfig(...)) (or pass peft_config=... to Trap2SFTTrainer), "
+                "or set trap_target='full' to protect a full fine-tune."
+            )
+        if not trained_adapter_names(model):
+            raise ValueError(
+                "trap_target='adapter' but no adapter of the model has trainable parameters. Load the adapter "
+                "with is_trainable=True."
+            )
+
+    def rescaled(self, model, scale, reference=None, adapter_names=None, row_targets=None):
+        return rescaled_adapter(model, scale, adapter_names)
+
+    def copy_row_targets(self, model, settings):
+        return per_sample_targets(model)
+
+    def rescaled_copies(self, model, plan, scales, reference, targets, device):
+        return rescaled_adapter_per_sample(model, plan.sample_scales(device), targets=targets)
+
+    def card_kind(self, model: nn.Module) -> str:
+        active = getattr(model, "active_adapter", "default")
+        config = model.peft_config[active if isinstance(active, str) else active[0]]
+        peft_type = getattr(config.peft_type, "value", config.peft_type)
+        return str(peft_type).lower()
+
+
+class FullUpdate(UpdateKind):
+    """Every trainable parameter, re-scaled as theta0 + s*(theta - theta0) (`rescale_full.py`, `fused_full.py`)."""
+
+    name = "full"
+    needs_reference = True
+    copies_form_weights_per_module = True
+
+    def check(self, model: nn.Module) -> None:
+        if has_adapter(model):
+            raise ValueError(
+                "trap_target='full' re-scales parameters (theta0 + s*(theta - theta0)), which for a PEFT model is "
+                "not the adapter's W0 + s*dW. Use trap_target='adapter' for PEFT models."
+            )
+        if is_quantized(model):
+            raise ValueError(
+                "trap_target='full' on a quantized (bitsandbytes) model: quantized weights cannot hold "
+                "theta0 + s*(theta - theta0). Protect a LoRA adapter on the quantized base (trap_target='adapter', "
+                "QLoRA) or load the model unquantized."
+            )
+
+    def reference(self, model, settings, given=None):
+        return given or snapshot_parameters(model, settings.trap_reference_device, settings.trap_reference_dtype)
+
+    def rescaled(self, model, scale, reference=None, adapter_names=None, row_targets=None):
+        if reference is None:
+            raise ValueError("trap_target='full' needs the reference weights theta0 (`reference=`).")
+        if row_targets is not None:
+            return rescaled_parameters_per_row(model, RowGroups.at_scale(scale), reference, row_targets)
+        return rescaled_parameters(model, scale, reference)
+
+    def pass_row_targets(self, model, settings):
+        """The modules that let the re-scaled passes form theta0 + s*(theta - theta0) as they run (no write into
+        the weights, no residual, no restore), or None: then they re-scale the weights in place."""
+        if settings.trap_reference_device == "cpu":
+            return None
+        try:
+            return full_row_targets(model)
+        except (ValueError, NotImplementedError):
+            return None
+
+    def copy_row_targets(self, model, settings):
+        if settings.trap_reference_device == "cpu":
+            raise ValueError(
+                "trap_mode='fused' on a full fine-tune reads theta0 at every step, which "
+                "trap_reference_device='cpu' offloads. Use trap_mode='sub_batch' or keep theta0 on the device."
+            )
+        return full_row_targets(model)
+
+    def rescaled_copies(self, model, plan, scales, reference, targets, device):
+        groups = RowGroups.of_copies(plan.batch_size, plan.copy_scale_index, scales)
+        return rescaled_parameters_per_row(model, groups, reference, targets)
+
+    def card_kind(self, model: nn.Module) -> str:
+        return "full"
+
+
+UPDATE_KINDS: dict[str, UpdateKind] = {kind.name: kind for kind in (AdapterUpdate(), FullUpdate())}
+
+
+def update_kind(settings_or_name) -> UpdateKind:
+    """The update kind of a `trap_target` value or of settings that carry one."""
+    name = settings_or_name if isinstance(settings_or_name, str) else settings_or_name.trap_target
+    if name not in UPDATE_KINDS:
+        raise ValueError(f"Unknown trap_target {name!r}; use one of {', '.join(map(repr, UPDATE_KINDS))}.")
+    return UPDATE_KINDS[name]
+
+
+@contextmanager
+def rescaled_update(
+    model: nn.Module,
+    scale: float,
+    target: str = "adapter",
+    reference: dict[str, torch.Tensor] | None = None,
+    adapter_names: Iterable[str] | None = None,
+) -> Iterator[None]:
+    """Re-scale the update of `model` by `scale`: an adapter (`target='adapter'`) or, for
+    `target='full'`, the parameters' difference from `reference` (theta0)."""
+    with update_kind(target).rescaled(model, scale, reference, adapter_names):
+        yield
+
+
+def has_adapter(model: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether the (base) model's weights are bitsandbytes-quantized."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
