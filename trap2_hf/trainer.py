@@ -32,7 +32,7 @@ from .checkpoints import (
     save_reference,
 )
 from .config import Trap2SFTConfig, Trap2TrainingArguments
-from .hub.push import Trap2HubMixin
+from .hub.mixin import Trap2HubMixin
 from .launchers import refuse_unsupported_launcher
 from .nonfinite import SkipNonFiniteStep
 from .objective import rescaled_loss_coefficient, sample_scales, scale_weight, step_generator
@@ -115,6 +115,10 @@ class Trap2TrainerMixin:
             known = {f.name for f in dataclasses.fields(self._trap_args_class)}
             return self._trap_args_class(**{k: v for k, v in values.items() if k in known})
         raise TypeError(f"args must be {self._trap_args_class.__name__}, got {type(args).__name__}.")
+
+    def trap_card_kind(self) -> str:
+        """The `update` the model card records (`Trap2HubMixin`): this trainer's update kind says it."""
+        return self._trap_update.card_kind(self.accelerator.unwrap_model(self.model))
 
     def _trap_mode_named(self, name: str) -> modes.TrapMode:
         """This trainer's instance of the mode `name` (a mode may keep what it prepared)."""
@@ -349,11 +353,11 @@ class Trap2TrainerMixin:
             self.trap_reference = load_reference(self.trap_reference, checkpoint)
 
 
-class Trap2Trainer(Trap2HubMixin, Trap2TrainerMixin, Trainer):
+class Trap2Trainer(Trap2TrainerMixin, Trap2HubMixin, Trainer):
     """`transformers.Trainer` that trains a protected (unmergeable) update. Settings: `Trap2TrainingArguments`."""
 
 
-class Trap2SFTTrainer(Trap2HubMixin, Trap2TrainerMixin, SFTTrainer):
+class Trap2SFTTrainer(Trap2TrainerMixin, Trap2HubMixin, SFTTrainer):
     """TRL's `SFTTrainer` that trains a protected (unmergeable) update. Settings: `Trap2SFTConfig`."""
 
     _trap_args_class = Trap2SFTConfig

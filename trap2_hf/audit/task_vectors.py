@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..rescale import adapters_of
 from .methods import WEIGHTS, MergeMethod
 
 TaskVector = dict[str, torch.Tensor]
@@ -41,7 +42,7 @@ def adapter_task_vector(model: nn.Module, adapter: str) -> TaskVector:
                     copy = dict(module.modules_to_save[adapter].named_parameters())
                     for name, param in module.original_module.named_parameters():
                         vector[param_names[id(param)]] = copy[name].detach().float() - param.detach().float()
-            elif isinstance(module, BaseTunerLayer) and adapter in _adapters_of(module):
+            elif isinstance(module, BaseTunerLayer) and adapter in adapters_of(module):
                 base = module.get_base_layer()
                 plain_lora = (
                     isinstance(module, LoraLayer)
@@ -149,13 +150,6 @@ def _merged_minus_base(layer, base: nn.Module, adapter: str) -> dict[str, torch.
             layer.merged_adapters.remove(adapter)
         for key in set(getattr(layer, "_caches", {})) - caches:
             layer._caches.pop(key)
-
-
-def _adapters_of(layer) -> set[str]:
-    found = set()
-    for layer_name in layer.adapter_layer_names:
-        found |= set(getattr(layer, layer_name).keys())
-    return found
 
 
 def _cuda_devices(vectors: list[TaskVector]) -> list[int]:

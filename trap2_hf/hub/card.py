@@ -18,23 +18,8 @@ from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_inde
 
 from ..audit.report import format_table, format_value, per_task
 from ..settings import trap_scale_intervals
-from .files import (  # noqa: F401 -- re-exported: the old home of these names (trainer.py imports ordinary_permissions)
-    ChecksumMismatchError,
-    atomic_write_bytes,
-    atomic_write_text,
-    ordinary_permissions,
-    sha256_files,
-    update_files,
-    verify_checksums,
-)
-from .protection import (  # noqa: F401 -- re-exported: the old home of these names
-    PAPER,
-    SETTING_NAMES,
-    ProtectionCardError,
-    base_model_config,
-    protection_block,
-    read_protection,
-)
+from .files import atomic_write_bytes, atomic_write_text, sha256_files
+from .protection import SETTING_NAMES, protection_block
 
 CARD_NAME = "README.md"
 AUDIT_JSON = "audit.json"

@@ -8,8 +8,8 @@ What changes against the stock `Trainer`:
 - pushes follow upload.py's policy (saved locally first, never a pickle or a secret).
 
 The mixin asks one thing of the trainer it is mixed into besides the `Trainer` API and settings-bearing
-`args` (`trap_settings_dict()`): `trap_card_kind()`, the `update` the card records. Its fallback reads
-`args.trap_target` and the PEFT config; a trainer that knows its update kind overrides it.
+`args` (`trap_settings_dict()`): `trap_card_kind()`, the `update` the card records. `Trap2TrainerMixin`, listed
+before it in the bases, answers from its update kind; the fallback here reads the model's PEFT config.
 """
 
 import logging
@@ -35,7 +35,7 @@ CARD_OPTIONS = ("license", "base_model", "finetuned_from", "audit", "audit_plot"
 
 
 class Trap2HubMixin:
-    """Saves and pushes a protected update with its protection card; put it first in the bases.
+    """Saves and pushes a protected update with its protection card; put it before the Trainer class in the bases.
 
     `hub_api` (optional) is the `HfApi` used for pushes, e.g. one with another endpoint. Card options
     (`license`, `base_model`, `audit` = dict or audit.json path, `audit_plot` = png path) are passed to
@@ -63,16 +63,16 @@ class Trap2HubMixin:
 
     # ----------------------------------------------------------------------------- facts for the card
     def trap_card_kind(self) -> str:
-        """The `update` the card records: "full" for a full fine-tune, else the adapter's PEFT type in lower
-        case ("lora", "loha", ...). The one hook the mixin asks of its trainer: a trainer that knows its
-        update kind overrides this; this fallback reads `args.trap_target` and the active adapter's config."""
-        if getattr(self.args, "trap_target", "adapter") == "full":
-            return "full"
+        """The `update` the card records: the adapter's PEFT type in lower case ("lora", "loha", ...), or "full"
+        for a model without one. The one fact the mixin asks of its trainer: `Trap2TrainerMixin` answers it from
+        its update kind (`updates.py`); this fallback serves any other Trainer it is mixed with."""
         model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "peft_config", None)
+        if not config:
+            return "full"
         active = getattr(model, "active_adapter", "default")
-        config = model.peft_config[active if isinstance(active, str) else active[0]]
-        peft_type = getattr(config.peft_type, "value", config.peft_type)
-        return str(peft_type).lower()
+        peft_type = config[active if isinstance(active, str) else active[0]].peft_type
+        return str(getattr(peft_type, "value", peft_type)).lower()
 
     def _trap_base_model(self):
         model = self.accelerator.unwrap_model(self.model)

@@ -21,7 +21,8 @@ import logging
 from typing import NamedTuple
 
 from ..settings import MODE_SHARES, default_rescaled_fraction
-from .base import NotExactHere, TrapMode, capture_rng_state, restore_rng_state
+from ..rows import NotExactHere
+from .base import TrapMode, capture_rng_state, restore_rng_state
 from .fused import Fused
 from .sub_batch import SubBatch
 from .two_pass import TwoPass

@@ -7,8 +7,6 @@ may keep what it prepared (the fused step's per-row loss).
 
 import torch
 
-from ..rows import NotExactHere  # noqa: F401 (the modes raise it; the trainer catches it)
-
 
 class TrapMode:
     name: str = ""

@@ -16,7 +16,6 @@ class PassesMode(TrapMode):
         raise NotImplementedError
 
     def step(self, trainer, model, inputs, num_items_in_batch, scales, offray):
-        args = trainer.args
         passes = self.passes(trainer, inputs, num_items_in_batch, len(scales))
         last = max((k for k, p in enumerate(passes) if p is not None), default=-1)
         if offray:  # the step's last backward is its last off-ray pass
