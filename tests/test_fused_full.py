@@ -1,11 +1,13 @@
 """The fused step on a full fine-tune (fused_full.py): each copied row computes with theta0 + s*(theta - theta0),
 so with every row copied (f = 1) its gradient is two_pass's, and below 1 it is sub_batch's on the same rows."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from datasets import Dataset
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import VOCAB, text_dataset, tiny_llama, tiny_tokenizer, token_dataset
@@ -152,6 +154,40 @@ def test_each_row_computes_at_its_own_scale(name):
         at_scale = expected[1 if scale == pytest.approx(0.3) else 2]
         torch.testing.assert_close(got[3 + j], at_scale[row], rtol=1e-4, atol=1e-5)
     assert not any("forward" in vars(m) for m in model.modules())  # every patched forward restored
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("sizes", [(3, 2, 1), (0, 2, 3)], ids=["with_nominal_rows", "copies_only"])
+def test_grouped_linear_matches_a_linear_per_group(sizes, autocast):
+    """Output and gradients (input, weight, bias) of the grouped Linear: those of F.linear at each group's
+    theta_s = lerp(theta0, theta, s), concatenated, with the parameters' gradient through lerp (s per group)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4)
+    theta0 = away_from(layer, size=0.3)
+    scales = [0.4, 1.6]
+    groups = RowGroups.of_copies(sizes[0], torch.tensor([0] * sizes[1] + [1] * sizes[2]), scales)
+    x = torch.randn(sum(sizes), 3, 5, requires_grad=True)
+    grad_out = torch.randn(sum(sizes), 3, 4)
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    with context(), rescaled_parameters_per_row(layer, groups, theta0):
+        got = layer(x)
+    got_grads = torch.autograd.grad(got, [x, layer.weight, layer.bias], grad_out.to(got.dtype))
+    parts, start = [], 0
+    for g, size in enumerate(sizes):
+        scale = 1.0 if g == 0 else scales[g - 1]
+        weight = torch.lerp(theta0["weight"], layer.weight, scale)
+        bias = torch.lerp(theta0["bias"], layer.bias, scale)
+        with context():
+            parts.append(F.linear(x[start:start + size], weight, bias))
+        start += size
+    expected = torch.cat(parts)
+    expected_grads = torch.autograd.grad(expected, [x, layer.weight, layer.bias], grad_out.to(expected.dtype))
+    assert got.dtype == expected.dtype == (torch.bfloat16 if autocast else torch.float32)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, expected, **tolerance)
+    for mine, reference in zip(got_grads, expected_grads):
+        assert mine.dtype == reference.dtype
+        torch.testing.assert_close(mine, reference, **tolerance)
 
 
 class ExpGain(nn.Module):
