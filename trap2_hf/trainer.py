@@ -46,7 +46,9 @@ from .fused import (
     rows_interact,
     select_rows,
 )
-from .fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
+from .fused_full import (
+    RowGroups, full_row_targets, rescaled_parameters_at_scale, rescaled_parameters_per_row, split_in_place,
+)
 from .objective import rescaled_loss_coefficient, sample_scales, scale_weight, step_generator
 from .offray import draw_offray, guard_draw, load_foreign_update, matched_foreign_updates, offray_layers, offray_update
 from .rescale import (
@@ -94,7 +96,7 @@ class Trap2TrainerMixin:
         self._trap_check_mode()
         self._trap_check_offray()
         self.trap_reference = None
-        self._trap_full_rows, self._trap_full_rows_checked = None, False
+        self._trap_full_rows, self._trap_full_rows_checked, self._trap_in_place = None, False, ()
         if self.args.trap_target == "full":
             self.trap_reference = trap_reference or snapshot_parameters(
                 self.model, self.args.trap_reference_device, self.args.trap_reference_dtype
@@ -275,10 +277,11 @@ class Trap2TrainerMixin:
         if skipped:
             logger.info(
                 "%s holds trainable parameters but did not run as a module: its parameters are read some other way, so "
-                "the re-scaled passes write theta0 + s*(theta - theta0) into the weights instead.",
+                "the re-scaled passes write theta0 + s*(theta - theta0) into them instead.",
                 skipped[0],
             )
-            self._trap_full_rows = None
+            model = self.accelerator.unwrap_model(self.model)
+            self._trap_full_rows, self._trap_in_place = split_in_place(model, targets, skipped)
 
     def _trap_check_offray(self) -> None:
         """Off-ray terms: find the LoRA layers they transform and load the foreign updates once."""
@@ -331,8 +334,9 @@ class Trap2TrainerMixin:
         """Context in which the model computes with its update re-scaled by `scale`."""
         if self._trap_full_rows is not None:
             unwrapped = self.accelerator.unwrap_model(self.model)
-            groups = RowGroups.at_scale(scale)
-            return rescaled_parameters_per_row(unwrapped, groups, self.trap_reference, self._trap_full_rows)
+            return rescaled_parameters_at_scale(
+                unwrapped, scale, self.trap_reference, self._trap_full_rows, self._trap_in_place
+            )
         return rescaled_update(
             self.accelerator.unwrap_model(self.model),
             scale,
