@@ -6,6 +6,8 @@ ratios to the plain Trainer / SFTTrainer on the same model and data, alternating
     python benchmarks/bench_cost.py --trainers sft --modes fused --trap_rescaled_fraction 0.125 --rounds 5
     python benchmarks/bench_cost.py --full_finetuning false   # LoRA only
     python benchmarks/bench_cost.py --lora false              # full fine-tuning only
+    python benchmarks/bench_cost.py --lora false --modes auto sub_batch@0.125 sub_batch@0.25 fused@0.125 fused@0.25
+                                                              # mode@fraction: that trap_rescaled_fraction
     python benchmarks/bench_cost.py --shapes gpt2 t5 --trainers trainer --modes auto two_pass --full_finetuning false
                                                               # LoRA on GPT-2 (Conv1D) and T5 (encoder-decoder)
 
@@ -77,7 +79,10 @@ class BenchArguments:
     trainers: list[str] = field(
         default_factory=lambda: ["trainer", "sft"], metadata={"help": "'trainer' and/or 'sft'."}
     )
-    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": f"trap_mode values among {MODES}."})
+    modes: list[str] = field(
+        default_factory=lambda: list(MODES),
+        metadata={"help": f"trap_mode values among {MODES}; 'mode@f' runs it with trap_rescaled_fraction f."},
+    )
     trap_rescaled_fraction: float | None = field(
         default=None,
         metadata={"help": "For sub_batch and fused (and auto where it fuses); unset: the library's default."},
@@ -237,7 +242,7 @@ def run_variant(
     )
     if kind == "sft":
         common |= dict(max_length=seq_len)
-    mode = variant.partition(OFFLOAD)[0]
+    mode, _, fraction = variant.partition(OFFLOAD)[0].partition("@")
     trap = dict(
         trap_lambda=bench.trap_lambda, trap_mode=mode, trap_scales_per_step=bench.trap_scales_per_step,
         trap_weighting="inv_sqrt",
@@ -246,6 +251,8 @@ def run_variant(
         trap |= dict(trap_target="full", trap_reference_device="cpu" if variant.endswith(OFFLOAD) else "same")
     if mode != "two_pass" and bench.trap_rescaled_fraction is not None:
         trap["trap_rescaled_fraction"] = bench.trap_rescaled_fraction
+    if fraction:
+        trap["trap_rescaled_fraction"] = float(fraction)
     if variant == "plain":
         trainer_cls = SFTTrainer if kind == "sft" else Trainer
         args = SFTConfig(**common) if kind == "sft" else TrainingArguments(**common)
@@ -281,7 +288,8 @@ def bench_one(bench: BenchArguments, shape: str, kind: str, device: str, full: b
     tokenizer = word_tokenizer(SHAPES[shape][0]["vocab_size"]) if kind == "sft" else None
     if full:  # theta0 offloading only means something on GPU, and fused needs theta0 on the device
         modes = list(bench.modes)
-        offloaded = [m + OFFLOAD for m in modes if m in ("auto", "two_pass")] if device == "cuda" else []
+        offloaded = [m + OFFLOAD for m in modes if m.partition("@")[0] in ("auto", "two_pass")]
+        offloaded = offloaded if device == "cuda" else []
         variants = ["plain", *modes, *offloaded]
     else:
         variants = ["plain", *bench.modes]
@@ -338,8 +346,8 @@ def print_table(result: dict, bench: BenchArguments, device: str) -> None:
     print("| variant | step ms | time x plain | step peak MB | x plain | total peak MB | x plain |" + beyond)
     print("|---|---|---|---|---|---|---|" + ("---|" if full else ""))
     for variant, r in result["variants"].items():
-        label = variant
-        if r["trap_mode"] not in (None, variant.partition(OFFLOAD)[0]):
+        label = variant.partition("@")[0] + variant.partition("@")[2].partition(OFFLOAD)[1]
+        if r["trap_mode"] not in (None, variant.partition(OFFLOAD)[0].partition("@")[0]):
             label += f" ({r['trap_mode']})"
         if r["trap_mode"] in ("sub_batch", "fused"):
             label += f", f={r['trap_rescaled_fraction']:g}"
@@ -355,7 +363,8 @@ def print_table(result: dict, bench: BenchArguments, device: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     (bench,) = make_parser().parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if bench.device == "auto" else bench.device
-    unknown = [m for m in bench.modes if m not in MODES] + [t for t in bench.trainers if t not in ("trainer", "sft")]
+    unknown = [m for m in bench.modes if m.partition("@")[0] not in MODES]
+    unknown += [t for t in bench.trainers if t not in ("trainer", "sft")]
     if unknown:
         raise ValueError(f"Unknown modes/trainers {unknown}; modes: {MODES}, trainers: ['trainer', 'sft'].")
     shapes = bench.shapes or DEFAULT_SHAPES[device]

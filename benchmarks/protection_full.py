@@ -7,6 +7,11 @@
 Variants are written as for `trap2 demo --compare_variants`: 'none' (the unprotected twin), 'default',
 or 'label:field=value:field=value' with Trap2Settings fields.
 
+Besides the mean curves it prints, for every variant, its paired difference to --reference (same seed,
+same theta0, same data): the mean over seeds and its standard deviation per scale, and the largest mean
+difference over the scales (positive: the variant keeps more accuracy there, i.e. protects less).
+--output_json keeps every seed's curve.
+
 Task (that of tests/test_protection.py): a tiny Llama built from a config is first trained on the +2
 rule (next token = this token + 2; --pretraining_rule), which gives theta0; each variant then fully
 fine-tunes a copy of it on the +1 rule (--rule). The update theta - theta0 is re-scaled as merging
@@ -15,6 +20,7 @@ over seeds.
 """
 
 import copy
+import json
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -51,6 +57,10 @@ class ProtectionArguments:
     pretraining_rule: int = field(default=2, metadata={"help": "theta0's rule, learnt first."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Fine-tuning learning rate."})
     threads: int = field(default=1, metadata={"help": "torch threads."})
+    reference: str = field(
+        default="two_pass", metadata={"help": "The variant every other one is paired against (its label)."}
+    )
+    output_json: str | None = field(default=None, metadata={"help": "Write every seed's curves here."})
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
@@ -122,7 +132,30 @@ def main(argv: list[str] | None = None) -> int:
     for name, _ in variants:
         means = [statistics.mean(curves[name][s] for curves in per_seed) for s in SCALES]
         print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    if any(name == bench.reference for name, _ in variants):
+        print_paired(per_seed, [name for name, _ in variants], bench.reference)
+    if bench.output_json:
+        with open(bench.output_json, "w") as f:
+            json.dump({"arguments": vars(bench), "per_seed": per_seed}, f, indent=1)
     return 0
+
+
+def print_paired(per_seed: list[dict], names: list[str], reference: str) -> None:
+    """Each variant minus the reference, seed by seed: mean +- standard deviation over seeds, in points."""
+    print(f"\npaired difference to {reference}, points (variant - {reference}; mean +- sd over seeds)\n")
+    print("| variant | " + " | ".join(f"s={s:g}" for s in SCALES) + " | max mean |")
+    print("|---|" + "---|" * (len(SCALES) + 1))
+    for name in names:
+        if name == reference:
+            continue
+        cells, means = [], []
+        for s in SCALES:
+            diffs = [100 * (curves[name][s] - curves[reference][s]) for curves in per_seed]
+            mean = statistics.mean(diffs)
+            spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            means.append(mean)
+            cells.append(f"{mean:+.1f} ± {spread:.1f}")
+        print(f"| {name} | " + " | ".join(cells) + f" | {max(means):+.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
 """The fused step on a full fine-tune (fused_full.py): each copied row computes with theta0 + s*(theta - theta0),
 so with every row copied (f = 1) its gradient is two_pass's, and below 1 it is sub_batch's on the same rows."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from datasets import Dataset
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import VOCAB, text_dataset, tiny_llama, tiny_tokenizer, token_dataset
 from test_modes import TWO_SCALES, auto_trainer, train
 from trap_checks import assert_grads_close
 from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments, rescaled_parameters
-from trap2_hf.fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
+from trap2_hf.fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row, split_in_place
 
 
 def tiny_gpt2():
@@ -154,6 +156,40 @@ def test_each_row_computes_at_its_own_scale(name):
     assert not any("forward" in vars(m) for m in model.modules())  # every patched forward restored
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("sizes", [(3, 2, 1), (0, 2, 3)], ids=["with_nominal_rows", "copies_only"])
+def test_grouped_linear_matches_a_linear_per_group(sizes, autocast):
+    """Output and gradients (input, weight, bias) of the grouped Linear: those of F.linear at each group's
+    theta_s = lerp(theta0, theta, s), concatenated, with the parameters' gradient through lerp (s per group)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4)
+    theta0 = away_from(layer, size=0.3)
+    scales = [0.4, 1.6]
+    groups = RowGroups.of_copies(sizes[0], torch.tensor([0] * sizes[1] + [1] * sizes[2]), scales)
+    x = torch.randn(sum(sizes), 3, 5, requires_grad=True)
+    grad_out = torch.randn(sum(sizes), 3, 4)
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    with context(), rescaled_parameters_per_row(layer, groups, theta0):
+        got = layer(x)
+    got_grads = torch.autograd.grad(got, [x, layer.weight, layer.bias], grad_out.to(got.dtype))
+    parts, start = [], 0
+    for g, size in enumerate(sizes):
+        scale = 1.0 if g == 0 else scales[g - 1]
+        weight = torch.lerp(theta0["weight"], layer.weight, scale)
+        bias = torch.lerp(theta0["bias"], layer.bias, scale)
+        with context():
+            parts.append(F.linear(x[start:start + size], weight, bias))
+        start += size
+    expected = torch.cat(parts)
+    expected_grads = torch.autograd.grad(expected, [x, layer.weight, layer.bias], grad_out.to(expected.dtype))
+    assert got.dtype == expected.dtype == (torch.bfloat16 if autocast else torch.float32)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, expected, **tolerance)
+    for mine, reference in zip(got_grads, expected_grads):
+        assert mine.dtype == reference.dtype
+        torch.testing.assert_close(mine, reference, **tolerance)
+
+
 class ExpGain(nn.Module):
     """A trainable layer that is not affine in its parameter: x * exp(g)."""
 
@@ -232,7 +268,17 @@ def llama_reading_a_weight_directly():
     return model
 
 
-def test_parameters_read_outside_their_module_are_re_scaled_in_place(tmp_out, caplog):
+def test_split_in_place_takes_modules_tied_to_an_in_place_parameter():
+    """A module sharing a parameter with one read outside its forward cannot form theta_s from that parameter,
+    which then holds theta_s already: it runs in place too, with its other parameters."""
+    model = tiny_gpt2()  # lm_head.weight is wte.weight
+    targets = full_row_targets(model)
+    kept, in_place = split_in_place(model, targets, ["lm_head"])
+    assert {name for name, _, _ in targets} - {name for name, _, _ in kept} == {"lm_head", "transformer.wte"}
+    assert in_place == ("transformer.wte.weight",)  # named once, as named_parameters names tied weights
+
+
+def test_parameters_read_outside_their_module_alone_are_re_scaled_in_place(tmp_out, caplog):
     from trap_checks import direct_full_gradients
 
     model, dataset = llama_reading_a_weight_directly(), token_dataset(8, ragged=True)
@@ -241,10 +287,40 @@ def test_parameters_read_outside_their_module_are_re_scaled_in_place(tmp_out, ca
     with caplog.at_level("INFO"):
         trainer, grads = full_step(model, tmp_out, dataset, theta0, **TWO_SCALES)
     assert "model.norm.side holds trainable parameters but did not run as a module" in caplog.text
-    assert trainer._trap_full_rows is None  # two_pass's re-scaled passes wrote theta_s into the weights
+    # two_pass's re-scaled passes wrote theta_s into that layer's weight only; every other module formed it as it ran
+    assert trainer._trap_in_place == ("model.norm.side.weight",)
+    assert {name for name, _, _ in trainer._trap_full_rows} == {
+        name for name, _, _ in full_row_targets(reference)} - {"model.norm.side"}
     batch = {k: torch.tensor(dataset[k]) for k in ("input_ids", "attention_mask", "labels")}
     expected = direct_full_gradients(reference, theta0, batch, trainer.trap_scales(0), 0.3, "inv")
     assert_grads_close(grads, expected, rtol=5e-4, atol=2e-6)
     with pytest.raises(RuntimeError, match=r"model\.norm\.side holds trainable parameters.*trap_mode='two_pass'"):
         full_step(llama_reading_a_weight_directly(), tmp_out + "f", dataset, theta0, trap_mode="fused",
                   trap_rescaled_fraction=1.0)
+
+
+def test_sft_fused_lm_head_re_scales_only_lm_head_in_place(tmp_out, monkeypatch):
+    """TRL's fused LM head reads lm_head.weight outside lm_head's forward: only that weight is written in place
+    (what costs an in-place enter), the rest formed module by module; the step's gradient is the all-in-place one."""
+    import trap2_hf.trainer as trainer_module
+    from trap_checks import exact_trap_args, step_gradients, trainable_state
+
+    def sft_full_step(out):
+        args = Trap2SFTConfig(output_dir=out, **exact_trap_args(
+            bf16=False, max_length=16, per_device_train_batch_size=8, max_steps=1, trap_lambda=0.4,
+            trap_scales_per_step=2, trap_target="full"))
+        torch.manual_seed(0)
+        trainer = Trap2SFTTrainer(model=tiny_llama(), args=args, train_dataset=text_dataset(8),
+                                  processing_class=tiny_tokenizer(), trap_reference=away_from(tiny_llama()))
+        before = trainable_state(trainer.model)
+        trainer.train()
+        return trainer, step_gradients(before, trainer.model)
+
+    trainer, grads = sft_full_step(f"{tmp_out}/mixed")
+    assert trainer._trap_in_place == ("lm_head.weight",)
+    assert "lm_head" not in {name for name, _, _ in trainer._trap_full_rows} and len(trainer._trap_full_rows) > 1
+    every_weight = lambda model, targets, skipped: ([], tuple(n for n, p in model.named_parameters() if p.requires_grad))
+    monkeypatch.setattr(trainer_module, "split_in_place", every_weight)
+    trainer, in_place_grads = sft_full_step(f"{tmp_out}/in_place")
+    assert len(trainer._trap_in_place) == len(grads)
+    assert_grads_close(grads, in_place_grads, rtol=1e-5, atol=1e-7)

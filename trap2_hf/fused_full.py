@@ -14,7 +14,8 @@ theta), as in two_pass. The modules known to be such (`full_row_targets`), each 
 
 - Linear and GPT-2's Conv1D: one autograd function that forms each scale's weights in the forward and again in the
   backward instead of saving them (a saved copy per scale would cost K*theta of memory): a copied row costs a
-  plain row's three matmuls, plus one weight-sized lerp per scale and direction.
+  plain row's three matmuls, plus one weight-sized lerp per scale and direction; each group's matmuls write into
+  their rows of one output, so the activations are not copied again.
 - Embedding: a row of the table, so theta0's rows are gathered and blended per row, lerp(E0[ids], E[ids], s)
   (position ids shared by all rows, shape (1, T), give each row its own blend).
 - LayerNorm / RMSNorm (any `*LayerNorm` / `*RMSNorm` class, Gemma's 1 + gamma too): the module runs once per scale
@@ -26,7 +27,8 @@ read elsewhere, as TRL's fused LM head reads lm_head.weight) raises RuntimeError
 must be on the parameters' device.
 
 `RowGroups.at_scale(s)` puts every row at s: sub_batch's and two_pass's re-scaled passes use it instead of writing
-theta_s into the weights (`rescale_full.rescaled_parameters`), which is what the trainer falls back to otherwise.
+theta_s into the weights (`rescale_full.rescaled_parameters`), which is what the trainer falls back to otherwise; where
+only some modules' parameters are read outside their forward, only those are written (`split_in_place`).
 """
 
 from collections.abc import Iterator
@@ -186,6 +188,46 @@ def rescaled_parameters_per_row(
         )
 
 
+def split_in_place(
+    model: nn.Module, targets: list[tuple[str, nn.Module, str]], skipped: list[str]
+) -> tuple[list[tuple[str, nn.Module, str]], tuple[str, ...]]:
+    """(targets that still form theta_s as they run, names of the parameters to re-scale in place) when the modules
+    named in `skipped` have their parameters read outside their forward (TRL's fused LM head reads
+    lm_head.weight): those parameters, and every module sharing one (tied weights), are re-scaled in place, the
+    rest module by module, so a whole-pass re-scaling writes and restores only them."""
+    modules = dict(model.named_modules())
+    in_place = {id(p) for name in skipped for p in modules[name].parameters(recurse=False)}
+    kept = list(targets)
+    while True:
+        shared = [t for t in kept if any(id(p) in in_place for p in t[1].parameters(recurse=False))]
+        if not shared:
+            break
+        kept = [t for t in kept if t not in shared]
+        in_place |= {id(p) for _, module, _ in shared for p in module.parameters(recurse=False)}
+    names = tuple(name for name, p in model.named_parameters() if id(p) in in_place and p.requires_grad)
+    return kept, names
+
+
+@contextmanager
+def rescaled_parameters_at_scale(
+    model: nn.Module,
+    scale: float,
+    reference: dict[str, torch.Tensor],
+    targets: list[tuple[str, nn.Module, str]],
+    in_place: tuple[str, ...] = (),
+) -> Iterator[None]:
+    """A whole pass at theta0 + s*(theta - theta0): module by module for `targets`, written into the weights
+    (`rescale_full.rescaled_parameters`, restored bit for bit) for the parameters named in `in_place`
+    (`split_in_place`)."""
+    from .rescale_full import rescaled_parameters
+
+    with ExitStack() as stack:
+        if in_place:
+            stack.enter_context(rescaled_parameters(model, scale, {name: reference[name] for name in in_place}))
+        stack.enter_context(rescaled_parameters_per_row(model, RowGroups.at_scale(scale), reference, targets))
+        yield
+
+
 def _counted(forward, called: set, name: str, original_forward, *args, **kwargs):
     called.add(name)
     return forward(original_forward, *args, **kwargs)
@@ -226,36 +268,102 @@ def _linear_rows(original_forward, x, *, module, name, groups: RowGroups, theta0
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """concat_g(x_g @ W_g^T + b_g), W_g = lerp(W0, W, s_g) (W itself for the first group), without saving any W_g."""
+    """concat_g(x_g @ W_g^T + b_g), W_g = lerp(W0, W, s_g) (W itself for the first group), without saving any W_g.
+
+    Each group's matmul writes straight into its rows of the output (and of grad_x), so no concatenation copies
+    the activations; the weight's gradient adds s_g * grad_g^T x_g group by group, so no scaled copy of
+    grad_out is made either (profiled: those two copies and the scaling were a tenth of a fused step's time)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, weight0, bias0, groups: RowGroups):
         ctx.groups, ctx.has_bias = groups, bias is not None
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(x, weight, weight0)
-        parts = [F.linear(chunk, *_weights(weight, bias, weight0, bias0, groups, g)) for g, chunk in _chunks(x, groups)]
-        return _cat(parts)
+        if groups.uniform:  # one group: F.linear, fewest ops (small models are dispatch-bound)
+            return F.linear(x, *_weights(weight, bias, weight0, bias0, groups, 1))
+        dtype = _compute_dtype(x, ctx.autocast)
+        rows = _flat(x).to(dtype)
+        out = rows.new_empty(rows.shape[0], weight.shape[0])
+        with _no_autocast(ctx.autocast):
+            for g, span in _spans(x, groups):
+                w, b = _weights(weight, bias, weight0, bias0, groups, g)
+                if b is None:
+                    torch.mm(rows[span], w.to(dtype).t(), out=out[span])
+                else:
+                    torch.addmm(b.to(dtype), rows[span], w.to(dtype).t(), out=out[span])
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, weight0 = ctx.saved_tensors
         groups = ctx.groups
-        device_type, dtype, enabled = ctx.autocast
+        dtype = _compute_dtype(x, ctx.autocast)
+        grads = _flat(grad_out).to(dtype)
+        rows = _flat(x).to(dtype)
         grad_x = grad_weight = grad_bias = None
-        with torch.autocast(device_type, dtype=dtype) if enabled else nullcontext():
+        with _no_autocast(ctx.autocast):
+            spans = _spans(x, groups)
             if ctx.needs_input_grad[0]:
-                parts = [
-                    chunk.matmul(_weights(weight, None, weight0, None, groups, g)[0])
-                    for g, chunk in _chunks(grad_out, groups)
-                ]
-                grad_x = _cat(parts).to(x.dtype)
-            # Every row's gradient times its scale (d theta_s / d theta = s): one matmul over all rows.
-            scaled = (grad_out * groups.per_row(grad_out)).reshape(-1, grad_out.shape[-1])
-            if ctx.needs_input_grad[1]:
-                grad_weight = scaled.t().matmul(x.reshape(-1, x.shape[-1]).to(scaled.dtype)).to(weight.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = scaled.sum(0).to(weight.dtype)
+                weights = [_weights(weight, None, weight0, None, groups, g)[0].to(dtype) for g, _ in spans]
+                if len(spans) == 1:
+                    grad_x = grads[spans[0][1]].mm(weights[0])
+                else:
+                    grad_x = rows.new_empty(rows.shape)
+                    for (g, span), w in zip(spans, weights):
+                        torch.mm(grads[span], w, out=grad_x[span])
+                grad_x = grad_x.view(x.shape).to(x.dtype)
+            # d theta_s / d theta = s: each group's rows count s times in the weight's gradient.
+            for g, span in spans if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else ():
+                scale = _scale_of(groups, g)
+                if ctx.needs_input_grad[1]:
+                    if grad_weight is None:
+                        grad_weight = torch.mm(grads[span].t(), rows[span])
+                        if scale != 1:
+                            grad_weight.mul_(scale)
+                    else:
+                        grad_weight.addmm_(grads[span].t(), rows[span], alpha=scale)
+                if ctx.has_bias and ctx.needs_input_grad[2]:
+                    part = grads[span].sum(0).mul_(scale)
+                    grad_bias = part if grad_bias is None else grad_bias.add_(part)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(rows * positions, features): a row's positions are consecutive, so a group's rows are one slice."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _spans(x: torch.Tensor, groups: RowGroups) -> list[tuple[int, slice]]:
+    """(group, slice of _flat(x)) for every group with rows, as `_chunks` splits them."""
+    if groups.uniform:
+        return [(1, slice(None))]
+    per_row = x[0].numel() // x.shape[-1] if x.shape[0] else 0
+    spans, start = [], 0
+    for g, size in enumerate(groups.sizes):
+        if size:
+            spans.append((g, slice(start * per_row, (start + size) * per_row)))
+        start += size
+    return spans
+
+
+def _scale_of(groups: RowGroups, g: int) -> float:
+    return 1.0 if g == 0 else groups.scales[g - 1]
+
+
+def _compute_dtype(x: torch.Tensor, autocast_state) -> torch.dtype:
+    """The dtype F.linear would compute in: autocast's where it is on (for floating inputs), else the input's."""
+    _, dtype, enabled = autocast_state
+    return dtype if enabled and x.is_floating_point() else x.dtype
+
+
+def _no_autocast(autocast_state):
+    """The inputs are cast by hand (`_compute_dtype`), and out= matmuls are not autocast."""
+    device_type, _, enabled = autocast_state
+    return torch.autocast(device_type, enabled=False) if enabled else nullcontext()
 
 
 def _chunks(x: torch.Tensor, groups: RowGroups):

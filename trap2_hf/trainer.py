@@ -94,7 +94,7 @@ class Trap2TrainerMixin:
         self._trap_check_offray()
         self.trap_reference = self._trap_update.reference(model, self.args, trap_reference)
         self._trap_full_rows = self._trap_update.pass_row_targets(model, self.args)
-        self._trap_full_rows_checked = False
+        self._trap_full_rows_checked, self._trap_in_place = False, ()
         self.add_callback(SkipNonFiniteStep(self))
 
     # ----------------------------------------------------------------------------- set-up
@@ -184,7 +184,11 @@ class Trap2TrainerMixin:
     def trap_rescaled(self, scale: float):
         """Context in which the model computes with its update re-scaled by `scale`."""
         return self._trap_update.rescaled(
-            self.accelerator.unwrap_model(self.model), scale, self.trap_reference, row_targets=self._trap_full_rows
+            self.accelerator.unwrap_model(self.model),
+            scale,
+            self.trap_reference,
+            row_targets=self._trap_full_rows,
+            in_place=self._trap_in_place,
         )
 
     def trap_coefficient(self, scale: float, num_scales: int) -> float:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
+from .fused_full import RowGroups, full_row_targets, rescaled_parameters_at_scale, rescaled_parameters_per_row
 from .rescale import (
     per_sample_targets,
     refuse_methods_without_weight_delta,
@@ -48,7 +48,11 @@ class UpdateKind:
     def reference(self, model: nn.Module, settings, given: dict[str, torch.Tensor] | None = None):
         return None
 
-    def rescaled(self, model: nn.Module, scale: float, reference=None, adapter_names=None, row_targets=None):
+    def rescaled(
+        self, model: nn.Module, scale: float, reference=None, adapter_names=None, row_targets=None, in_place=()
+    ):
+        """Context in which `model` computes with the update re-scaled by `scale`; `row_targets` (from
+        `pass_row_targets`) and `in_place` (the parameters read outside their module) are a full fine-tune's."""
         raise NotImplementedError
 
     def pass_row_targets(self, model: nn.Module, settings):
@@ -83,7 +87,7 @@ class AdapterUpdate(UpdateKind):
                 "with is_trainable=True."
             )
 
-    def rescaled(self, model, scale, reference=None, adapter_names=None, row_targets=None):
+    def rescaled(self, model, scale, reference=None, adapter_names=None, row_targets=None, in_place=()):
         return rescaled_adapter(model, scale, adapter_names)
 
     def copy_row_targets(self, model, settings):
@@ -122,11 +126,11 @@ class FullUpdate(UpdateKind):
     def reference(self, model, settings, given=None):
         return given or snapshot_parameters(model, settings.trap_reference_device, settings.trap_reference_dtype)
 
-    def rescaled(self, model, scale, reference=None, adapter_names=None, row_targets=None):
+    def rescaled(self, model, scale, reference=None, adapter_names=None, row_targets=None, in_place=()):
         if reference is None:
             raise ValueError("trap_target='full' needs the reference weights theta0 (`reference=`).")
         if row_targets is not None:
-            return rescaled_parameters_per_row(model, RowGroups.at_scale(scale), reference, row_targets)
+            return rescaled_parameters_at_scale(model, scale, reference, row_targets, in_place)
         return rescaled_parameters(model, scale, reference)
 
     def pass_row_targets(self, model, settings):

@@ -5,6 +5,7 @@ masks; then the off-ray passes. Only the micro-batch's last backward reduces gra
 import contextlib
 import logging
 
+from ..fused_full import split_in_place
 from .base import TrapMode, capture_rng_state
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class PassesMode(TrapMode):
 def _watch_pass_row_targets(trainer):
     """Around the first nominal pass: if a module of the update's pass row targets (`trainer._trap_full_rows`) does
     not run, the model reads its parameters some other way, which forming theta_s module by module would miss;
-    re-scale in place instead."""
+    write theta_s into those parameters instead (`fused_full.split_in_place`)."""
     targets = trainer._trap_full_rows
     if targets is None or trainer._trap_full_rows_checked:
         yield
@@ -63,7 +64,8 @@ def _watch_pass_row_targets(trainer):
     if skipped:
         logger.info(
             "%s holds trainable parameters but did not run as a module: its parameters are read some other way, so "
-            "the re-scaled passes write theta0 + s*(theta - theta0) into the weights instead.",
+            "the re-scaled passes write theta0 + s*(theta - theta0) into them instead.",
             skipped[0],
         )
-        trainer._trap_full_rows = None
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        trainer._trap_full_rows, trainer._trap_in_place = split_in_place(model, targets, skipped)
