@@ -14,7 +14,8 @@ from conftest import VOCAB, text_dataset, tiny_llama, tiny_tokenizer, token_data
 from test_modes import TWO_SCALES, auto_trainer, train
 from trap_checks import assert_grads_close
 from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments, rescaled_parameters
-from trap2_hf.fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row, split_in_place
+from trap2_hf.fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
+from trap2_hf.rescale_full import split_in_place
 
 
 def tiny_gpt2():
@@ -302,7 +303,7 @@ def test_parameters_read_outside_their_module_alone_are_re_scaled_in_place(tmp_o
 def test_sft_fused_lm_head_re_scales_only_lm_head_in_place(tmp_out, monkeypatch):
     """TRL's fused LM head reads lm_head.weight outside lm_head's forward: only that weight is written in place
     (what costs an in-place enter), the rest formed module by module; the step's gradient is the all-in-place one."""
-    import trap2_hf.trainer as trainer_module
+    import trap2_hf.modes.passes as passes_module
     from trap_checks import exact_trap_args, step_gradients, trainable_state
 
     def sft_full_step(out):
@@ -320,7 +321,7 @@ def test_sft_fused_lm_head_re_scales_only_lm_head_in_place(tmp_out, monkeypatch)
     assert trainer._trap_in_place == ("lm_head.weight",)
     assert "lm_head" not in {name for name, _, _ in trainer._trap_full_rows} and len(trainer._trap_full_rows) > 1
     every_weight = lambda model, targets, skipped: ([], tuple(n for n, p in model.named_parameters() if p.requires_grad))
-    monkeypatch.setattr(trainer_module, "split_in_place", every_weight)
+    monkeypatch.setattr(passes_module, "split_in_place", every_weight)
     trainer, in_place_grads = sft_full_step(f"{tmp_out}/in_place")
     assert len(trainer._trap_in_place) == len(grads)
     assert_grads_close(grads, in_place_grads, rtol=1e-5, atol=1e-7)

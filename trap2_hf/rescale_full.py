@@ -1,12 +1,15 @@
 """Full fine-tuning's re-scaling in the weights: theta0 (`snapshot_parameters`) and theta0 + s*(theta - theta0)
 written into each parameter's own storage and restored bit for bit (`rescaled_parameters`). The module-by-module
-alternative, which writes nothing: `fused_full.py`."""
+alternative, which writes nothing: `fused_full.py`; `rescaled_parameters_at_scale` combines the two, writing only
+the parameters read outside their module (`split_in_place`)."""
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+
+from .fused_full import RowGroups, rescaled_parameters_per_row
 
 
 def snapshot_parameters(
@@ -124,3 +127,40 @@ class _InPlaceRescale:
         inverse = rescaled - theta0
         inverse.div_(self.scale)
         return inverse.add_(theta0)
+
+
+def split_in_place(
+    model: nn.Module, targets: list[tuple[str, nn.Module, str]], skipped: list[str]
+) -> tuple[list[tuple[str, nn.Module, str]], tuple[str, ...]]:
+    """(targets that still form theta_s as they run, names of the parameters to re-scale in place) when the modules
+    named in `skipped` have their parameters read outside their forward (TRL's fused LM head reads
+    lm_head.weight): those parameters, and every module sharing one (tied weights), are re-scaled in place, the
+    rest module by module, so a whole-pass re-scaling writes and restores only them."""
+    modules = dict(model.named_modules())
+    in_place = {id(p) for name in skipped for p in modules[name].parameters(recurse=False)}
+    kept = list(targets)
+    while True:
+        shared = [t for t in kept if any(id(p) in in_place for p in t[1].parameters(recurse=False))]
+        if not shared:
+            break
+        kept = [t for t in kept if t not in shared]
+        in_place |= {id(p) for _, module, _ in shared for p in module.parameters(recurse=False)}
+    names = tuple(name for name, p in model.named_parameters() if id(p) in in_place and p.requires_grad)
+    return kept, names
+
+
+@contextmanager
+def rescaled_parameters_at_scale(
+    model: nn.Module,
+    scale: float,
+    reference: dict[str, torch.Tensor],
+    targets: list[tuple[str, nn.Module, str]],
+    in_place: tuple[str, ...] = (),
+) -> Iterator[None]:
+    """A whole pass at theta0 + s*(theta - theta0): module by module for `targets`, written into the weights
+    (`rescaled_parameters`, restored bit for bit) for the parameters named in `in_place` (`split_in_place`)."""
+    with ExitStack() as stack:
+        if in_place:
+            stack.enter_context(rescaled_parameters(model, scale, {name: reference[name] for name in in_place}))
+        stack.enter_context(rescaled_parameters_per_row(model, RowGroups.at_scale(scale), reference, targets))
+        yield

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .fused_full import RowGroups, full_row_targets, rescaled_parameters_at_scale, rescaled_parameters_per_row
+from .fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
 from .rescale import (
     per_sample_targets,
     refuse_methods_without_weight_delta,
@@ -30,7 +30,7 @@ from .rescale import (
     rescaled_adapter_per_sample,
     trained_adapter_names,
 )
-from .rescale_full import rescaled_parameters, snapshot_parameters
+from .rescale_full import rescaled_parameters, rescaled_parameters_at_scale, snapshot_parameters
 
 
 class UpdateKind:

@@ -5,7 +5,7 @@ masks; then the off-ray passes. Only the micro-batch's last backward reduces gra
 import contextlib
 import logging
 
-from ..fused_full import split_in_place
+from ..rescale_full import split_in_place
 from .base import TrapMode, capture_rng_state
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class PassesMode(TrapMode):
 def _watch_pass_row_targets(trainer):
     """Around the first nominal pass: if a module of the update's pass row targets (`trainer._trap_full_rows`) does
     not run, the model reads its parameters some other way, which forming theta_s module by module would miss;
-    write theta_s into those parameters instead (`fused_full.split_in_place`)."""
+    write theta_s into those parameters instead (`rescale_full.split_in_place`)."""
     targets = trainer._trap_full_rows
     if targets is None or trainer._trap_full_rows_checked:
         yield
