@@ -7,6 +7,7 @@ writes audit.json, audit.md and audit.png. CPU only, no network.
     trap2 demo --output_dir demo_output
     trap2 demo --output_dir demo_output --seed 1 --trap_lambda 0.1      # any protection setting
     trap2 demo --task_set heldout --protected_task emotion               # the other task set
+    trap2 demo --task_set lexicon --twin_steps 200 --protected_max_steps 800   # a task worth stealing
 
 The protected update uses the library's default protection settings (`Trap2Settings`; every field
 is a flag) and trains until its re-scale curve on validation data shows the trap on both sides of
@@ -40,6 +41,11 @@ from .tasks import TASK_SETS, make_task_set
 LINEAR_METHODS = ("task_arithmetic", "peft_linear", "peft_cat", "peft_svd")
 # The merge the demo repairs (a weight-space merge: the fresh LoRA trains on the merged weights).
 REPAIR_METHODS = ("task_arithmetic",)
+# mergekit's merges the demo runs by default, trimmed to its time budget (3-9 s of CPU per merge and
+# evaluation): TIES, and the two whose naive merge brought the protected task back on the demo's
+# updates (della, sce). task_arithmetic and linear equal the audit's own to 1e-6; `trap2 audit
+# --mergekit_methods` runs every method.
+MERGEKIT_METHODS = ("ties", "della", "sce")
 
 
 @dataclass
@@ -54,7 +60,14 @@ class DemoArguments:
         default=None, metadata={"help": "The task whose update is protected (default: the set's first task)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data, the random heads, the adapters and training."})
-    steps: int = field(default=60, metadata={"help": "Training steps of the plain updates and the unprotected twin."})
+    steps: int = field(default=60, metadata={"help": "Training steps of the other tasks' plain updates."})
+    twin_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training steps of the unprotected twin (the protected task's plain update; default: steps). "
+            "The `lexicon` task, an arbitrary word -> class mapping, needs ~200 to reach ~0.95."
+        },
+    )
     protected_max_steps: int = field(
         default=350, metadata={"help": "Most steps for the protected update; it stops once the trap has formed."}
     )
@@ -101,6 +114,21 @@ class DemoArguments:
         },
     )
     repair_steps: int = field(default=40, metadata={"help": "Repair: steps of the fresh LoRA."})
+    mergekit_methods: list[str] = field(
+        default_factory=lambda: list(MERGEKIT_METHODS),
+        metadata={
+            "help": "mergekit's own merges of the same updates, naive weights (needs the mergekit extra; empty: "
+            "none). The default is a representative handful, trimmed to the demo's time budget (each merge "
+            "takes 3-9 s of CPU on the demo's MiniLM); `trap2 audit --mergekit_methods` runs all of them."
+        },
+    )
+    mergekit_informed: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "mergekit methods to attack with the informed grid too (one mergekit merge per configuration: "
+            "25 for task_arithmetic, 75 for ties per update; off by default, beyond the demo's time budget)."
+        },
+    )
     foreign_tasks: list[str] | None = field(
         default=None,
         metadata={
@@ -279,8 +307,10 @@ def train_plain(setup: DemoSetup, demo: DemoArguments, log=print) -> list[dict]:
     """The unprotected twin and the other tasks' updates (plain fine-tuning)."""
     common = dict(batch_size=demo.batch_size, learning_rate=demo.learning_rate, seed=demo.seed)
     runs = []
-    for adapter, task in [(setup.unprotected, setup.protected_task), *((a, t) for t, a in setup.others.items())]:
-        runs.append(train_update(setup, adapter, task, demo.steps, **common))
+    plain = [(setup.unprotected, setup.protected_task, demo.twin_steps or demo.steps)]
+    plain += [(adapter, task, demo.steps) for task, adapter in setup.others.items()]
+    for adapter, task, steps in plain:
+        runs.append(train_update(setup, adapter, task, steps, **common))
         log(f"[demo] {adapter}: {runs[-1]['steps']} steps in {runs[-1]['seconds']:.0f}s, "
             f"validation accuracy {setup.accuracy(task, 'validation', adapter):.2f}")
     return runs
@@ -349,6 +379,28 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
         naive = tuple(m for m in demo.modes if m in ("average", "best"))
         section = run_audit(setup.model, tasks, others={partner: setup.others[partner]}, modes=naive, **common)
         results["heldout_partner"] = {"partner": partner, "methods": section["methods"], "skipped": section["skipped"]}
+    return results
+
+
+def audit_with_mergekit(setup: DemoSetup, demo: DemoArguments, results: dict, log=print) -> dict:
+    """`results` with a `mergekit` section (mergekit's own merges of the same updates) and the attack
+    rows recomputed with it; unchanged when no mergekit method is asked for or mergekit is missing."""
+    from ..audit.summary import attack_rows
+
+    if not demo.mergekit_methods and not demo.mergekit_informed:
+        return results
+    from ..audit.mergekit_audit import audit_mergekit
+
+    try:
+        results["mergekit"] = audit_mergekit(
+            setup.model, audit_tasks(setup), setup.protected, setup.unprotected, setup.others, target="adapter",
+            methods=demo.mergekit_methods, seed=demo.seed, protected_task=setup.protected_task,
+            informed_methods=demo.mergekit_informed, informed=InformedSettings(budget=demo.search_budget),
+        )
+    except ImportError as err:  # the mergekit extra is optional
+        log(f"[demo] mergekit merges skipped: {err}")
+        return results
+    results["attacks"] = attack_rows(results)
     return results
 
 
@@ -456,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     training = train_protected(setup, demo, trap)
     training["runs"] = runs + training["runs"]
     trained = time.perf_counter()
-    results = audit_setup(setup, demo)
+    results = audit_with_mergekit(setup, demo, audit_setup(setup, demo))
     paths = write_report(results, demo.output_dir)
     end = time.perf_counter()
     timings = {"train_s": trained - start, "audit_s": end - trained, "total_s": end - start}
@@ -471,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(demo.output_dir, "demo.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     print(format_table(results))
+    if "mergekit" in results:
+        from ..audit.mergekit_audit import format_mergekit_table
+
+        print("\n" + format_mergekit_table(results["mergekit"], setup.protected_task))
     if "heldout_partner" in results:
         from .variants import format_heldout
 
