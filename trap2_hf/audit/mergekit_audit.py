@@ -131,15 +131,7 @@ def mergekit_grid(method: str, released: str, others: list[str], settings: Infor
     # The sparsifying methods (a naive merger passes them a density); mergekit declares `density` on
     # every task-arithmetic-family method, task_arithmetic itself ignores it.
     densities = [float(d) for d in DENSITIES] if "density" in spec.naive else [None]
-    configs = []
-    for density in densities:
-        for w_released in settings.protected_weights:
-            for w_other in settings.other_weights:
-                config = {"weights": {released: float(w_released), **{k: float(w_other) for k in others}}}
-                if density is not None:
-                    config["density"] = {released: 1.0, **{k: density for k in others}}
-                configs.append({**config, **compensation})
-    return configs
+    return informed_attack.weight_grid(released, others, settings, densities, True, compensation)
 
 
 def _informed_attack(model, tasks, inputs, method, variant, other_tasks, protected_task, references, settings,

@@ -142,15 +142,7 @@ def make_task(
     _check_sizes(sizes, labels)
     rng = random.Random(f"{name}:{seed}")
     seen: set[str] = set()
-    splits = {}
-    for split in SPLITS:
-        per_class = sizes.get(split, 0) // len(labels)
-        rows = []
-        for label, label_name in enumerate(labels):
-            for _ in range(per_class):
-                rows.append((_fresh_sentence(rng, classes[label_name], seen), label))
-        rng.shuffle(rows)
-        splits[split] = ([text for text, _ in rows], [label for _, label in rows])
+    splits = _balanced_splits(rng, labels, sizes, lambda split, label, i: _fresh_sentence(rng, classes[label], seen))
     return TextTask(name=name, labels=labels, splits=splits)
 
 
@@ -207,20 +199,25 @@ def make_lexicon_task(
         raise ValueError(f"The lexicon task {name!r} needs training sentences to draw its test key words from.")
     trained = {label: order[label][: min(per_train, len(order[label]))] for label in labels}
     seen: set[str] = set()
+
+    def sentence(split: str, label: str, i: int) -> str:
+        key = order[label][i % len(order[label])] if split == "train" else rng.choice(trained[label])
+        return _fresh_sentence(rng, [key], seen, LEXICON_TEMPLATES)
+
+    splits = _balanced_splits(rng, labels, sizes, sentence)
+    return TextTask(name=name, labels=labels, splits=splits)
+
+
+def _balanced_splits(rng: random.Random, labels: tuple[str, ...], sizes: dict[str, int], sentence) -> dict:
+    """Per split, sizes[split] / len(labels) rows of each class, `sentence(split, label, i)` for the
+    i-th of a class, shuffled: (texts, integer labels)."""
     splits = {}
     for split in SPLITS:
         per_class = sizes.get(split, 0) // len(labels)
-        rows = []
-        for label, label_name in enumerate(labels):
-            for i in range(per_class):
-                if split == "train":
-                    key = order[label_name][i % len(order[label_name])]
-                else:
-                    key = rng.choice(trained[label_name])
-                rows.append((_fresh_sentence(rng, [key], seen, LEXICON_TEMPLATES), label))
+        rows = [(sentence(split, name, i), label) for label, name in enumerate(labels) for i in range(per_class)]
         rng.shuffle(rows)
         splits[split] = ([text for text, _ in rows], [label for _, label in rows])
-    return TextTask(name=name, labels=labels, splits=splits)
+    return splits
 
 
 def _check_sizes(sizes: dict[str, int], labels: tuple[str, ...]) -> None:
