@@ -212,3 +212,12 @@ def test_default_settings_protect_on_the_task_set_nobody_tuned_them_on(tmp_path)
     assert all(value <= ceiling for value in merged.values()), (merged, ceiling, training["runs"][-1]["curve"])
     twin_merged = {m["method"]: m["unprotected"][task] for m in results["methods"]}
     assert min(twin_merged.values()) > ceiling + 0.2, twin_merged  # merging works when nothing is protected
+
+
+def test_mergekit_merges_can_be_switched_off():
+    from trap2_hf.demo.run import DemoArguments, audit_with_mergekit, make_parser
+
+    demo, _ = make_parser().parse_args_into_dataclasses(args=["--mergekit_methods", "none"])
+    results = {"methods": []}
+    assert audit_with_mergekit(None, demo, results) == {"methods": []}
+    assert DemoArguments().mergekit_methods == ["ties", "della", "sce"] and DemoArguments().mergekit_informed == []

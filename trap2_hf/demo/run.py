@@ -117,8 +117,8 @@ class DemoArguments:
     mergekit_methods: list[str] = field(
         default_factory=lambda: list(MERGEKIT_METHODS),
         metadata={
-            "help": "mergekit's own merges of the same updates, naive weights (needs the mergekit extra; empty: "
-            "none). The default is a representative handful, trimmed to the demo's time budget (each merge "
+            "help": "mergekit's own merges of the same updates, naive weights (needs the mergekit extra; `none`: "
+            "no mergekit merges). The default is a representative handful, trimmed to the demo's time budget (each merge "
             "takes 3-9 s of CPU on the demo's MiniLM); `trap2 audit --mergekit_methods` runs all of them."
         },
     )
@@ -387,14 +387,15 @@ def audit_with_mergekit(setup: DemoSetup, demo: DemoArguments, results: dict, lo
     rows recomputed with it; unchanged when no mergekit method is asked for or mergekit is missing."""
     from ..audit.summary import attack_rows
 
-    if not demo.mergekit_methods and not demo.mergekit_informed:
+    methods = [m for m in demo.mergekit_methods if m != "none"]
+    if not methods and not demo.mergekit_informed:
         return results
     from ..audit.mergekit_audit import audit_mergekit
 
     try:
         results["mergekit"] = audit_mergekit(
             setup.model, audit_tasks(setup), setup.protected, setup.unprotected, setup.others, target="adapter",
-            methods=demo.mergekit_methods, seed=demo.seed, protected_task=setup.protected_task,
+            methods=methods, seed=demo.seed, protected_task=setup.protected_task,
             informed_methods=demo.mergekit_informed, informed=InformedSettings(budget=demo.search_budget),
         )
     except ImportError as err:  # the mergekit extra is optional
