@@ -407,15 +407,21 @@ def test_cli_adds_mergekit_merges_to_the_audit(tmp_path, capsys):
         "--protected", folders["prot"], "--other", f"t1={folders['t1']}", "--methods", "task_arithmetic",
         "--modes", "average", "--sweep_scales", "1", "--device", "cpu", "--output_dir", out_dir, "--no_progress",
         "--mergekit_methods", "task_arithmetic", "ties",
+        "--mergekit_informed", "task_arithmetic", "--protected_weights", "1", "--other_weights", "0.5", "1",
     ])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| mergekit method |" in printed and "| ties | 0.5, 0.5 | density=0.2 |" in printed
+    assert "mergekit task_arithmetic, informed grid (2 merges per update)" in printed
     with open(os.path.join(out_dir, "audit.json")) as f:
         results = json.load(f)
     section = results["mergekit"]
     assert [row["method"] for row in section["methods"]] == ["task_arithmetic", "ties"]
     assert section["methods"][0]["protected"] == pytest.approx(results["methods"][0]["protected"], abs=1e-9)
+    searched = section["informed"][0]["searched"]["protected"]
+    assert [row["config"]["weights"] for row in searched] == [{"protected": 1.0, "t1": w} for w in (0.5, 1.0)]
+    attacks = {(row["method"], row["attack"]) for row in results["attacks"]}
+    assert {("mergekit:ties", "average"), ("mergekit:task_arithmetic", "informed:constrained")} <= attacks
 
 
 TASKS_FILE = '''
@@ -444,3 +450,58 @@ def test_cli_lists_mergekits_methods_or_how_to_install_them(capsys, monkeypatch)
     monkeypatch.setitem(sys.modules, "mergekit", None)
     assert main(["--list_methods"]) == 0
     assert "pip install 'trap2_hf[mergekit]'" in capsys.readouterr().out
+
+
+def test_informed_grid_on_mergekit_equals_the_audits_own_on_full_fine_tunes(three_updates):
+    """mergekit's task_arithmetic at per-update weights is the audit's own merge to 1e-6, and the
+    informed grid run through mergekit scores every configuration as the audit's `informed` mode does."""
+    from trap2_hf.audit import run_audit
+    from trap2_hf.audit.informed import InformedSettings
+    from trap2_hf.audit.mergekit_audit import audit_mergekit
+
+    base, updates = three_updates
+    states = [params_of(u) for u in updates]
+    weights = [1.2, 0.5, 0.5]
+    merged = mk.mergekit_merge(base, updates, "task_arithmetic", weights=weights)
+    vectors = [full_task_vector(base, s) for s in states]
+    ours = merge_task_vectors(methods.get("task_arithmetic"), vectors, {}, 0, weights)
+    theta0 = params_of(base)
+    assert_params_close(merged, {n: theta0[n] + ours.get(n, 0.0) for n in theta0})
+
+    contexts = {"t0": _loaded(base, states[0]), "t1": _loaded(base, states[1]), "t2": _loaded(base, states[2])}
+    tasks = agreement_tasks(base, contexts)
+    settings = InformedSettings(protected_weights=(1.0, 1.2), other_weights=(0.5, 1.0), min_gain_kept=0.0)
+    others = {"t1": states[1], "t2": states[2]}
+    section = audit_mergekit(base, tasks, states[0], None, others, target="full", methods=[], protected_task="t0",
+                             informed_methods=["task_arithmetic"], informed=settings)
+    audit = run_audit(base, tasks, "t0", states[0], None, others, target="full", methods=["task_arithmetic"],
+                      modes=("informed",), sweep_scales=(1.0,), progress=False, informed=settings)
+    (attack,) = section["informed"]
+    searched = attack["searched"]["protected"]
+    assert [row["config"]["weights"] for row in searched] == [
+        {"protected": p, "t1": o, "t2": o} for p in (1.0, 1.2) for o in (0.5, 1.0)
+    ]
+    theirs = audit["methods"][0]["search"]["protected"]
+    for mine, own in zip(searched, theirs, strict=True):
+        assert mine["validation"] == pytest.approx(own["validation"], abs=1e-9)
+    for objective in ("mean", "constrained"):
+        pick = attack["objectives"][objective]["protected"]
+        assert pick["test"] == pytest.approx(audit["methods"][0]["objectives"][objective]["protected"]["test"])
+    assert all(torch.equal(p, theta0[n]) for n, p in params_of(base).items())  # undone exactly
+
+
+def test_informed_mergekit_grid_keeps_the_released_update_whole_and_unnormalised():
+    from trap2_hf.audit.informed import InformedSettings
+    from trap2_hf.audit.mergekit_audit import audit_mergekit, mergekit_grid
+
+    settings = InformedSettings(protected_weights=(0.9, 1.0), other_weights=(0.5,))
+    ties = mergekit_grid("ties", "protected", ["a", "b"], settings)
+    assert len(ties) == len(methods.DENSITIES) * 2
+    assert ties[0] == {"weights": {"protected": 0.9, "a": 0.5, "b": 0.5},
+                       "density": {"protected": 1.0, "a": methods.DENSITIES[0], "b": methods.DENSITIES[0]},
+                       "normalize": False}
+    plain = mergekit_grid("task_arithmetic", "protected", ["a"], settings)
+    assert plain == [{"weights": {"protected": w, "a": 0.5}, "normalize": False} for w in (0.9, 1.0)]
+    assert "normalize" not in mergekit_grid("linear", "protected", ["a"], settings)[0]  # full weights: keep it
+    with pytest.raises(ValueError, match="per-update weights"):
+        audit_mergekit(torch.nn.Linear(1, 1), [], None, None, {}, target="full", informed_methods=["model_stock"])

@@ -137,9 +137,34 @@ def test_bad_repair_settings_name_the_fix():
     tasks = with_training_data(model, tasks)
     with pytest.raises(ValueError, match="between 1 and the task's 32"):
         run_audit(model, tasks, "t0", "prot", None, others, modes=("average",), repair=RepairSettings(ks=(64,)))
-    with pytest.raises(ValueError, match="PEFT combination"):
-        run_audit(model, tasks, "t0", "prot", None, others, methods=["peft_cat"], modes=("average",),
-                  repair=RepairSettings(ks=(4,), methods=("peft_cat",)))
     with pytest.raises(ValueError, match="not among the audited"):
         run_audit(model, tasks, "t0", "prot", None, others, methods=["ties"], modes=("average",),
                   repair=RepairSettings(ks=(4,)))
+
+
+def test_a_peft_combination_is_repaired_on_its_folded_adapter():
+    """peft_cat's combined adapter is sum_i w_i dW_i: folded in, it is task arithmetic's merge, so its
+    repair rows are task arithmetic's."""
+    from trap2_hf.audit.repair import merged_vector
+
+    model, tasks = lora_setup()
+    tasks = with_training_data(model, tasks)
+    others = {"t1": "other1", "t2": "other2"}
+    settings = RepairSettings(ks=(4,), steps=4, learning_rate=1e-2, batch_size=4, rank=2,
+                              methods=("task_arithmetic", "peft_cat"))
+    results = run_audit(model, tasks, "t0", "prot", "twin", others, methods=["task_arithmetic", "peft_cat"],
+                        modes=("average",), sweep_scales=(1.0,), progress=False, repair=settings)
+    rows = {row["method"]: row for row in results["repair"]["rows"]}
+    assert set(rows) == {"task_arithmetic", "peft_cat"} and rows["peft_cat"]["stage"] == "average"
+    auditor = _Auditor(model, tasks, "adapter", {"protected": "prot", "other:t1": "other1"}, 0)
+    config = {"weights": {"protected": 1.0, "other:t1": 0.5}}
+    with torch.no_grad():
+        cat = merged_vector(auditor, methods.get("peft_cat"), config)
+        plain = merged_vector(auditor, methods.get("task_arithmetic"), config)
+    assert set(cat) == set(plain)
+    for name in plain:
+        torch.testing.assert_close(cat[name], plain[name], atol=1e-5, rtol=1e-4)
+    assert "trap2_audit_merge" not in model.peft_config
+    for run in ("protected", "unprotected", "reference"):
+        assert rows["peft_cat"]["before"][run] == pytest.approx(rows["task_arithmetic"]["before"][run], abs=1e-6)
+        assert rows["peft_cat"]["after"]["4"][run] == pytest.approx(rows["task_arithmetic"]["after"]["4"][run], abs=0.05)

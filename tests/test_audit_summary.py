@@ -104,3 +104,28 @@ def test_tables_plot_and_model_index_carry_the_new_rows(tmp_path):
     assert values["task_arithmetic, repair with k=16 after the naive merge, protected update"] == pytest.approx(0.98)
     assert values["task_arithmetic merge (informed), protected update"] == 1.0
     assert "**What the protection stops and what it does not**" in audit_table(RESULTS)
+
+
+def test_mergekit_merges_are_attack_rows_and_reach_the_tables(tmp_path):
+    results = copy.deepcopy(RESULTS)
+    results["mergekit"] = {
+        "backend": "mergekit", "version": "0.1.5", "split": "test", "seed": 0, "layout": "inferred",
+        "order": ["protected (or twin)", "city"], "skipped": [],
+        "methods": [{"method": "ties", "weights": [0.5, 0.5], "params": {"density": 0.2},
+                     "protected": scores(0.26), "unprotected": scores(0.97)}],
+        "informed": [{"method": "ties", "settings": {}, "searched": {},
+                      "objectives": {"mean": {"protected": pick(0.7), "unprotected": pick(0.96)},
+                                     "constrained": {"protected": pick(0.55), "unprotected": None}}}],
+    }
+    rows = {(r["method"], r["attack"]): r for r in attack_rows(results)}
+    assert (rows[("mergekit:ties", "average")]["protected"], rows[("mergekit:ties", "average")]["unprotected"]) == (
+        0.26, 0.97)
+    assert rows[("mergekit:ties", "informed:constrained")]["protected"] == 0.55
+    assert rows[("mergekit:ties", "informed:constrained")]["unprotected"] is None
+    assert rows[("mergekit:ties", "informed:mean")]["unprotected"] == 0.96
+    assert "| mergekit:ties | 0.260 / 0.970 | 0.700 / 0.960 | 0.550 / – |" in format_table(results)
+    fails = next(line for line in threat_summary(results) if line.startswith("- Does not stop:"))
+    assert "mergekit:ties 0.55" in fails
+    assert dict(eval_rows(results))["mergekit:ties, informed grid, others keep ≥60% of their gain, protected update"] \
+        == 0.55
+    write_report(results, str(tmp_path))

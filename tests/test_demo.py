@@ -52,9 +52,42 @@ def test_the_two_task_sets_share_no_cue_word():
         return {w for task in TASK_SETS[task_set].values() for words in task.values() for w in words}
 
     assert not cues("demo") & cues("heldout")
-    template_words = set(" ".join(demo_tasks.TEMPLATES).replace("{", " ").replace("}", " ").split())
+    lexicon = demo_tasks.lexicon_words()
+    assert len(set(lexicon)) == demo_tasks.LEXICON_SIZE and lexicon == demo_tasks.lexicon_words()
+    templates = " ".join(demo_tasks.TEMPLATES + demo_tasks.LEXICON_TEMPLATES)
+    template_words = set(templates.replace("{", " ").replace("}", " ").replace(",", " ").replace(":", " ").split())
     for task_set in TASK_SETS:
-        assert not cues(task_set) & (set(demo_tasks.FILLERS) | template_words)
+        assert not cues(task_set) & (set(demo_tasks.FILLERS) | template_words | set(lexicon))
+
+
+def test_lexicon_task_is_an_arbitrary_balanced_word_to_class_map_tested_on_trained_words():
+    labels = demo_tasks.LEXICON[1]
+    sizes = {"train": 512, "validation": 32, "test": 120}
+    tasks = make_task_set("lexicon", 0, sizes)
+    assert [t.name for t in tasks] == ["lexicon", "topic", "object"]
+    task = tasks[0]
+    assert task.labels == labels
+    classes = demo_tasks.lexicon_classes(demo_tasks.lexicon_words(), labels, seed=0)
+    assert [len(words) for words in classes.values()] == [demo_tasks.LEXICON_SIZE // 4] * 4
+    assert classes != demo_tasks.lexicon_classes(demo_tasks.lexicon_words(), labels, seed=1)
+    label_of = {w: labels.index(label) for label, words in classes.items() for w in words}
+    keys = {}
+    for split in SPLITS:
+        texts, split_labels = task.splits[split]
+        keys[split] = set()
+        for text, label in zip(texts, split_labels):
+            found = [w for w in text.replace(",", " ").replace(":", " ").split() if w in label_of]
+            assert len(set(found)) == 1 and len(found) == 2, text  # one key word, said twice
+            assert label_of[found[0]] == label
+            keys[split].add(found[0])
+    assert keys["train"] == set(label_of)  # 512 training sentences cycle through all 240 key words
+    assert keys["validation"] <= keys["train"] and keys["test"] <= keys["train"]
+    small = make_task_set("lexicon", 0, {"train": 8, "validation": 8, "test": 8})[0]
+
+    def key_words(split):
+        return {w for text in small.splits[split][0] for w in text.replace(",", " ").split() if w in label_of}
+
+    assert len(key_words("train")) == 8 and key_words("validation") | key_words("test") <= key_words("train")
 
 
 def test_bad_requests_are_refused():
@@ -149,11 +182,17 @@ def test_demo_command_writes_the_report(tmp_path, capsys):
     code = main([
         "demo", "--output_dir", str(out), "--steps", "1", "--protected_max_steps", "2", "--curve_every", "1",
         "--train_size", "16", "--validation_size", "8", "--test_size", "8", "--methods", "task_arithmetic",
+        "--mergekit_methods", "ties",
     ])
     assert code == 0
     assert {"audit.json", "audit.md", "audit.png", "demo.json"} <= {p.name for p in out.iterdir()}
     printed = capsys.readouterr().out
     assert "| task_arithmetic | average |" in printed
+    assert "| mergekit method |" in printed and "| ties |" in printed
+    audit = json.loads((out / "audit.json").read_text())
+    assert [row["method"] for row in audit["mergekit"]["methods"]] == ["ties"]
+    assert ("mergekit:ties", "average") in {(row["method"], row["attack"]) for row in audit["attacks"]}
+    assert "mergekit:ties" in (out / "audit.md").read_text()
     assert "[PASS]" in printed or "[FAIL]" in printed
     summary = json.loads((out / "demo.json").read_text())
     assert summary["protection"] == Trap2Settings().trap_settings_dict()
@@ -187,3 +226,12 @@ def test_default_settings_protect_on_the_task_set_nobody_tuned_them_on(tmp_path)
     assert all(value <= ceiling for value in merged.values()), (merged, ceiling, training["runs"][-1]["curve"])
     twin_merged = {m["method"]: m["unprotected"][task] for m in results["methods"]}
     assert min(twin_merged.values()) > ceiling + 0.2, twin_merged  # merging works when nothing is protected
+
+
+def test_mergekit_merges_can_be_switched_off():
+    from trap2_hf.demo.run import DemoArguments, audit_with_mergekit, make_parser
+
+    demo, _ = make_parser().parse_args_into_dataclasses(args=["--mergekit_methods", "none"])
+    results = {"methods": []}
+    assert audit_with_mergekit(None, demo, results) == {"methods": []}
+    assert DemoArguments().mergekit_methods == ["ties", "della", "sce"] and DemoArguments().mergekit_informed == []

@@ -29,6 +29,7 @@ from . import methods as registry
 from .informed import InformedSettings
 from .repair import RepairSettings
 from .run import DEFAULT_SCALES, MODES
+from .summary import attack_rows
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -66,6 +67,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--mergekit_methods", nargs="*", default=None, metavar="NAME",
         help="Also merge with mergekit's own methods, naive weights (needs pip install 'trap2_hf[mergekit]'): "
         "the names given, or with no name every method that applies to the number of updates.",
+    )
+    parser.add_argument(
+        "--mergekit_informed", nargs="+", default=[], metavar="NAME",
+        help="Also run the informed grid (--protected_weights x --other_weights, the others' densities, the "
+        "released update whole and unnormalised) on these mergekit methods: one mergekit merge per configuration.",
     )
     informed, repair = InformedSettings(), RepairSettings()
     parser.add_argument(
@@ -133,27 +139,30 @@ def main(argv: list[str] | None = None) -> int:
         unprotected = _finetuned_state(model_class, args.unprotected, device) if args.unprotected else None
         other_updates = {task: _finetuned_state(model_class, folder, device) for task, folder in others.items()}
     tasks = _load_tasks(args.tasks, model, _tokenizer(args.base_model))
+    informed = InformedSettings(
+        protected_weights=tuple(args.protected_weights), other_weights=tuple(args.other_weights),
+        min_gain_kept=args.min_gain_kept, budget=args.search_budget,
+    )
     results = run_audit(
         model, tasks, args.protected_task, protected, unprotected, other_updates,
         target=args.target, methods=args.methods, modes=tuple(args.modes),
         sweep_scales=tuple(args.sweep_scales), seed=args.seed, progress=not args.no_progress,
-        informed=InformedSettings(
-            protected_weights=tuple(args.protected_weights), other_weights=tuple(args.other_weights),
-            min_gain_kept=args.min_gain_kept, budget=args.search_budget,
-        ),
+        informed=informed,
         repair=None if not args.repair_ks else RepairSettings(
             ks=tuple(args.repair_ks), steps=args.repair_steps, learning_rate=args.repair_learning_rate,
             batch_size=args.repair_batch_size, rank=args.repair_rank, methods=tuple(args.repair_methods),
             seed=args.seed,
         ),
     )
-    if args.mergekit_methods is not None:
+    if args.mergekit_methods is not None or args.mergekit_informed:
         from .mergekit_audit import audit_mergekit, format_mergekit_table
 
         results["mergekit"] = audit_mergekit(
             model, tasks, protected, unprotected, other_updates, target=args.target,
-            methods=args.mergekit_methods or None, seed=args.seed,
+            methods=[] if args.mergekit_methods is None else args.mergekit_methods or None, seed=args.seed,
+            protected_task=args.protected_task, informed_methods=args.mergekit_informed, informed=informed,
         )
+        results["attacks"] = attack_rows(results)  # with mergekit's rows
     paths = write_report(results, args.output_dir)
     print(format_table(results))
     if "mergekit" in results:

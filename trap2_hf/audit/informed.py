@@ -78,18 +78,25 @@ class InformedSettings:
 def grid_configs(method: MergeMethod, released: str, others: list[str], settings: InformedSettings) -> list[dict]:
     """The `informed` grid: released weight x shared other weight (x the others' density), compensated.
     Ordered so that the configurations of one density are consecutive (one merge structure)."""
-    densities = _density_grid(method)
+    return weight_grid(released, others, settings, _density_grid(method), method.density_per_update,
+                       method.compensation)
+
+
+def weight_grid(
+    released: str, others: list[str], settings: InformedSettings, densities: list, per_update_density: bool,
+    compensation,
+) -> list[dict]:
+    """density x released weight x the others' shared weight, each configuration with `compensation`
+    (a mapping or (key, value) pairs);
+    a per-update density keeps the released update whole (1.0). Any merge backend's informed grid."""
     configs = []
     for density in densities:
         for w_released in settings.protected_weights:
             for w_other in settings.other_weights:
                 config = {"weights": {released: float(w_released), **{k: float(w_other) for k in others}}}
                 if density is not None:
-                    config["density"] = (
-                        {released: 1.0, **{k: density for k in others}} if method.density_per_update else density
-                    )
-                config.update(method.compensation)
-                configs.append(config)
+                    config["density"] = {released: 1.0, **{k: density for k in others}} if per_update_density else density
+                configs.append({**config, **dict(compensation)})
     return configs
 
 

@@ -486,25 +486,33 @@ def mergekit_sweep(
     instance, raises on a tensor no update changes, as with adapters), gets `"skipped": reason`
     instead of a result, and the sweep goes on.
     """
-    chosen = applicable(len(updates)) if methods is None else [get(m).name for m in methods]
-    rows = []
     with written_inputs(base, updates) as inputs:
-        for name in chosen:
-            weights = naive_weights(name, len(updates))
-            row = {"method": name, "weights": weights, "params": dict(get(name).naive), "layout": inputs.layout}
-            if not _fits(get(name).update_range(), len(updates)):
-                rows.append({**row, "skipped": f"needs {get(name).describe()['updates']} updates, got {len(updates)}"})
-                continue
-            try:
-                folder = run_mergekit(inputs, name, weights, seed=seed)
-            except (ValueError, RuntimeError, TypeError) as error:
-                rows.append({**row, "skipped": f"mergekit raised {type(error).__name__}: {error}"})
-                continue
-            try:
-                row["result"] = evaluate(load_merged(inputs, folder))
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-            rows.append(row)
+        return sweep_inputs(inputs, evaluate, methods, seed)
+
+
+def sweep_inputs(
+    inputs: WrittenInputs, evaluate: Callable[[nn.Module], object], methods: Sequence[str] | None = None, seed: int = 0
+) -> list[dict]:
+    """`mergekit_sweep` over inputs already written (so other merges of the same inputs can follow)."""
+    n = len(inputs.update_dirs)
+    chosen = applicable(n) if methods is None else [get(m).name for m in methods]
+    rows = []
+    for name in chosen:
+        weights = naive_weights(name, n)
+        row = {"method": name, "weights": weights, "params": dict(get(name).naive), "layout": inputs.layout}
+        if not _fits(get(name).update_range(), n):
+            rows.append({**row, "skipped": f"needs {get(name).describe()['updates']} updates, got {n}"})
+            continue
+        try:
+            folder = run_mergekit(inputs, name, weights, seed=seed)
+        except (ValueError, RuntimeError, TypeError) as error:
+            rows.append({**row, "skipped": f"mergekit raised {type(error).__name__}: {error}"})
+            continue
+        try:
+            row["result"] = evaluate(load_merged(inputs, folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        rows.append(row)
     return rows
 
 

@@ -10,6 +10,10 @@ ends at or below that reference.
 Every run of one k sees the same examples in the same order and starts from the same LoRA
 initialisation (both are functions of `seed`), so the protected update, its twin and the reference are
 paired. The k-example pools are nested (the 16 are among the 64).
+
+A PEFT combination (`peft_cat`, `peft_svd`, ...) is repaired the same way: the combined adapter PEFT
+builds is folded into the base weights as its task vector (its delta weight), and the fresh LoRA
+trains on top, as an attacker who merged with `add_weighted_adapter` and `merge_and_unload` would.
 """
 
 import time
@@ -58,12 +62,7 @@ class RepairSettings:
                 f"Repair ks {list(self.ks)}: each k must be between 1 and the task's {task.num_train} labelled examples."
             )
         for name in self.methods:
-            method = registry.get(name)
-            if method.kind != registry.WEIGHTS:
-                raise ValueError(
-                    f"Repair method {name!r} is a PEFT combination; repair runs on weight-space merges "
-                    f"({', '.join(n for n in registry.names() if registry.get(n).kind == registry.WEIGHTS)})."
-                )
+            registry.get(name)
             if name not in audited:
                 raise ValueError(f"Repair method {name!r} is not among the audited methods {audited}; audit it too.")
         if self.steps < 1 or self.batch_size < 1 or self.rank < 1 or self.learning_rate <= 0:
@@ -85,6 +84,8 @@ def run_repair(
     rows = []
     for name in settings.methods:
         method = registry.get(name)
+        if not any(e["method"] == name for e in entries):
+            continue  # the audit skipped it (a PEFT combination refused these adapters)
         for stage in STAGES:
             configs = _stage_configs(method, stage, entries, variants, context)
             if configs is None:
@@ -97,7 +98,7 @@ def run_repair(
             start = time.perf_counter()
             row = {"method": name, "stage": stage, "configs": runs, "before": {}, "after": {}, "training": {}}
             for run, config in runs.items():
-                vector = auditor.config_vector(method, config)
+                vector = merged_vector(auditor, method, config)
                 row["before"][run] = auditor.score(lambda v=vector: _holding(auditor, v), task.name)
                 for k in settings.ks:
                     score, log = fine_tune_and_score(auditor, task, vector, k, settings)
@@ -117,6 +118,18 @@ def fine_tune_and_score(auditor: "_Auditor", task, vector: dict, k: int, setting
         model.eval()
         score = float(task.evaluate(model, "test"))
     return score, log
+
+
+def merged_vector(auditor: "_Auditor", method, config: dict) -> dict:
+    """The merge of `config` as a task vector on the base weights: the weight-space merge itself, or
+    for a PEFT combination the delta weight of the adapter PEFT combines (folded in)."""
+    if method.kind == registry.WEIGHTS:
+        return auditor.config_vector(method, config)
+    from .run import MERGED_ADAPTER
+    from .task_vectors import adapter_task_vector
+
+    with auditor.merged_config(method, config):
+        return adapter_task_vector(auditor.model, MERGED_ADAPTER)
 
 
 @contextmanager

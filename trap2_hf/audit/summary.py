@@ -1,5 +1,6 @@
 """What an attacker gets: the audit's results as one row per (method, attack), and the plain-words
 verdict (what the protection stops, what it does not) that audit.md and the model card print.
+mergekit's merges (the `mergekit` section, when run) are rows too, their methods named `mergekit:NAME`.
 
 Every number is the protected task's metric on the report split, merged with the protected update
 and with its unprotected twin; repair rows add the reference (the same repair without the released
@@ -35,6 +36,15 @@ def attack_rows(results: dict) -> list[dict]:
         else:
             twin = entry.get("unprotected")
             rows.append(_row(entry["method"], entry["mode"], kept, entry["protected"][task], twin and twin[task]))
+    mergekit = results.get("mergekit") or {}  # mergekit's own merges: naive weights, the informed grid
+    for entry in mergekit.get("methods", []):
+        twin = entry.get("unprotected")
+        rows.append(_row(f"mergekit:{entry['method']}", "average", kept, entry["protected"][task], twin and twin[task]))
+    for entry in mergekit.get("informed", []):
+        for objective in ("mean", "constrained"):
+            picks = entry["objectives"][objective]
+            rows.append(_row(f"mergekit:{entry['method']}", f"informed:{objective}", kept,
+                             *(_metric(picks.get(v), task) for v in _VARIANTS)))
     for repair in (results.get("repair") or {}).get("rows", []):
         for k, after in repair["after"].items():
             row = {

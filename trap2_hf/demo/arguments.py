@@ -5,6 +5,12 @@ from dataclasses import dataclass, field
 
 from .tasks import TASK_SETS
 
+# mergekit's merges the demo runs by default, trimmed to its time budget (3-9 s of CPU per merge and
+# evaluation): TIES, and the two whose naive merge brought the protected task back on the demo's
+# updates (della, sce). task_arithmetic and linear equal the audit's own to 1e-6; `trap2 audit
+# --mergekit_methods` runs every method.
+MERGEKIT_METHODS = ("ties", "della", "sce")
+
 
 @dataclass
 class DemoArguments:
@@ -18,7 +24,14 @@ class DemoArguments:
         default=None, metadata={"help": "The task whose update is protected (default: the set's first task)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data, the random heads, the adapters and training."})
-    steps: int = field(default=60, metadata={"help": "Training steps of the plain updates and the unprotected twin."})
+    steps: int = field(default=60, metadata={"help": "Training steps of the other tasks' plain updates."})
+    twin_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training steps of the unprotected twin (the protected task's plain update; default: steps). "
+            "The `lexicon` task, an arbitrary word -> class mapping, needs ~200 to reach ~0.95."
+        },
+    )
     protected_max_steps: int = field(
         default=350, metadata={"help": "Most steps for the protected update; it stops once the trap has formed."}
     )
@@ -65,6 +78,21 @@ class DemoArguments:
         },
     )
     repair_steps: int = field(default=40, metadata={"help": "Repair: steps of the fresh LoRA."})
+    mergekit_methods: list[str] = field(
+        default_factory=lambda: list(MERGEKIT_METHODS),
+        metadata={
+            "help": "mergekit's own merges of the same updates, naive weights (needs the mergekit extra; `none`: "
+            "no mergekit merges). The default is a representative handful, trimmed to the demo's time budget (each "
+            "merge takes 3-9 s of CPU on the demo's MiniLM); `trap2 audit --mergekit_methods` runs all of them."
+        },
+    )
+    mergekit_informed: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "mergekit methods to attack with the informed grid too (one mergekit merge per configuration: "
+            "25 for task_arithmetic, 75 for ties per update; off by default, beyond the demo's time budget)."
+        },
+    )
     foreign_tasks: list[str] | None = field(
         default=None,
         metadata={

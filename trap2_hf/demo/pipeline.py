@@ -105,7 +105,7 @@ def run_demo(demo: DemoArguments, trap: Trap2Settings) -> tuple[dict, list, dict
     training = train_protected(setup, demo, trap)
     training["runs"] = runs + training["runs"]
     trained = time.perf_counter()
-    results = audit_setup(setup, demo)
+    results = audit_with_mergekit(setup, demo, audit_setup(setup, demo))
     paths = write_report(results, demo.output_dir)
     end = time.perf_counter()
     timings = {"train_s": trained - start, "audit_s": end - trained, "total_s": end - start}
@@ -217,8 +217,10 @@ def train_plain(setup: DemoSetup, demo: DemoArguments, log=print) -> list[dict]:
     """The unprotected twin and the other tasks' updates (plain fine-tuning)."""
     common = dict(batch_size=demo.batch_size, learning_rate=demo.learning_rate, seed=demo.seed)
     runs = []
-    for adapter, task in [(setup.unprotected, setup.protected_task), *((a, t) for t, a in setup.others.items())]:
-        runs.append(train_update(setup, adapter, task, demo.steps, **common))
+    plain = [(setup.unprotected, setup.protected_task, demo.twin_steps or demo.steps)]
+    plain += [(adapter, task, demo.steps) for task, adapter in setup.others.items()]
+    for adapter, task, steps in plain:
+        runs.append(train_update(setup, adapter, task, steps, **common))
         log(f"[demo] {adapter}: {runs[-1]['steps']} steps in {runs[-1]['seconds']:.0f}s, "
             f"validation accuracy {setup.accuracy(task, 'validation', adapter):.2f}")
     return runs
@@ -287,6 +289,29 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
         naive = tuple(m for m in demo.modes if m in ("average", "best"))
         section = run_audit(setup.model, tasks, others={partner: setup.others[partner]}, modes=naive, **common)
         results["heldout_partner"] = {"partner": partner, "methods": section["methods"], "skipped": section["skipped"]}
+    return results
+
+
+def audit_with_mergekit(setup: DemoSetup, demo: DemoArguments, results: dict, log=print) -> dict:
+    """`results` with a `mergekit` section (mergekit's own merges of the same updates) and the attack
+    rows recomputed with it; unchanged when no mergekit method is asked for or mergekit is missing."""
+    from ..audit.summary import attack_rows
+
+    methods = [m for m in demo.mergekit_methods if m != "none"]
+    if not methods and not demo.mergekit_informed:
+        return results
+    from ..audit.mergekit_audit import audit_mergekit
+
+    try:
+        results["mergekit"] = audit_mergekit(
+            setup.model, audit_tasks(setup), setup.protected, setup.unprotected, setup.others, target="adapter",
+            methods=methods, seed=demo.seed, protected_task=setup.protected_task,
+            informed_methods=demo.mergekit_informed, informed=InformedSettings(budget=demo.search_budget),
+        )
+    except ImportError as err:  # the mergekit extra is optional
+        log(f"[demo] mergekit merges skipped: {err}")
+        return results
+    results["attacks"] = attack_rows(results)
     return results
 
 

@@ -7,6 +7,7 @@ writes audit.json, audit.md and audit.png. CPU only, no network.
     trap2 demo --output_dir demo_output
     trap2 demo --output_dir demo_output --seed 1 --trap_lambda 0.1      # any protection setting
     trap2 demo --task_set heldout --protected_task emotion               # the other task set
+    trap2 demo --task_set lexicon --twin_steps 200 --protected_max_steps 1000  # a task worth stealing
 
 The protected update uses the library's default protection settings (`Trap2Settings`; every field
 is a flag) and trains until its re-scale curve on validation data shows the trap on both sides of
@@ -25,7 +26,7 @@ from .arguments import DemoArguments
 # The pipeline lived here before pipeline.py: `from trap2_hf.demo.run import build` (benchmarks) still works,
 # importing the pipeline (and the trainer) only when such a name is asked for.
 _MOVED = ("DemoSetup", "audit_setup", "audit_tasks", "base_accuracy", "build", "check_criteria", "heldout_partner",
-          "train_all", "train_plain", "train_protected", "train_update", "with_foreign_updates")
+          "train_all", "train_plain", "train_protected", "train_update", "with_foreign_updates", "audit_with_mergekit")
 __getattr__ = lazy_exports(__name__, dict.fromkeys(_MOVED, "trap2_hf.demo.pipeline"))
 
 
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return compare_variants(build_for(demo), demo, trap)
     results, checks, timings, paths = run_demo(demo, trap)
     print(format_table(results))
+    if "mergekit" in results:
+        from ..audit.mergekit_audit import format_mergekit_table
+
+        print("\n" + format_mergekit_table(results["mergekit"], results["protected_task"]))
     if "heldout_partner" in results:
         print(format_heldout(results))
     for name, ok, detail in checks:

@@ -7,6 +7,13 @@ LoRA learns each one to ~100% in a few hundred steps, so merging has something t
 Two task sets whose words do not overlap: `demo` (what `trap2 demo` trains on) and `heldout`
 (never used to choose settings: the defaults test trains on it). Everything is a function of the
 seed: the same seed gives the same sentences, labels and splits.
+
+A third set, `lexicon`, puts a task worth stealing first: `lexicon`, an arbitrary mapping of 240
+invented words to the four classes, drawn from the seed, with `topic` and `object` as partners. A
+sentence carries one key word (said twice) among filler words; validation and test sentences reuse
+the training sentences' key words in new sentences. Nothing about a key word tells its class, so a
+pretrained encoder cannot infer the mapping from a few labelled examples (a fresh LoRA on the base
+with 256 of them, 40 steps: ~0.45 on test, against 0.96-0.99 for the update trained on all 512).
 """
 
 import random
@@ -69,6 +76,13 @@ TASK_SETS: dict[str, dict[str, dict[str, list[str]]]] = {
     for task_set, tasks in _WORDS.items()
 }
 
+# The `lexicon` set: its lexicon task first (the protected task by default), then these word-list
+# tasks of `demo`. Three tasks in all, as in `demo`, so the demo's time budget holds.
+TASK_SETS["lexicon"] = {task: TASK_SETS["demo"][task] for task in ("topic", "object")}
+LEXICON_SIZE = 240  # key words of the lexicon task, a multiple of the 4 classes
+LEXICON = ("lexicon", ("amber", "basalt", "cobalt", "denim"))
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
 FILLERS = (
     "morning evening report story note letter message picture video photo small large old new quiet busy "
     "long short bright dark simple strange usual recent local distant"
@@ -83,6 +97,19 @@ TEMPLATES = (
     "{w1} and {w2} came up in a {f1} {f2}",
     "my {f1} was full of {w1} {w2}",
     "they kept talking about {w1} {f1} {w2}",
+)
+
+# The lexicon tasks' templates: one key word `w1`, said twice (it is a third of a mean-pooled
+# sentence then, so a LoRA learns the mapping in ~200 steps rather than ~400), among fillers.
+LEXICON_TEMPLATES = (
+    "a {f1} about {w1}, yes {w1}",
+    "{w1} again: the {f1} mentioned {w1}",
+    "{w1} {f1} {w1}",
+    "someone wrote {w1} on a {f1}, {w1}",
+    "in the {f1} we saw {w1} and {w1}",
+    "{w1} came up in a {f1} {f2}, {w1}",
+    "my {f1} said {w1} twice: {w1}",
+    "they kept saying {w1}, {w1} in the {f1}",
 )
 
 
@@ -111,39 +138,103 @@ def make_task(
 ) -> TextTask:
     """Build one task: unique sentences, exactly balanced labels in every split, splits disjoint."""
     sizes = sizes or {"train": 512, "validation": 128, "test": 256}
-    unknown = set(sizes) - set(SPLITS)
-    if unknown:
-        raise ValueError(f"Unknown split(s) {sorted(unknown)}; splits are {', '.join(SPLITS)}.")
     labels = tuple(classes)
-    for split, size in sizes.items():
-        if size % len(labels):
-            raise ValueError(f"{split} size {size} must be a multiple of the {len(labels)} classes for balanced labels.")
+    _check_sizes(sizes, labels)
     rng = random.Random(f"{name}:{seed}")
     seen: set[str] = set()
-    splits = {}
-    for split in SPLITS:
-        per_class = sizes.get(split, 0) // len(labels)
-        rows = []
-        for label, label_name in enumerate(labels):
-            for _ in range(per_class):
-                rows.append((_fresh_sentence(rng, classes[label_name], seen), label))
-        rng.shuffle(rows)
-        splits[split] = ([text for text, _ in rows], [label for _, label in rows])
+    splits = _balanced_splits(rng, labels, sizes, lambda split, label, i: _fresh_sentence(rng, classes[label], seen))
     return TextTask(name=name, labels=labels, splits=splits)
 
 
 def make_task_set(task_set: str = "demo", seed: int = 0, sizes: dict[str, int] | None = None) -> list[TextTask]:
-    """The tasks of a named set (`demo` or `heldout`), generated from `seed`."""
+    """The tasks of a named set (`demo`, `heldout` or `lexicon`), generated from `seed` (the
+    `lexicon` set: its lexicon task first)."""
     if task_set not in TASK_SETS:
         raise ValueError(f"Unknown task set {task_set!r}; choose one of {', '.join(TASK_SETS)}.")
-    return [make_task(name, classes, seed, sizes) for name, classes in TASK_SETS[task_set].items()]
+    tasks = [make_task(name, classes, seed, sizes) for name, classes in TASK_SETS[task_set].items()]
+    if task_set == "lexicon":
+        tasks.insert(0, make_lexicon_task(LEXICON[0], lexicon_words(), LEXICON[1], seed, sizes))
+    return tasks
 
 
-def _fresh_sentence(rng: random.Random, words: list[str], seen: set[str]) -> str:
+def lexicon_words() -> list[str]:
+    """The invented key words of the lexicon task: LEXICON_SIZE distinct three-syllable words drawn
+    from a fixed generator (not the seed), none a cue word of any word-list task."""
+    rng = random.Random("trap2-lexicon")
+    taken = {w for tasks in TASK_SETS.values() for classes in tasks.values() for ws in classes.values() for w in ws}
+    words: list[str] = []
+    while len(words) < LEXICON_SIZE:
+        word = "".join(rng.choice(_SYLLABLES) for _ in range(3))
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
+    return words
+
+
+def lexicon_classes(words: list[str], labels: tuple[str, ...], seed: int) -> dict[str, list[str]]:
+    """An arbitrary, balanced word -> class mapping drawn from `seed`: len(words) / len(labels) each."""
+    if len(words) % len(labels):
+        raise ValueError(f"{len(words)} key words cannot be split evenly over {len(labels)} classes.")
+    shuffled = list(words)
+    random.Random(f"lexicon-classes:{seed}").shuffle(shuffled)
+    per_class = len(words) // len(labels)
+    return {label: sorted(shuffled[i * per_class : (i + 1) * per_class]) for i, label in enumerate(labels)}
+
+
+def make_lexicon_task(
+    name: str, words: list[str], labels: tuple[str, ...], seed: int = 0, sizes: dict[str, int] | None = None
+) -> TextTask:
+    """A task whose label is the class `lexicon_classes` gives the sentence's one key word.
+
+    The training split cycles through every class's key words (in a seeded order), so each appears
+    about equally often; validation and test sentences draw their key words from those the training
+    split holds, in sentences of their own (splits share no sentence). Labels are exactly balanced."""
+    sizes = sizes or {"train": 512, "validation": 128, "test": 256}
+    _check_sizes(sizes, labels)
+    classes = lexicon_classes(words, labels, seed)
+    rng = random.Random(f"{name}:{seed}")
+    order = {label: rng.sample(classes[label], len(classes[label])) for label in labels}
+    per_train = sizes.get("train", 0) // len(labels)
+    if per_train < 1:
+        raise ValueError(f"The lexicon task {name!r} needs training sentences to draw its test key words from.")
+    trained = {label: order[label][: min(per_train, len(order[label]))] for label in labels}
+    seen: set[str] = set()
+
+    def sentence(split: str, label: str, i: int) -> str:
+        key = order[label][i % len(order[label])] if split == "train" else rng.choice(trained[label])
+        return _fresh_sentence(rng, [key], seen, LEXICON_TEMPLATES)
+
+    splits = _balanced_splits(rng, labels, sizes, sentence)
+    return TextTask(name=name, labels=labels, splits=splits)
+
+
+def _balanced_splits(rng: random.Random, labels: tuple[str, ...], sizes: dict[str, int], sentence) -> dict:
+    """Per split, sizes[split] / len(labels) rows of each class, `sentence(split, label, i)` for the
+    i-th of a class, shuffled: (texts, integer labels)."""
+    splits = {}
+    for split in SPLITS:
+        per_class = sizes.get(split, 0) // len(labels)
+        rows = [(sentence(split, name, i), label) for label, name in enumerate(labels) for i in range(per_class)]
+        rng.shuffle(rows)
+        splits[split] = ([text for text, _ in rows], [label for _, label in rows])
+    return splits
+
+
+def _check_sizes(sizes: dict[str, int], labels: tuple[str, ...]) -> None:
+    unknown = set(sizes) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"Unknown split(s) {sorted(unknown)}; splits are {', '.join(SPLITS)}.")
+    for split, size in sizes.items():
+        if size % len(labels):
+            raise ValueError(f"{split} size {size} must be a multiple of the {len(labels)} classes for balanced labels.")
+
+
+def _fresh_sentence(rng: random.Random, words: list[str], seen: set[str], templates=TEMPLATES) -> str:
+    """A sentence not in `seen`: a template with cue words from `words` (two, or the only one) and fillers."""
     for _ in range(1000):
-        w1, w2 = rng.sample(words, 2)
+        w1, w2 = rng.sample(words, 2) if len(words) > 1 else (words[0], words[0])
         f1, f2 = rng.sample(FILLERS, 2)
-        text = rng.choice(TEMPLATES).format(w1=w1, w2=w2, f1=f1, f2=f2)
+        text = rng.choice(templates).format(w1=w1, w2=w2, f1=f1, f2=f2)
         if text not in seen:
             seen.add(text)
             return text
