@@ -16,7 +16,7 @@ from trap2_hf.audit.informed import (
     is_merge,
     search_configs,
 )
-from trap2_hf.audit.run import _Auditor
+from trap2_hf.audit.auditor import _Auditor
 from trap2_hf.audit.task_vectors import applied, merge_task_vectors
 
 

@@ -9,7 +9,8 @@ from test_audit_run import IDS, lora_setup
 from trap2_hf.audit import methods, run_audit
 from trap2_hf.audit.informed import InformedSettings
 from trap2_hf.audit.repair import RepairSettings, fine_tune_and_score
-from trap2_hf.audit.run import AuditTask, _Auditor
+from trap2_hf.audit.auditor import _Auditor
+from trap2_hf.audit.run import AuditTask
 from trap2_hf.audit.task_vectors import adapter_task_vector, applied, merge_task_vectors
 
 TRAIN_IDS = torch.randint(0, VOCAB, (32, 10), generator=torch.Generator().manual_seed(7))

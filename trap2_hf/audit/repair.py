@@ -20,15 +20,11 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
 from . import methods as registry
-from .task_vectors import applied
-
-if TYPE_CHECKING:
-    from .run import _AttackContext, _Auditor
+from .auditor import MERGED_ADAPTER, _AttackContext, _Auditor
+from .task_vectors import adapter_task_vector, applied
 
 REPAIR_ADAPTER = "trap2_audit_repair"
 STAGES = ("average", "informed")
@@ -76,7 +72,7 @@ class RepairSettings:
 
 
 def run_repair(
-    auditor: "_Auditor", settings: RepairSettings, entries: list[dict], variants: list[str], context: "_AttackContext"
+    auditor: _Auditor, settings: RepairSettings, entries: list[dict], variants: list[str], context: _AttackContext
 ) -> dict:
     """The `repair` section of audit.json: per method and stage, the protected-task metric on the
     test split before and after repair with each k, for each variant and for the reference."""
@@ -109,7 +105,7 @@ def run_repair(
     return {"settings": settings.describe(), "rows": rows}
 
 
-def fine_tune_and_score(auditor: "_Auditor", task, vector: dict, k: int, settings: RepairSettings):
+def fine_tune_and_score(auditor: _Auditor, task, vector: dict, k: int, settings: RepairSettings):
     """Fine-tune a fresh LoRA on base + `vector` with the first k examples of the seeded pool; return
     the task's test metric with it and the training log. The model is left as it was."""
     model = auditor.model
@@ -120,20 +116,17 @@ def fine_tune_and_score(auditor: "_Auditor", task, vector: dict, k: int, setting
     return score, log
 
 
-def merged_vector(auditor: "_Auditor", method, config: dict) -> dict:
+def merged_vector(auditor: _Auditor, method, config: dict) -> dict:
     """The merge of `config` as a task vector on the base weights: the weight-space merge itself, or
     for a PEFT combination the delta weight of the adapter PEFT combines (folded in)."""
     if method.kind == registry.WEIGHTS:
         return auditor.config_vector(method, config)
-    from .run import MERGED_ADAPTER
-    from .task_vectors import adapter_task_vector
-
     with auditor.merged_config(method, config):
         return adapter_task_vector(auditor.model, MERGED_ADAPTER)
 
 
 @contextmanager
-def _holding(auditor: "_Auditor", vector: dict):
+def _holding(auditor: _Auditor, vector: dict):
     with auditor.base(), applied(auditor.model, vector):
         yield
 
@@ -156,7 +149,7 @@ def _stage_configs(method, stage: str, entries: list[dict], variants: list[str],
 
 
 @contextmanager
-def _fresh_lora(auditor: "_Auditor", settings: RepairSettings):
+def _fresh_lora(auditor: _Auditor, settings: RepairSettings):
     """A fresh LoRA (seeded initialisation) on the model's current weights, the only trainable
     parameters while inside; removed on exit."""
     from peft import LoraConfig

@@ -1,0 +1,214 @@
+"""The model under audit and the contexts that put one configuration of it in place.
+
+`_Auditor` evaluates the audited model as it is asked: without any update (the base), with one update
+alone, with one update re-scaled along its ray, or with a merge of several (a weight-space merge applied
+to the weights in place and undone exactly, or a PEFT combination created as a temporary adapter and
+deleted). It keeps each update's task vector and the merges that are re-used along a weight grid.
+"""
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from ..updates import rescaled_update
+from . import methods as registry
+from .informed import InformedSettings
+from .task_vectors import TaskVector, adapter_task_vector, applied, full_task_vector, merge_task_vectors
+
+SEARCH_SPLIT, REPORT_SPLIT = "validation", "test"
+MERGED_ADAPTER = "trap2_audit_merge"
+
+@dataclass
+class _AttackContext:
+    """What every informed attack needs besides the method: the tasks, the update keys, the
+    per-split base and own-update metrics that define each task's gain, the settings."""
+
+    protected_task: str
+    other_keys: list[str]
+    other_tasks: list[str]
+    references: dict
+    settings: InformedSettings
+
+
+class _MergeUnsupported(Exception):
+    """A PEFT combination type refused these adapters; the method is reported as skipped."""
+
+
+class _Auditor:
+    """The model under audit and the contexts that put one configuration of it in place."""
+
+    def __init__(self, model, tasks, target, updates, seed):
+        self.model, self.tasks, self.target, self.updates, self.seed = model, tasks, target, updates, seed
+        self._vectors: dict[str, TaskVector] = {}
+        self._unit_merge: tuple = (None, None)
+        self._shares: tuple = (None, None)
+        self._bar = None
+
+    @contextmanager
+    def session(self, total: int, progress: bool) -> Iterator[None]:
+        """Evaluation mode, no gradients, a progress bar; the model's mode, active adapter and
+        requires_grad flags are restored on exit."""
+        from tqdm.auto import tqdm
+
+        training = self.model.training
+        flags = {id(p): p.requires_grad for p in self.model.parameters()}
+        active = getattr(self.model, "active_adapter", None) if self.target == "adapter" else None
+        self._bar = tqdm(total=total, desc="trap2 audit", unit="eval", disable=not progress)
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                yield
+        finally:
+            self._bar.close()
+            if active is not None and active in self.model.peft_config:
+                self.model.set_adapter(active)
+            for p in self.model.parameters():
+                p.requires_grad_(flags.get(id(p), p.requires_grad))
+            self.model.train(training)
+
+    def skip(self, steps: int) -> None:
+        self._bar.total = max(self._bar.n, self._bar.total - steps)
+        self._bar.refresh()
+
+    def measure(self, context: Callable, split: str, only: list[str] | None = None) -> dict:
+        """Every task (or those in `only`) on `split` inside `context()`, plus their `average`."""
+        with context():
+            scores = {}
+            for task in self.tasks:
+                if only is None or task.name in only:
+                    value = float(task.evaluate(self.model, split))
+                    if not math.isfinite(value):
+                        raise ValueError(f"Task {task.name!r} returned a non-finite metric {value} on {split!r}.")
+                    scores[task.name] = value
+        self._bar.update(1)
+        if only is None:
+            scores["average"] = sum(scores.values()) / len(scores)
+        return scores
+
+    def score(self, context: Callable, task: str, split: str = REPORT_SPLIT) -> float:
+        """One task's metric on `split` (default: the report split) inside `context()`."""
+        return self.measure(context, split, [task])[task]
+
+    def base(self):
+        return self.model.disable_adapter() if self.target == "adapter" else nullcontext()
+
+    @contextmanager
+    def alone(self, key: str) -> Iterator[None]:
+        if self.target == "adapter":
+            self.model.set_adapter(self.updates[key], inference_mode=True)
+            yield
+        else:
+            with applied(self.model, self.vector(key)):
+                yield
+
+    @contextmanager
+    def rescaled(self, key: str, scale: float) -> Iterator[None]:
+        with ExitStack() as stack:
+            if self.target == "adapter":
+                stack.enter_context(self.alone(key))
+                stack.enter_context(rescaled_update(self.model, scale, "adapter", adapter_names=[self.updates[key]]))
+            else:
+                params = dict(self.model.named_parameters())
+                theta0 = {name: params[name].data for name in self.vector(key)}
+                stack.enter_context(self.alone(key))
+                stack.enter_context(rescaled_update(self.model, scale, "full", reference=theta0))
+            yield
+
+    @contextmanager
+    def merged(self, method, keys: list[str], params: dict) -> Iterator[None]:
+        if method.kind == registry.WEIGHTS:
+            delta, scale = self._merged_vector(method, keys, params)
+            with self.base(), applied(self.model, delta, scale=scale):
+                yield
+            return
+        with self._combined_adapter(method, [self.updates[k] for k in keys], params):
+            yield
+
+    @contextmanager
+    def merged_config(self, method, config: dict, reuse: bool = False) -> Iterator[None]:
+        """The merge of one informed configuration ({"weights": {key: w}, "density": ..., ...});
+        updates with weight 0 leave the merge. `reuse` keeps each update's share of a weight-space
+        merge for the next configurations of the same structure (the informed grid)."""
+        keys, weights, params = self._per_update(config)
+        if method.kind == registry.WEIGHTS:
+            with self.base(), applied(self.model, self.config_vector(method, config, reuse)):
+                yield
+            return
+        with self._combined_adapter(method, [self.updates[k] for k in keys], params, weights):
+            yield
+
+    def config_vector(self, method, config: dict, reuse: bool = False) -> TaskVector:
+        """The merged task vector of a configuration, for a weight-space method."""
+        keys, weights, params = self._per_update(config)
+        if not (reuse and method.linear_in_weight):
+            return merge_task_vectors(method, [self.vector(k) for k in keys], params, self.seed, weights)
+        cache_key = (method.name, tuple(keys), repr(sorted(params.items())))
+        if self._shares[0] != cache_key:
+            self._shares = (cache_key, None)
+            vectors = [self.vector(k) for k in keys]
+            shares = [
+                merge_task_vectors(method, vectors, params, self.seed, [float(i == j) for j in range(len(keys))])
+                for i in range(len(keys))
+            ]
+            self._shares = (cache_key, shares)
+        merged: TaskVector = {}
+        for share, weight in zip(self._shares[1], weights):
+            for name, tensor in share.items():
+                merged[name] = merged[name] + weight * tensor if name in merged else weight * tensor
+        return merged
+
+    @staticmethod
+    def _per_update(config: dict) -> tuple[list[str], list[float], dict]:
+        keys = [k for k, w in config["weights"].items() if w != 0]
+        weights = [float(config["weights"][k]) for k in keys]
+        params = {k: v for k, v in config.items() if k != "weights"}
+        if isinstance(params.get("density"), dict):
+            params["density"] = [float(params["density"][k]) for k in keys]
+        return keys, weights, params
+
+    def _merged_vector(self, method, keys: list[str], params: dict) -> tuple[TaskVector, float]:
+        """The merged task vector and the scale to apply it at; for a method linear in its shared
+        weight, the merge at weight 1 is kept and re-used along the weight grid."""
+        if not method.linear_in_weight:
+            return merge_task_vectors(method, [self.vector(k) for k in keys], params, seed=self.seed), 1.0
+        rest = {k: v for k, v in params.items() if k != "weight"}
+        cache_key = (method.name, tuple(keys), tuple(sorted(rest.items())))
+        if self._unit_merge[0] != cache_key:
+            self._unit_merge = (cache_key, None)
+            unit = merge_task_vectors(method, [self.vector(k) for k in keys], {**rest, "weight": 1.0}, seed=self.seed)
+            self._unit_merge = (cache_key, unit)
+        return self._unit_merge[1], float(params["weight"])
+
+    @contextmanager
+    def _combined_adapter(self, method, adapters: list[str], params: dict, weights=None) -> Iterator[None]:
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(self.seed)
+                registry.combine_adapters(self.model, method, adapters, params, MERGED_ADAPTER, weights)
+            self.model.set_adapter(MERGED_ADAPTER, inference_mode=True)
+        except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
+            self._drop_merged_adapter()
+            raise _MergeUnsupported(f"{type(error).__name__}: {error}") from error
+        try:
+            yield
+        finally:
+            self._drop_merged_adapter()
+
+    def _drop_merged_adapter(self) -> None:
+        if MERGED_ADAPTER in self.model.peft_config:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=f"Adapter {MERGED_ADAPTER} was active")
+                self.model.delete_adapter(MERGED_ADAPTER)
+
+    def vector(self, key: str) -> TaskVector:
+        if key not in self._vectors:
+            update = self.updates[key]
+            if self.target == "adapter":
+                self._vectors[key] = adapter_task_vector(self.model, update)
+            else:
+                self._vectors[key] = full_task_vector(self.model, update)
+        return self._vectors[key]
