@@ -139,10 +139,11 @@ def test_no_module_over_the_line_limit():
 
 def test_registries_of_the_same_choices_agree():
     from trap2_hf import modes, settings, updates
+    from trap2_hf.audit import kinds
     from trap2_hf.offray import terms, transforms
 
     assert set(modes.MODES) == set(settings.MODE_SHARES) and set(settings.TRAP_MODES) == {"auto", *modes.MODES}
-    assert set(updates.UPDATE_KINDS) == set(settings.TARGETS) == set(modes.AUTO_ORDER)
+    assert set(updates.UPDATE_KINDS) == set(settings.TARGETS) == set(modes.AUTO_ORDER) == set(kinds.AUDITED_KINDS)
     assert all(choice.mode in modes.MODES for order in modes.AUTO_ORDER.values() for choice in order)
     assert all(order[-1].mode == modes.FALLBACK for order in modes.AUTO_ORDER.values())
     assert set(transforms.TRANSFORMS) == set(terms.OWN_PARTS) | {terms.GUARD}

@@ -9,18 +9,19 @@ deleted). It keeps each update's task vector and the merges that are re-used alo
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from ..updates import rescaled_update
 from . import methods as registry
 from .informed import InformedSettings
-from .task_vectors import TaskVector, adapter_task_vector, applied, full_task_vector, merge_task_vectors
+from .kinds import audited_kind
+from .task_vectors import TaskVector, applied, merge_task_vectors
 
 SEARCH_SPLIT, REPORT_SPLIT = "validation", "test"
 MERGED_ADAPTER = "trap2_audit_merge"
+
 
 @dataclass
 class _AttackContext:
@@ -43,6 +44,7 @@ class _Auditor:
 
     def __init__(self, model, tasks, target, updates, seed):
         self.model, self.tasks, self.target, self.updates, self.seed = model, tasks, target, updates, seed
+        self.kind = audited_kind(target)
         self._vectors: dict[str, TaskVector] = {}
         self._unit_merge: tuple = (None, None)
         self._shares: tuple = (None, None)
@@ -56,7 +58,7 @@ class _Auditor:
 
         training = self.model.training
         flags = {id(p): p.requires_grad for p in self.model.parameters()}
-        active = getattr(self.model, "active_adapter", None) if self.target == "adapter" else None
+        active = self.kind.active(self.model)
         self._bar = tqdm(total=total, desc="trap2 audit", unit="eval", disable=not progress)
         try:
             self.model.eval()
@@ -94,29 +96,13 @@ class _Auditor:
         return self.measure(context, split, [task])[task]
 
     def base(self):
-        return self.model.disable_adapter() if self.target == "adapter" else nullcontext()
+        return self.kind.without_update(self.model)
 
-    @contextmanager
-    def alone(self, key: str) -> Iterator[None]:
-        if self.target == "adapter":
-            self.model.set_adapter(self.updates[key], inference_mode=True)
-            yield
-        else:
-            with applied(self.model, self.vector(key)):
-                yield
+    def alone(self, key: str):
+        return self.kind.alone(self.model, self.updates[key], lambda: self.vector(key))
 
-    @contextmanager
-    def rescaled(self, key: str, scale: float) -> Iterator[None]:
-        with ExitStack() as stack:
-            if self.target == "adapter":
-                stack.enter_context(self.alone(key))
-                stack.enter_context(rescaled_update(self.model, scale, "adapter", adapter_names=[self.updates[key]]))
-            else:
-                params = dict(self.model.named_parameters())
-                theta0 = {name: params[name].data for name in self.vector(key)}
-                stack.enter_context(self.alone(key))
-                stack.enter_context(rescaled_update(self.model, scale, "full", reference=theta0))
-            yield
+    def rescaled(self, key: str, scale: float):
+        return self.kind.rescaled(self.model, self.updates[key], lambda: self.vector(key), scale)
 
     @contextmanager
     def merged(self, method, keys: list[str], params: dict) -> Iterator[None]:
@@ -206,9 +192,5 @@ class _Auditor:
 
     def vector(self, key: str) -> TaskVector:
         if key not in self._vectors:
-            update = self.updates[key]
-            if self.target == "adapter":
-                self._vectors[key] = adapter_task_vector(self.model, update)
-            else:
-                self._vectors[key] = full_task_vector(self.model, update)
+            self._vectors[key] = self.kind.task_vector(self.model, self.updates[key])
         return self._vectors[key]

@@ -21,12 +21,11 @@ offline); for --repair_ks the protected task's AuditTask also gives `train_loss(
 import argparse
 import importlib.util
 import os
-import re
 import sys
 
-from .._warnings import peft_deprecation_silenced
 from . import methods as registry
 from .informed import InformedSettings
+from .kinds import AUDITED_KINDS, audited_kind
 from .repair import RepairSettings
 from .run import DEFAULT_SCALES, MODES
 from .summary import attack_rows
@@ -53,7 +52,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--other", action="append", default=[], metavar="TASK=FOLDER",
         help="An update of another task; repeat for each (at least one).",
     )
-    parser.add_argument("--target", choices=("adapter", "full"), default="adapter", help="Kind of update.")
+    parser.add_argument("--target", choices=tuple(AUDITED_KINDS), default="adapter", help="Kind of update.")
     parser.add_argument(
         "--methods", nargs="+", default=None, metavar="NAME",
         help="Merge methods to run (default: all that apply to --target; see --list_methods).",
@@ -130,14 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model_class = _model_class(parser, args.model_class)
     model = model_class.from_pretrained(args.base_model).to(device)
-    if args.target == "adapter":
-        model, names = _load_adapters(model, args.protected, args.unprotected, others)
-        protected, unprotected = names["protected"], names.get("unprotected")
-        other_updates = {task: names[f"other:{task}"] for task in others}
-    else:
-        protected = _finetuned_state(model_class, args.protected, device)
-        unprotected = _finetuned_state(model_class, args.unprotected, device) if args.unprotected else None
-        other_updates = {task: _finetuned_state(model_class, folder, device) for task, folder in others.items()}
+    folders = {"protected": args.protected, **({"unprotected": args.unprotected} if args.unprotected else {})}
+    folders.update({f"other:{task}": folder for task, folder in others.items()})
+    model, loaded = audited_kind(args.target).loaded(model, model_class, folders, device)
+    protected, unprotected = loaded["protected"], loaded.get("unprotected")
+    other_updates = {task: loaded[f"other:{task}"] for task in others}
     tasks = _load_tasks(args.tasks, model, _tokenizer(args.base_model))
     informed = InformedSettings(
         protected_weights=tuple(args.protected_weights), other_weights=tuple(args.other_weights),
@@ -203,29 +199,6 @@ def _model_class(parser, name: str):
     if cls is None or not hasattr(cls, "from_pretrained"):
         parser.error(f"--model_class {name!r} is not a transformers Auto class (e.g. AutoModelForCausalLM).")
     return cls
-
-
-def _load_adapters(model, protected: str, unprotected: str | None, others: dict[str, str]):
-    from peft import PeftModel
-
-    folders = {"protected": protected, **({"unprotected": unprotected} if unprotected else {})}
-    folders.update({f"other:{task}": folder for task, folder in others.items()})
-    names = {key: re.sub(r"\W", "_", key) for key in folders}
-    peft_model = None
-    for key, folder in folders.items():
-        if peft_model is None:
-            with peft_deprecation_silenced():
-                peft_model = PeftModel.from_pretrained(model, folder, adapter_name=names[key])
-        else:
-            peft_model.load_adapter(folder, adapter_name=names[key])
-    return peft_model, names
-
-
-def _finetuned_state(model_class, folder: str, device: str) -> dict:
-    finetuned = model_class.from_pretrained(folder)
-    state = {name: p.detach().to(device) for name, p in finetuned.named_parameters()}
-    del finetuned
-    return state
 
 
 def _tokenizer(base_model: str):

@@ -17,7 +17,6 @@ update enters at its nominal scale. Each configuration is one mergekit merge, sc
 import json
 import math
 import shutil
-from contextlib import nullcontext
 from collections.abc import Sequence
 
 import torch
@@ -26,8 +25,9 @@ from torch import nn
 from . import informed as informed_attack
 from . import mergekit_backend as backend
 from .informed import InformedSettings
+from .kinds import AuditedKind, audited_kind
 from .methods import DENSITIES
-from .task_vectors import TaskVector, adapter_task_vector, applied, full_task_vector
+from .task_vectors import TaskVector, applied
 
 REPORT_SPLIT, SEARCH_SPLIT = "test", "validation"
 
@@ -54,8 +54,7 @@ def audit_mergekit(
     (mergekit methods that take per-update weights) adds an `informed` list: the informed grid of
     `informed` (default `InformedSettings()`) on each, both objectives, for `protected_task`.
     """
-    if target not in ("adapter", "full"):
-        raise ValueError(f"Unknown target {target!r}; use 'adapter' or 'full'.")
+    kind = audited_kind(target)
     informed_methods = [backend.get(m).name for m in informed_methods]
     unweighted = [m for m in informed_methods if not backend.get(m).weighted or backend.get(m).t_from_weights]
     if unweighted:
@@ -72,19 +71,19 @@ def audit_mergekit(
     training = model.training
     model.eval()
     try:
-        references = _references(model, tasks, others, target) if informed_methods else None
+        references = _references(model, tasks, others, kind) if informed_methods else None
         for variant, update in variants.items():
-            updates = [(model, u) if target == "adapter" else u for u in (update, *others.values())]
+            updates = [kind.mergekit_input(model, u) for u in (update, *others.values())]
 
             def evaluate(merged):
-                return _measure(model, tasks, merged_task_vector(model, merged, target), target, split)
+                return _measure(model, tasks, merged_task_vector(model, merged, target), kind, split)
 
             with backend.written_inputs(model, updates) as inputs:
                 sweeps[variant] = backend.sweep_inputs(inputs, evaluate, methods=methods, seed=seed)
                 for name in informed_methods:
                     attacks.setdefault(name, {})[variant] = _informed_attack(
                         model, tasks, inputs, name, variant, list(others), protected_task, references, settings,
-                        target, seed,
+                        kind, seed,
                     )
     finally:
         model.train(training)
@@ -135,7 +134,7 @@ def mergekit_grid(method: str, released: str, others: list[str], settings: Infor
 
 
 def _informed_attack(model, tasks, inputs, method, variant, other_tasks, protected_task, references, settings,
-                     target, seed) -> dict:
+                     kind: AuditedKind, seed) -> dict:
     """The informed grid on one mergekit method for one variant; each merge measured on both splits
     once (validation chooses, test reports the two picks)."""
     keys = [variant, *other_tasks]
@@ -150,10 +149,10 @@ def _informed_attack(model, tasks, inputs, method, variant, other_tasks, protect
                 params["density"] = [float(params["density"][k]) for k in keys]
             folder = backend.run_mergekit(inputs, method, weights, params, seed=seed)
             try:
-                delta = merged_task_vector(model, backend.load_merged(inputs, folder), target)
+                delta = merged_task_vector(model, backend.load_merged(inputs, folder), kind.name)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-            scored[key] = {s: _measure(model, tasks, delta, target, s) for s in (SEARCH_SPLIT, REPORT_SPLIT)}
+            scored[key] = {s: _measure(model, tasks, delta, kind, s) for s in (SEARCH_SPLIT, REPORT_SPLIT)}
         return scored[key][split]
 
     configs = mergekit_grid(method, variant, other_tasks, settings)
@@ -162,18 +161,15 @@ def _informed_attack(model, tasks, inputs, method, variant, other_tasks, protect
     )
 
 
-def _references(model, tasks, others: dict, target: str) -> dict:
+def _references(model, tasks, others: dict, kind: AuditedKind) -> dict:
     """Per split, the base model's metrics and each other task's own update alone: what a task's gain
     is measured from, for the informed objectives."""
-    vectors = {
-        task: adapter_task_vector(model, update) if target == "adapter" else full_task_vector(model, update)
-        for task, update in others.items()
-    }
+    vectors = {task: kind.task_vector(model, update) for task, update in others.items()}
     by_name = {t.name: t for t in tasks}
     return {
         split: {
-            "base": _measure(model, tasks, {}, target, split),
-            "finetuned": {t: _measure(model, [by_name[t]], v, target, split)[t] for t, v in vectors.items()},
+            "base": _measure(model, tasks, {}, kind, split),
+            "finetuned": {t: _measure(model, [by_name[t]], v, kind, split)[t] for t, v in vectors.items()},
         }
         for split in (SEARCH_SPLIT, REPORT_SPLIT)
     }
@@ -182,10 +178,11 @@ def _references(model, tasks, others: dict, target: str) -> dict:
 def merged_task_vector(model: nn.Module, merged: nn.Module, target: str) -> TaskVector:
     """merged - base for every base weight the merge changed, keyed by `model`'s parameter names
     (for a PEFT model: its `...base_layer.weight` names, applied under `disable_adapter()`)."""
+    kind = audited_kind(target)
     merged_params = dict(merged.named_parameters(remove_duplicate=False))
     vector = {}
     for name, param in model.named_parameters():
-        plain = _plain_name(name) if target == "adapter" else name
+        plain = kind.plain_name(name)
         if plain not in merged_params:
             continue
         delta = merged_params[plain].detach().float() - param.detach().float()
@@ -232,14 +229,8 @@ def _pick(pick, task):
     return None if pick is None else pick["test"][task]
 
 
-def _plain_name(name: str) -> str:
-    """A PEFT model's base weight in the plain model's namespace (adapter weights map to names the
-    plain model does not have, and are skipped)."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
-
-
-def _measure(model, tasks, delta: TaskVector, target: str, split: str) -> dict:
-    base = model.disable_adapter() if target == "adapter" else nullcontext()
+def _measure(model, tasks, delta: TaskVector, kind: AuditedKind, split: str) -> dict:
+    base = kind.without_update(model)
     scores = {}
     with torch.no_grad(), base, applied(model, delta):
         for task in tasks:

@@ -17,7 +17,6 @@ trains on top, as an attacker who merged with `add_weighted_adapter` and `merge_
 """
 
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 import torch
@@ -155,44 +154,23 @@ def _fresh_lora(auditor: _Auditor, settings: RepairSettings):
     from peft import LoraConfig
 
     model = auditor.model
-    if auditor.target == "adapter":
-        targets = settings.target_modules or model.peft_config[auditor.updates["protected"]].target_modules
-    else:
-        targets = settings.target_modules or "all-linear"
+    targets = settings.target_modules or auditor.kind.repair_targets(model, auditor.updates["protected"])
     config = LoraConfig(
         r=settings.rank, lora_alpha=2 * settings.rank, lora_dropout=0.0,
         target_modules=list(targets) if isinstance(targets, (set, tuple, list)) else targets,
     )
-    had_config = hasattr(model, "peft_config")
     for param in model.parameters():
         param.requires_grad_(False)
-    with torch.random.fork_rng():
-        torch.manual_seed(settings.seed)
-        if auditor.target == "adapter":
-            model.add_adapter(REPAIR_ADAPTER, config)
-            model.set_adapter(REPAIR_ADAPTER)
-            tuner = None
-        else:
-            from peft.tuners.lora import LoraModel
-
-            tuner = LoraModel(model, config, REPAIR_ADAPTER)
     try:
-        marker = f".{REPAIR_ADAPTER}."
-        trainable = []
-        for name, param in model.named_parameters():
-            param.requires_grad_(marker in name)
-            if marker in name:
-                trainable.append(param)
-        yield trainable
+        with auditor.kind.fresh_lora(model, config, REPAIR_ADAPTER, settings.seed):
+            marker = f".{REPAIR_ADAPTER}."
+            trainable = []
+            for name, param in model.named_parameters():
+                param.requires_grad_(marker in name)
+                if marker in name:
+                    trainable.append(param)
+            yield trainable
     finally:
-        if tuner is None:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=f"Adapter {REPAIR_ADAPTER} was active")
-                model.delete_adapter(REPAIR_ADAPTER)
-        else:
-            tuner.unload()
-            if not had_config and hasattr(model, "peft_config"):
-                del model.peft_config
         for param in model.parameters():
             param.requires_grad_(False)
 

@@ -28,6 +28,7 @@ from . import informed as informed_attack
 from . import methods as registry
 from .auditor import MERGED_ADAPTER, REPORT_SPLIT, SEARCH_SPLIT, _AttackContext, _Auditor, _MergeUnsupported
 from .informed import InformedSettings
+from .kinds import audited_kind
 from .repair import run_repair
 from .summary import attack_rows
 
@@ -150,9 +151,9 @@ def run_audit(
             "informed": informed.describe() if attacked else None,
             "splits": {"search": SEARCH_SPLIT, "report": REPORT_SPLIT},
             "updates": {
-                "protected": _describe(protected, target),
-                "unprotected": None if unprotected is None else _describe(unprotected, target),
-                "others": {t: _describe(u, target) for t, u in others.items()},
+                "protected": auditor.kind.describe(protected),
+                "unprotected": None if unprotected is None else auditor.kind.describe(unprotected),
+                "others": {t: auditor.kind.describe(u) for t, u in others.items()},
             },
             "declared": {name: registry.get(name).describe() for name in chosen},
         },
@@ -239,13 +240,9 @@ def _evaluations(name: str, modes: tuple, informed: InformedSettings) -> int:
             total += 1 if mode == "average" else len(method.grid()) + 1
     return total
 
-def _describe(update, target: str):
-    return update if target == "adapter" else f"<fine-tuned state: {len(update)} tensors>"
-
 
 def _check_arguments(model, tasks, protected_task, protected, unprotected, others, target, methods, modes) -> list[str]:
-    if target not in ("adapter", "full"):
-        raise ValueError(f"Unknown target {target!r}; use 'adapter' (PEFT adapters) or 'full' (fine-tuned states).")
+    kind = audited_kind(target)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"Task names must be unique; got {names}.")
@@ -259,15 +256,7 @@ def _check_arguments(model, tasks, protected_task, protected, unprotected, other
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes or not modes:
         raise ValueError(f"Unknown mode(s) {bad_modes or list(modes)}; use one or both of {list(MODES)}.")
-    if target == "adapter":
-        if not hasattr(model, "peft_config") or not hasattr(model, "disable_adapter"):
-            raise ValueError("target='adapter' needs a peft PeftModel holding every update as a named adapter.")
-        updates = [protected, *([] if unprotected is None else [unprotected]), *others.values()]
-        missing = [u for u in updates if u not in model.peft_config]
-        if missing:
-            raise ValueError(f"Adapter(s) {missing} are not loaded; the model has {list(model.peft_config)}.")
-        if MERGED_ADAPTER in model.peft_config:
-            raise ValueError(f"The adapter name {MERGED_ADAPTER!r} is reserved for the audit's temporary merges.")
+    kind.check(model, [protected, *([] if unprotected is None else [unprotected]), *others.values()], MERGED_ADAPTER)
     chosen = registry.names(target) if methods is None else list(methods)
     for name in chosen:
         targets = registry.get(name).targets
