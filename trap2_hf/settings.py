@@ -5,6 +5,7 @@ starts without importing them. Every field is a dataclass field with `help` meta
 with no extra code, and the model card records exactly these values.
 """
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -14,6 +15,7 @@ SCALE_SAMPLINGS = ("uniform", "stratified")
 REFERENCE_DEVICES = ("same", "cpu")
 REFERENCE_DTYPES = ("same", "float32", "bfloat16", "float16")
 TRAP_MODES = ("auto", "two_pass", "sub_batch", "fused")
+ASCENTS = ("unbounded", "capped")  # best-response settings (#19)
 # sub_batch and fused re-scale, all scales of a step together, this fraction of each micro-batch's rows
 # when trap_rescaled_fraction is unset (each scale gets its share); two_pass re-scales all of them.
 DEFAULT_RESCALED_SHARE = 0.25
@@ -188,6 +190,40 @@ class Trap2Settings:
         default=0.05, metadata={"help": "Norm of the guard term's noise relative to each layer's ||dW||."}
     )
 
+    # --- The attacker's best response (#19, best_response.py): off by default, measured in benchmarks/README.md.
+    trap_scale_candidates: int = field(
+        default=0,
+        metadata={
+            "help": "Worst-case scales (beyond the paper; 0: off, the scales are drawn at random). With C > 0, each "
+            "micro-batch evaluates its loss without gradient at C candidate scales, drawn stratified over the support "
+            "cut at the rim (0.75-1.3, where informed merges put the update), and the step's trap_scales_per_step "
+            "ascent scales go to the lowest-loss (most-recovering) candidates. Costs C forwards, without backward, "
+            "over trap_candidate_fraction of the micro-batch's rows. Must be >= trap_scales_per_step."
+        },
+    )
+    trap_candidate_fraction: float = field(
+        default=0.25,
+        metadata={"help": "Fraction of each micro-batch's rows the candidate scales are evaluated on, in (0, 1]."},
+    )
+    trap_ascent: str = field(
+        default="unbounded",
+        metadata={
+            "help": "'unbounded': the paper's gradient ascent on the re-scaled loss. 'capped' (beyond the paper): "
+            "each re-scaled row's loss is maximised only up to trap_ascent_cap (min(loss, cap)), so no gradient "
+            "goes to rows already broken past chance. Applies to every maximised term, off-ray ones too; the "
+            "logged trap/rescaled_loss of two_pass and sub_batch is then the capped value.",
+            "choices": list(ASCENTS),
+        },
+    )
+    trap_ascent_cap: float | None = field(
+        default=None,
+        metadata={
+            "help": "trap_ascent='capped' only: the per-item loss above which the ascent stops. Unset: the loss of a "
+            "chance-level prediction, log(num_labels) for a sequence classifier and log(vocab_size) for a causal "
+            "LM; other models must set it (e.g. 1.386 = log 4 for 4 classes)."
+        },
+    )
+
     def __post_init__(self):
         self.derive_trap_defaults()
 
@@ -271,6 +307,35 @@ class Trap2Settings:
                 "offloads; use trap_mode='sub_batch' or 'two_pass', or trap_reference_device='same'."
             )
         self._validate_offray()
+        self._validate_best_response()
+
+    def _validate_best_response(self) -> None:
+        candidates = self.trap_scale_candidates
+        if candidates < 0:
+            raise ValueError(f"trap_scale_candidates must be >= 0 (0: off), got {candidates}.")
+        if 0 < candidates < self.trap_scales_per_step:
+            raise ValueError(
+                f"trap_scale_candidates={candidates} is fewer than trap_scales_per_step={self.trap_scales_per_step}: "
+                "the step's scales are chosen among the candidates. Use at least as many candidates, e.g. "
+                f"trap_scale_candidates={max(4, 2 * self.trap_scales_per_step)}, or 0 to turn it off."
+            )
+        if not 0 < self.trap_candidate_fraction <= 1:
+            raise ValueError(
+                f"trap_candidate_fraction must be in (0, 1], got {self.trap_candidate_fraction}; e.g. 0.25 evaluates "
+                "the candidates on a quarter of each micro-batch."
+            )
+        _check_choice("trap_ascent", self.trap_ascent, ASCENTS)
+        cap = self.trap_ascent_cap
+        if cap is not None and self.trap_ascent != "capped":
+            raise ValueError(
+                f"trap_ascent_cap={cap} is set but trap_ascent={self.trap_ascent!r} does not use it; set "
+                "trap_ascent='capped' or drop trap_ascent_cap."
+            )
+        if cap is not None and not (math.isfinite(cap) and cap > 0):
+            raise ValueError(
+                f"trap_ascent_cap must be a positive number, got {cap}; use the loss of a chance-level prediction, "
+                "e.g. 1.386 (log 4) for 4 classes, or leave it unset to take it from the model."
+            )
 
     def _validate_number_types(self) -> None:
         # In Python nothing parses the values: "0.1" would otherwise fail later in a comparison, naming no field.

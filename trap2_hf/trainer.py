@@ -47,6 +47,7 @@ from .fused import (
     select_rows,
 )
 from .fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
+from .best_response import ascent_cap, best_response_scales, bounded_loss  # best-response hook (#19)
 from .objective import rescaled_loss_coefficient, sample_scales, scale_weight, step_generator
 from .offray import draw_offray, guard_draw, load_foreign_update, matched_foreign_updates, offray_layers, offray_update
 from .rescale import (
@@ -93,6 +94,7 @@ class Trap2TrainerMixin:
         self._trap_resolve_mode()
         self._trap_check_mode()
         self._trap_check_offray()
+        self._trap_ascent_cap = ascent_cap(self.args, self.accelerator.unwrap_model(self.model))  # best-response hook (#19)
         self.trap_reference = None
         self._trap_full_rows, self._trap_full_rows_checked = None, False
         if self.args.trap_target == "full":
@@ -346,6 +348,7 @@ class Trap2TrainerMixin:
         if args.trap_lambda == 0 and not offray:
             return super().training_step(model, inputs, num_items_in_batch)
         scales = self.trap_scales() if args.trap_lambda > 0 else []
+        scales = best_response_scales(self, model, inputs, scales)  # best-response hook (#19)
         if args.trap_mode == "fused":
             try:
                 return self._trap_fused_step(model, inputs, num_items_in_batch, scales)
@@ -483,6 +486,7 @@ class Trap2TrainerMixin:
         plan = FusedPlan.build(
             batch_size, self._trap_next_rows(batch_size), scales, coefficients, args.trap_rescaled_fraction
         )
+        plan.rescaled_cap = self._trap_ascent_cap  # best-response hook (#19)
         unwrapped = self.accelerator.unwrap_model(self.model)
         check = plan.num_copies > 0 and not self._trap_row_losses_checked
         with contextlib.ExitStack() as stack:
@@ -526,10 +530,11 @@ class Trap2TrainerMixin:
         output = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if self._trap_coefficient is None:
             return output
+        cap = self._trap_ascent_cap if self._trap_coefficient < 0 else None  # best-response hook (#19)
         if return_outputs:
             loss, outputs = output
-            return loss * self._trap_coefficient, outputs
-        return output * self._trap_coefficient
+            return bounded_loss(loss, cap) * self._trap_coefficient, outputs
+        return bounded_loss(output, cap) * self._trap_coefficient
 
     def _trap_side_pass(self):
         """Context for the re-scaled passes: subclasses keep their own metrics from counting twice."""
