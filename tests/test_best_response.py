@@ -58,6 +58,16 @@ def test_a_side_without_candidates_left_gives_way_to_the_other():
         select_scales([0.5, 1.2], [1.0, 2.0], 3, "stratified")
 
 
+def test_with_a_temperature_the_picks_follow_exp_minus_loss():
+    candidates, losses = [0.2, 0.5, 1.1, 1.8], [0.0, math.log(3), 0.0, 5.0]
+    generator = torch.Generator().manual_seed(0)
+    below = [select_scales(candidates, losses, 2, "stratified", 1.0, generator) for _ in range(4000)]
+    share = sum(picks[0] == 0.2 for picks in below) / len(below)
+    assert share == pytest.approx(0.75, abs=0.03)  # exp(0) : exp(-log 3) = 3 : 1
+    assert all(picks[1] in (1.1, 1.8) for picks in below)  # the other side, as without a temperature
+    assert select_scales(candidates, losses, 2, "stratified", 1e-6, generator) == [0.2, 1.1]
+
+
 def test_the_cap_stops_the_gradient_above_it_and_keeps_it_below():
     x = torch.tensor([0.5, 1.0, 2.0, 3.0], requires_grad=True)
     bounded_loss(x**2, 2.0).sum().backward()  # x**2 = 0.25, 1, 4, 9: the last two are above the cap
@@ -78,6 +88,7 @@ def test_the_cap_stops_the_gradient_above_it_and_keeps_it_below():
         ({"trap_scale_candidates": 1, "trap_scales_per_step": 2}, "fewer than trap_scales_per_step=2"),
         ({"trap_scale_candidates": 2.5}, "trap_scale_candidates must be an integer"),
         ({"trap_candidate_fraction": 0.0}, r"trap_candidate_fraction must be in \(0, 1\]"),
+        ({"trap_candidate_temperature": -0.5}, "trap_candidate_temperature must be >= 0"),
         ({"trap_ascent": "kl"}, "trap_ascent must be one of 'unbounded', 'capped'"),
         ({"trap_ascent_cap": 1.0}, "trap_ascent='unbounded' does not use it"),
         ({"trap_ascent": "capped", "trap_ascent_cap": -1.0}, "trap_ascent_cap must be a positive number"),

@@ -50,24 +50,37 @@ def candidate_scales(
     return [lo + u * (hi - lo) for (lo, hi), u in zip((strata[k % len(strata)] for k in range(num_candidates)), uniforms)]
 
 
-def select_scales(candidates: list[float], losses: list[float], num_scales: int, sampling: str) -> list[float]:
-    """The `num_scales` candidates with the lowest loss (the most-recovering ones).
+def select_scales(
+    candidates: list[float],
+    losses: list[float],
+    num_scales: int,
+    sampling: str,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[float]:
+    """The `num_scales` candidates with the lowest loss (the most-recovering ones), or with `temperature` > 0 a draw
+    without replacement, each pick with probability proportional to exp(-loss / temperature): mostly where the
+    trap is weakest, sometimes where it already holds.
 
     'stratified' keeps the step's scales alternating between the two sides of 1, as the random draw
-    does: pick k is the lowest-loss remaining candidate below 1 for even k, above 1 for odd k (the
-    other side where one side has none left); 'uniform' takes the lowest losses wherever they are."""
+    does: pick k comes from the remaining candidates below 1 for even k, above 1 for odd k (the
+    other side where one side has none left); 'uniform' picks among all of them."""
     if len(candidates) != len(losses):
         raise ValueError(f"{len(candidates)} candidate scales but {len(losses)} losses.")
     if num_scales > len(candidates):
         raise ValueError(f"Cannot pick {num_scales} scales from {len(candidates)} candidates.")
     remaining = sorted(range(len(candidates)), key=lambda k: (losses[k], k))
-    if sampling != "stratified":
-        return [candidates[k] for k in remaining[:num_scales]]
     picked = []
     for k in range(num_scales):
-        side = [j for j in remaining if (candidates[j] < 1) == (k % 2 == 0)] or remaining
-        picked.append(candidates[side[0]])
-        remaining.remove(side[0])
+        pool = remaining
+        if sampling == "stratified":
+            pool = [j for j in remaining if (candidates[j] < 1) == (k % 2 == 0)] or remaining
+        choice = pool[0]
+        if temperature > 0:
+            logits = -torch.tensor([losses[j] for j in pool], dtype=torch.float64) / temperature
+            choice = pool[int(torch.multinomial(torch.softmax(logits, 0), 1, generator=generator))]
+        picked.append(candidates[choice])
+        remaining.remove(choice)
     return picked
 
 
@@ -155,7 +168,9 @@ def best_response_scales(trainer, model, inputs: dict, scales: list[float]) -> l
     if args.world_size > 1:
         losses = trainer.accelerator.reduce(losses, reduction="mean")
     values = losses.tolist()
-    picked = select_scales(candidates, values, len(scales), args.trap_scale_sampling)
+    picked = select_scales(
+        candidates, values, len(scales), args.trap_scale_sampling, args.trap_candidate_temperature, generator
+    )
     trainer._trap_record("candidate_passes", float(len(candidates)), per_step=False)
     trainer._trap_record("candidate_min_loss", min(values))
     return picked

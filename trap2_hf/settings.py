@@ -205,6 +205,14 @@ class Trap2Settings:
         default=0.25,
         metadata={"help": "Fraction of each micro-batch's rows the candidate scales are evaluated on, in (0, 1]."},
     )
+    trap_candidate_temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "0: the ascent scales are the lowest-loss candidates. T > 0: they are drawn among the candidates "
+            "with probability proportional to exp(-loss / T) (loss in nats), so scales already broken still get "
+            "some of the ascent."
+        },
+    )
     trap_ascent: str = field(
         default="unbounded",
         metadata={
@@ -323,6 +331,11 @@ class Trap2Settings:
             raise ValueError(
                 f"trap_candidate_fraction must be in (0, 1], got {self.trap_candidate_fraction}; e.g. 0.25 evaluates "
                 "the candidates on a quarter of each micro-batch."
+            )
+        if not self.trap_candidate_temperature >= 0:
+            raise ValueError(
+                f"trap_candidate_temperature must be >= 0, got {self.trap_candidate_temperature}; 0 takes the "
+                "lowest-loss candidates, e.g. 1.0 draws them with probability ~ exp(-loss)."
             )
         _check_choice("trap_ascent", self.trap_ascent, ASCENTS)
         cap = self.trap_ascent_cap
