@@ -34,6 +34,8 @@ VARIANTS = {
     "worst": {"trap_scale_candidates": 4},
     "soft": {"trap_scale_candidates": 4, "trap_candidate_temperature": 1.0},
     "capped": {"trap_ascent": "capped", "trap_ascent_cap": math.log(4)},
+    # At chance-level loss a row's prediction is near uniform but its argmax can still be right: a cap above it.
+    "capped_2x": {"trap_ascent": "capped", "trap_ascent_cap": 2 * math.log(4)},
     "worst_capped": {"trap_scale_candidates": 4, "trap_ascent": "capped", "trap_ascent_cap": math.log(4)},
 }
 FORWARD_ONLY = 1 / 3  # a forward without backward, in passes
@@ -89,6 +91,25 @@ def run_seed(seed: int, variants: list[str], args, log) -> dict:
         result["variants"][name] = row
         log(f"[informed] seed {seed} {name}: " + json.dumps({k: v for k, v in row.items() if k != "settings"}))
         save(args.output_dir, result)
+    return result
+
+
+def measure_cost(variants: list[str], rounds: int, steps: int, log) -> dict:
+    """Seconds per training step of each variant, measured side by side: the variants take turns for `rounds`
+    rounds of `steps` steps each on the demo's protected task, in one process; the ratio to 'default' is
+    what to read (the machine's load changes between rounds, and each round has all variants)."""
+    from trap2_hf.demo.run import build, train_update
+    from trap2_hf.settings import Trap2Settings
+
+    setup = build()
+    seconds = {name: 0.0 for name in variants}
+    for _ in range(rounds):
+        for name in variants:
+            run = train_update(setup, setup.protected, setup.protected_task, steps, Trap2Settings(**VARIANTS[name]))
+            seconds[name] += run["seconds"]
+    per_step = {name: total / (rounds * steps) for name, total in seconds.items()}
+    result = {name: {"s_per_step": value, "vs_default": value / per_step["default"]} for name, value in per_step.items()}
+    log("[cost] " + json.dumps(result))
     return result
 
 
@@ -242,6 +263,9 @@ def main(argv=None) -> int:
     parser.add_argument("--informed_methods", nargs="+", default=["task_arithmetic"])
     parser.add_argument("--repair_ks", type=int, nargs="*", default=[])
     parser.add_argument("--output_dir", default="informed_protection")
+    parser.add_argument("--cost_rounds", type=int, default=0,
+                        help="Instead of the audit: seconds per step of the variants, side by side, this many rounds.")
+    parser.add_argument("--cost_steps", type=int, default=20)
     parser.add_argument("--report", default=None, help="Only print the tables of the JSON files in this folder.")
     args = parser.parse_args(argv)
     if args.report:
@@ -249,6 +273,9 @@ def main(argv=None) -> int:
         return 0
     if args.variants[0] != "default":
         parser.error("--variants must start with 'default': the others are compared to it, paired by seed.")
+    if args.cost_rounds:
+        measure_cost(args.variants, args.cost_rounds, args.cost_steps, print)
+        return 0
 
     def log(message):
         print(message, flush=True)
