@@ -132,6 +132,7 @@ def summarize(audit: dict, task: str) -> dict:
             for objective, picks in entry["objectives"].items():
                 pick = picks.get("protected")
                 row[f"{method}/informed_{objective}"] = None if pick is None else pick["test"][task]
+                row[f"{method}/informed_{objective}_weights"] = None if pick is None else pick["config"]["weights"]
     if "repair" in audit:
         row["repair"] = audit["repair"]
     return row
