@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .best_response import bounded_row_losses
 from .rows import FusedUnsupported, append_rows, is_batched
 
 IGNORE_INDEX = -100
@@ -59,6 +60,7 @@ class FusedPlan:
     nominal_sum: torch.Tensor | None = None
     rescaled_sums: torch.Tensor | None = None
     calls: int = field(default=0)
+    rescaled_cap: float | None = None  # trap_ascent='capped' (best_response.py)
 
     @classmethod
     def build(
@@ -88,13 +90,16 @@ class FusedPlan:
         """The scale of every row of the fused batch: 1 for the originals, then the copies'."""
         return torch.cat([torch.ones(self.batch_size), self.copy_scales]).to(device)
 
-    def combine(self, row_sums: torch.Tensor, normaliser) -> torch.Tensor:
+    def combine(self, row_sums: torch.Tensor, normaliser, counts: torch.Tensor | None = None) -> torch.Tensor:
         """sum_{i<b} l_i / D + (x - x.detach()) with x = sum_j c_j l_{b+j} / D: J's gradient, the nominal value."""
         b = self.batch_size
         normaliser = torch.as_tensor(normaliser, device=row_sums.device)
         nominal = row_sums[:b].sum() / normaliser
         weights = self.copy_weights.to(device=row_sums.device, dtype=row_sums.dtype)
-        copies = (row_sums[b:] * weights).sum() / normaliser
+        ascended = row_sums[b:]
+        if self.rescaled_cap is not None:
+            ascended = bounded_row_losses(ascended, counts[b:], self.rescaled_cap)
+        copies = (ascended * weights).sum() / normaliser
         self.record(row_sums[:b].sum(), row_sums[b:])
         return nominal + (copies - copies.detach())
 
@@ -280,7 +285,7 @@ def fused_batch(
             uses_num_items = check_row_losses(module, outputs, {uses: sums.sum() / candidates[uses] for uses in order})
             found["uses_num_items"] = uses_num_items
         normaliser = state["num_items"] if uses_num_items else counts[: plan.batch_size].sum()
-        return _original_rows(outputs, plan, loss=plan.combine(sums, normaliser))
+        return _original_rows(outputs, plan, loss=plan.combine(sums, normaliser, counts))
 
     handles = [
         model.register_forward_pre_hook(before, with_kwargs=True),
@@ -324,7 +329,9 @@ def fold_token_log_probs(outputs, plan: FusedPlan):
     b = plan.batch_size
     log_probs = outputs["log_probs"]
     weights = plan.copy_weights.to(device=log_probs.device, dtype=log_probs.dtype)
-    copies = log_probs[b:] * weights.view(-1, *([1] * (log_probs.dim() - 1)))
+    # trap_ascent='capped': a copy's token stops pulling once its loss -log p passes the cap
+    ascended = log_probs[b:] if plan.rescaled_cap is None else log_probs[b:].clamp(min=-plan.rescaled_cap)
+    copies = ascended * weights.view(-1, *([1] * (log_probs.dim() - 1)))
     added = torch.zeros_like(log_probs[:b]).index_add(0, plan.rows.to(log_probs.device), copies)
     plan.record(-log_probs[:b].sum(), -log_probs[b:].flatten(1).sum(-1))
     folded = log_probs[:b] + (added - added.detach())

@@ -5,16 +5,17 @@ starts without importing them. Every field is a dataclass field with `help` meta
 with no extra code, and the model card records exactly these values.
 """
 
-import os
+import math
 from dataclasses import dataclass, field, fields
 
-from .offray.terms import RANGES, parse_terms, term
+from .offray.terms import check_offray_settings, parse_terms
 
 WEIGHTINGS = ("inv", "inv_sqrt", "none")
 TARGETS = ("adapter", "full")
 SCALE_SAMPLINGS = ("uniform", "stratified")
 REFERENCE_DEVICES = ("same", "cpu")
 REFERENCE_DTYPES = ("same", "float32", "bfloat16", "float16")
+ASCENTS = ("unbounded", "capped")
 DEFAULT_RESCALED_SHARE = 0.25
 # Per mode (`modes/`), the share of each micro-batch's rows that the scales of a step re-scale together where
 # trap_rescaled_fraction is unset (each scale gets share / trap_scales_per_step); None: whole micro-batches.
@@ -188,6 +189,48 @@ class Trap2Settings:
         default=0.05, metadata={"help": "Norm of the guard term's noise relative to each layer's ||dW||."}
     )
 
+    # --- The attacker's best response (#19, best_response.py): off by default, measured in benchmarks/README.md.
+    trap_scale_candidates: int = field(
+        default=0,
+        metadata={
+            "help": "Worst-case scales (beyond the paper; 0: off, the scales are drawn at random). With C > 0, each "
+            "micro-batch evaluates its loss without gradient at C candidate scales, drawn stratified over the support "
+            "cut at the rim (0.75-1.3, where informed merges put the update), and the step's trap_scales_per_step "
+            "ascent scales go to the lowest-loss (most-recovering) candidates. Costs C forwards, without backward, "
+            "over trap_candidate_fraction of the micro-batch's rows. Must be >= trap_scales_per_step."
+        },
+    )
+    trap_candidate_fraction: float = field(
+        default=0.25,
+        metadata={"help": "Fraction of each micro-batch's rows the candidate scales are evaluated on, in (0, 1]."},
+    )
+    trap_candidate_temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "0: the ascent scales are the lowest-loss candidates. T > 0: they are drawn among the candidates "
+            "with probability proportional to exp(-loss / T) (loss in nats), so scales already broken still get "
+            "some of the ascent."
+        },
+    )
+    trap_ascent: str = field(
+        default="unbounded",
+        metadata={
+            "help": "'unbounded': the paper's gradient ascent on the re-scaled loss. 'capped' (beyond the paper): "
+            "each re-scaled row's loss is maximised only up to trap_ascent_cap (min(loss, cap)), so no gradient "
+            "goes to rows already broken past chance. Applies to every maximised term, off-ray ones too; the "
+            "logged trap/rescaled_loss of two_pass and sub_batch is then the capped value.",
+            "choices": list(ASCENTS),
+        },
+    )
+    trap_ascent_cap: float | None = field(
+        default=None,
+        metadata={
+            "help": "trap_ascent='capped' only: the per-item loss above which the ascent stops. Unset: the loss of a "
+            "chance-level prediction, log(num_labels) for a sequence classifier and log(vocab_size) for a causal "
+            "LM; other models must set it (e.g. 1.386 = log 4 for 4 classes)."
+        },
+    )
+
     def __post_init__(self):
         self.derive_trap_defaults()
 
@@ -266,7 +309,41 @@ class Trap2Settings:
                 "trap_mode='fused' on a full fine-tune reads theta0 at every step, which trap_reference_device='cpu' "
                 "offloads; use trap_mode='sub_batch' or 'two_pass', or trap_reference_device='same'."
             )
-        self._validate_offray()
+        check_offray_settings(self)
+        self._validate_best_response()
+
+    def _validate_best_response(self) -> None:
+        candidates = self.trap_scale_candidates
+        if candidates < 0:
+            raise ValueError(f"trap_scale_candidates must be >= 0 (0: off), got {candidates}.")
+        if 0 < candidates < self.trap_scales_per_step:
+            raise ValueError(
+                f"trap_scale_candidates={candidates} is fewer than trap_scales_per_step={self.trap_scales_per_step}: "
+                "the step's scales are chosen among the candidates. Use at least as many candidates, e.g. "
+                f"trap_scale_candidates={max(4, 2 * self.trap_scales_per_step)}, or 0 to turn it off."
+            )
+        if not 0 < self.trap_candidate_fraction <= 1:
+            raise ValueError(
+                f"trap_candidate_fraction must be in (0, 1], got {self.trap_candidate_fraction}; e.g. 0.25 evaluates "
+                "the candidates on a quarter of each micro-batch."
+            )
+        if not self.trap_candidate_temperature >= 0:
+            raise ValueError(
+                f"trap_candidate_temperature must be >= 0, got {self.trap_candidate_temperature}; 0 takes the "
+                "lowest-loss candidates, e.g. 1.0 draws them with probability ~ exp(-loss)."
+            )
+        _check_choice("trap_ascent", self.trap_ascent, ASCENTS)
+        cap = self.trap_ascent_cap
+        if cap is not None and self.trap_ascent != "capped":
+            raise ValueError(
+                f"trap_ascent_cap={cap} is set but trap_ascent={self.trap_ascent!r} does not use it; set "
+                "trap_ascent='capped' or drop trap_ascent_cap."
+            )
+        if cap is not None and not (math.isfinite(cap) and cap > 0):
+            raise ValueError(
+                f"trap_ascent_cap must be a positive number, got {cap}; use the loss of a chance-level prediction, "
+                "e.g. 1.386 (log 4) for 4 classes, or leave it unset to take it from the model."
+            )
 
     def _validate_number_types(self) -> None:
         # In Python nothing parses the values: "0.1" would otherwise fail later in a comparison, naming no field.
@@ -280,44 +357,6 @@ class Trap2Settings:
                 example = f.default if f.default is not None else 0.25
                 raise ValueError(
                     f"{f.name} must be {kind}, got {value!r} (a {type(value).__name__}); pass e.g. {f.name}={example}."
-                )
-
-    def _validate_offray(self) -> None:
-        terms = self.trap_offray_terms  # raises on an unknown term
-        for name in ("trap_offray_lambda", "trap_guard_lambda", "trap_guard_noise"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name} must be >= 0, got {value!r}.")
-        if not (isinstance(self.trap_offray_per_step, int) and self.trap_offray_per_step >= 1):
-            raise ValueError(f"trap_offray_per_step must be an integer >= 1, got {self.trap_offray_per_step!r}.")
-        for declared in RANGES.values():
-            a, b = getattr(self, declared.low), getattr(self, declared.high)
-            if not (a > 0 and a <= b):
-                raise ValueError(f"{declared.low} ({a}) must be > 0 and <= {declared.high} ({b}); use {declared.example}.")
-        for declared in RANGES.values():
-            if declared.at_most_one and getattr(self, declared.high) > 1:
-                raise ValueError(f"{declared.high} must be <= 1, got {getattr(self, declared.high)}.")
-        uses_foreign = any(term(t).needs_foreign_adapters for t in terms)
-        if uses_foreign and not self.trap_foreign_adapters:
-            raise ValueError(
-                f"trap_offray={self.trap_offray!r} has a 'foreign' term but trap_foreign_adapters is empty. List "
-                "the folders of other LoRA adapters of the same base, or use 'synthetic' instead of 'foreign'."
-            )
-        if self.trap_foreign_adapters and not uses_foreign:
-            raise ValueError(
-                f"trap_foreign_adapters is set ({self.trap_foreign_adapters}) but no trap_offray term uses it. Add a "
-                "'foreign' term (e.g. trap_offray='foreign') or drop trap_foreign_adapters."
-            )
-        if terms or self.trap_guard_lambda > 0:
-            if self.trap_target != "adapter":
-                raise ValueError(
-                    f"trap_offray / trap_guard_lambda transform a LoRA adapter's weights; trap_target="
-                    f"{self.trap_target!r} is not supported. Use trap_target='adapter' with a LoRA adapter, or drop them."
-                )
-            if self.trap_mode in ("sub_batch", "fused"):
-                raise ValueError(
-                    f"trap_offray / trap_guard_lambda run extra full passes, which trap_mode={self.trap_mode!r} "
-                    "does not; use trap_mode='two_pass'."
                 )
 
     def trap_settings_dict(self) -> dict:
@@ -344,26 +383,6 @@ def trap_scale_intervals(scale_min: float, scale_max: float, margin: float) -> l
     if high_lo <= scale_max:
         intervals.append((high_lo, scale_max))
     return intervals
-
-
-def check_run_arguments(args) -> None:
-    """Refuse, before any model is loaded, a run that trains nothing (its save would carry a protection card
-    for an untrained update) or that could not save what it trained."""
-    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise ValueError(
-            f"output_dir={args.output_dir!r} is a file, not a folder: the update could not be saved there. Pass "
-            "a new or existing folder."
-        )
-    if args.max_steps == 0:
-        raise ValueError(
-            "max_steps=0 trains nothing (transformers would still run one step), and the saved update would be "
-            "labelled protected. Pass max_steps > 0, or leave it at -1 to train for num_train_epochs."
-        )
-    if args.max_steps < 0 and not args.num_train_epochs > 0:
-        raise ValueError(
-            f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains nothing, and the saved "
-            "update would be labelled protected. Pass num_train_epochs > 0 or max_steps > 0."
-        )
 
 
 def _check_choice(name: str, value, allowed) -> None:

@@ -23,6 +23,7 @@ from trl import SFTTrainer
 
 from . import modes
 from ._warnings import peft_deprecation_silenced
+from .best_response import ascent_cap, best_response_scales, bounded_loss
 from .checkpoints import (
     REFERENCE_WEIGHTS_NAME,
     checkpoint_to_resume,
@@ -31,7 +32,7 @@ from .checkpoints import (
     load_reference,
     save_reference,
 )
-from .config import Trap2SFTConfig, Trap2TrainingArguments
+from .config import Trap2SFTConfig, Trap2TrainingArguments, check_run_arguments
 from .hub.mixin import Trap2HubMixin
 from .launchers import refuse_unsupported_launcher
 from .nonfinite import SkipNonFiniteStep
@@ -39,7 +40,7 @@ from .objective import rescaled_loss_coefficient, sample_scales, scale_weight, s
 from .offray import load_foreign_update, matched_foreign_updates, offray_layers, offray_update
 from .offray.draws import draw_offray, draw_ranges, guard_draw
 from .rows import rescaled_rows, rows_generator
-from .settings import Trap2Settings, check_run_arguments
+from .settings import Trap2Settings
 from .updates import is_quantized, update_kind
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class Trap2TrainerMixin:
         elif self.args.trap_lambda != 0:
             self._trap_mode_named(self.args.trap_mode).prepare(self)  # refuses a mode that is not exact here
         self._trap_check_offray()
+        # trap_ascent='capped': the re-scaled loss stops pulling once it passes the cap (`best_response.py`)
+        self._trap_ascent_cap = ascent_cap(self.args, model)
         self.trap_reference = self._trap_update.reference(model, self.args, trap_reference)
         self._trap_full_rows = self._trap_update.pass_row_targets(model, self.args)
         self._trap_full_rows_checked, self._trap_in_place = False, ()
@@ -201,6 +204,7 @@ class Trap2TrainerMixin:
         if args.trap_lambda == 0 and not offray:
             return super().training_step(model, inputs, num_items_in_batch)
         scales = self.trap_scales() if args.trap_lambda > 0 else []
+        scales = best_response_scales(self, model, inputs, scales)  # trap_scale_candidates > 0: the weakest scales
         mode = self._trap_mode_named(args.trap_mode)
         try:
             return mode.step(self, model, inputs, num_items_in_batch, scales, offray)
@@ -291,10 +295,11 @@ class Trap2TrainerMixin:
         output = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if self._trap_coefficient is None:
             return output
+        cap = self._trap_ascent_cap if self._trap_coefficient < 0 else None  # only maximised losses are capped
         if return_outputs:
             loss, outputs = output
-            return loss * self._trap_coefficient, outputs
-        return output * self._trap_coefficient
+            return bounded_loss(loss, cap) * self._trap_coefficient, outputs
+        return bounded_loss(output, cap) * self._trap_coefficient
 
     def _trap_side_pass(self):
         """Context for the re-scaled passes: subclasses keep their own metrics from counting twice."""

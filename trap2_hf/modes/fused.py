@@ -45,6 +45,7 @@ class Fused(TrapMode):
         plan = FusedPlan.build(
             batch_size, trainer._trap_next_rows(batch_size), scales, coefficients, args.trap_rescaled_fraction
         )
+        plan.rescaled_cap = trainer._trap_ascent_cap
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         check = plan.num_copies > 0 and not self.checked
         with contextlib.ExitStack() as stack:

@@ -116,3 +116,44 @@ def parse_terms(spec) -> list[str]:
             )
         terms.append("+".join(own + partner))
     return terms
+
+
+def check_offray_settings(settings) -> None:
+    """Refuse off-ray / guard settings (`Trap2Settings`' trap_offray*, trap_guard*, trap_foreign*) that are out of
+    range or that the chosen update kind and mode cannot run, naming the fix."""
+    terms = settings.trap_offray_terms  # raises on an unknown term
+    for name in ("trap_offray_lambda", "trap_guard_lambda", "trap_guard_noise"):
+        value = getattr(settings, name)
+        if not (isinstance(value, (int, float)) and value >= 0):
+            raise ValueError(f"{name} must be >= 0, got {value!r}.")
+    if not (isinstance(settings.trap_offray_per_step, int) and settings.trap_offray_per_step >= 1):
+        raise ValueError(f"trap_offray_per_step must be an integer >= 1, got {settings.trap_offray_per_step!r}.")
+    for declared in RANGES.values():
+        a, b = getattr(settings, declared.low), getattr(settings, declared.high)
+        if not (a > 0 and a <= b):
+            raise ValueError(f"{declared.low} ({a}) must be > 0 and <= {declared.high} ({b}); use {declared.example}.")
+    for declared in RANGES.values():
+        if declared.at_most_one and getattr(settings, declared.high) > 1:
+            raise ValueError(f"{declared.high} must be <= 1, got {getattr(settings, declared.high)}.")
+    uses_foreign = any(term(t).needs_foreign_adapters for t in terms)
+    if uses_foreign and not settings.trap_foreign_adapters:
+        raise ValueError(
+            f"trap_offray={settings.trap_offray!r} has a 'foreign' term but trap_foreign_adapters is empty. List "
+            "the folders of other LoRA adapters of the same base, or use 'synthetic' instead of 'foreign'."
+        )
+    if settings.trap_foreign_adapters and not uses_foreign:
+        raise ValueError(
+            f"trap_foreign_adapters is set ({settings.trap_foreign_adapters}) but no trap_offray term uses it. Add a "
+            "'foreign' term (e.g. trap_offray='foreign') or drop trap_foreign_adapters."
+        )
+    if terms or settings.trap_guard_lambda > 0:
+        if settings.trap_target != "adapter":
+            raise ValueError(
+                f"trap_offray / trap_guard_lambda transform a LoRA adapter's weights; trap_target="
+                f"{settings.trap_target!r} is not supported. Use trap_target='adapter' with a LoRA adapter, or drop them."
+            )
+        if settings.trap_mode in ("sub_batch", "fused"):
+            raise ValueError(
+                f"trap_offray / trap_guard_lambda run extra full passes, which trap_mode={settings.trap_mode!r} "
+                "does not; use trap_mode='two_pass'."
+            )

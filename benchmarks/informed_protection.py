@@ -1,0 +1,291 @@
+"""Protection against the informed attacker (issue #19): the best-response variants against the default,
+paired by seed, on the embedded demo (MiniLM, synthetic word-list tasks; CPU, no network).
+
+    OMP_NUM_THREADS=1 python benchmarks/informed_protection.py --seeds 0 1 2 --output_dir runs/informed
+    python benchmarks/informed_protection.py --report runs/informed          # the tables again, from the JSON
+
+Per seed, one set-up (tasks, heads, adapter initialisations) is built, the unprotected twin and the
+partners' plain updates are trained once, and each variant trains the protected update from the same
+initialisation (the demo's protocol: until the validation re-scale curve shows the trap, at most 350
+steps), then is audited on the test split: the update alone (vs its twin), task arithmetic at weights
+1/N (`average`) and at the best shared weight (`best`), the informed grid on task arithmetic with both
+objectives (best mean; the headline: best protected-task accuracy among merges in which every other
+task keeps >= 60 % of its gain), and `peft_cat` average/best. No variant here trains against a partner
+pool, so every partner in the audit is held out. A seed's results go to OUTPUT_DIR/<task set>_seed<seed>.json
+after each variant; a variant already there is not run again (all is seeded: the set-up is the same).
+
+Training cost per step is counted in passes over a micro-batch (a forward and backward over its b rows
+= 1; a forward alone = 1/3): the default fuses the re-scaled copies of a quarter of the rows into the
+nominal pass (1.25), worst-case scales add C forwards over trap_candidate_fraction of the rows. The
+measured seconds per step are printed too, but they were measured on a shared machine.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+VARIANTS = {
+    "default": {},
+    "worst": {"trap_scale_candidates": 4},
+    "soft": {"trap_scale_candidates": 4, "trap_candidate_temperature": 1.0},
+    "capped": {"trap_ascent": "capped", "trap_ascent_cap": math.log(4)},
+    # At chance-level loss a row's prediction is near uniform but its argmax can still be right: a cap above it.
+    "capped_2x": {"trap_ascent": "capped", "trap_ascent_cap": 2 * math.log(4)},
+    "worst_capped": {"trap_scale_candidates": 4, "trap_ascent": "capped", "trap_ascent_cap": math.log(4)},
+}
+FORWARD_ONLY = 1 / 3  # a forward without backward, in passes
+MARGIN = 0.05
+
+
+def passes_per_step(settings: dict) -> float:
+    """Passes over a micro-batch per step of the fused demo step (see the module docstring)."""
+    share = settings.get("trap_rescaled_fraction") or 0.25 / settings.get("trap_scales_per_step", 2)
+    passes = 1 + settings.get("trap_scales_per_step", 2) * share
+    candidates = settings.get("trap_scale_candidates", 0)
+    return passes + candidates * settings.get("trap_candidate_fraction", 0.25) * FORWARD_ONLY
+
+
+def run_seed(seed: int, variants: list[str], args, log) -> dict:
+    import torch
+
+    from trap2_hf.demo.run import DemoArguments, audit_setup, build, train_plain, train_protected
+    from trap2_hf.demo.variants import _adapter_state, _load_adapter_state
+    from trap2_hf.settings import Trap2Settings
+
+    torch.manual_seed(seed)
+    scratch = tempfile.mkdtemp(prefix=f"informed_seed{seed}_")
+    demo = DemoArguments(
+        output_dir=scratch, task_set=args.task_set, protected_task=args.protected_task, seed=seed,
+        methods=args.methods, modes=["average", "best", "informed"], informed_methods=args.informed_methods,
+        repair_ks=args.repair_ks,
+    )
+    sizes = {"train": demo.train_size, "validation": demo.validation_size, "test": demo.test_size}
+    setup = build(demo.task_set, demo.protected_task, seed, demo.lora_rank, sizes)
+    train_plain(setup, demo, log)
+    initial = _adapter_state(setup.model, setup.protected)
+    result = previous(args.output_dir, args.task_set, seed) or {"seed": seed, "task_set": args.task_set, "variants": {}}
+    for name in variants:
+        if name in result["variants"]:  # measured by an earlier run of this seed (same set-up: all is seeded)
+            continue
+        settings = Trap2Settings(**VARIANTS[name])
+        settings.validate_trap_settings()
+        _load_adapter_state(setup.model, initial)
+        run = train_protected(setup, demo, settings, log)["runs"][-1]
+        start = time.perf_counter()
+        first = "twin" not in result
+        audit = audit_setup(setup, demo, unprotected="twin" if first else None)
+        row = summarize(audit, setup.protected_task)
+        row.update(
+            steps=run["steps"], trapped_at_step=run["trapped_at_step"], train_s=run["seconds"],
+            s_per_step=run["seconds"] / max(run["steps"], 1), audit_s=time.perf_counter() - start,
+            passes_per_step=passes_per_step(VARIANTS[name]), settings=VARIANTS[name],
+        )
+        if first:
+            result["twin"] = audit["standalone"]["unprotected"]
+            result["twin_merges"] = summarize_twin(audit, setup.protected_task)
+        result["variants"][name] = row
+        log(f"[informed] seed {seed} {name}: " + json.dumps({k: v for k, v in row.items() if k != "settings"}))
+        save(args.output_dir, result)
+    return result
+
+
+def measure_cost(variants: list[str], rounds: int, steps: int, log) -> dict:
+    """Seconds per training step of each variant, measured side by side: the variants take turns for `rounds`
+    rounds of `steps` steps each on the demo's protected task, in one process; the ratio to 'default' is
+    what to read (the machine's load changes between rounds, and each round has all variants)."""
+    from trap2_hf.demo.run import build, train_update
+    from trap2_hf.settings import Trap2Settings
+
+    setup = build()
+    seconds = {name: 0.0 for name in variants}
+    for _ in range(rounds):
+        for name in variants:
+            run = train_update(setup, setup.protected, setup.protected_task, steps, Trap2Settings(**VARIANTS[name]))
+            seconds[name] += run["seconds"]
+    per_step = {name: total / (rounds * steps) for name, total in seconds.items()}
+    result = {name: {"s_per_step": value, "vs_default": value / per_step["default"]} for name, value in per_step.items()}
+    log("[cost] " + json.dumps(result))
+    return result
+
+
+def _entry(audit: dict, method: str, mode: str) -> dict | None:
+    return next((e for e in audit["methods"] if e["method"] == method and e["mode"] == mode), None)
+
+
+def summarize(audit: dict, task: str) -> dict:
+    """The protected task's test accuracy under each attack, with the protected update."""
+    row = {
+        "alone": audit["standalone"]["protected"],
+        "ceiling": max(audit["base"][task], audit["chance"][task]) + MARGIN,
+        "curve": dict(zip(map(str, audit["rescale_curve"]["scales"]), audit["rescale_curve"]["protected"])),
+    }
+    for entry in audit["methods"]:
+        method, mode = entry["method"], entry["mode"]
+        if mode in ("average", "best"):
+            row[f"{method}/{mode}"] = entry["protected"][task]
+        elif mode == "informed":
+            for objective, picks in entry["objectives"].items():
+                pick = picks.get("protected")
+                row[f"{method}/informed_{objective}"] = None if pick is None else pick["test"][task]
+                row[f"{method}/informed_{objective}_weights"] = None if pick is None else pick["config"]["weights"]
+    if "repair" in audit:
+        row["repair"] = audit["repair"]
+    return row
+
+
+def summarize_twin(audit: dict, task: str) -> dict:
+    out = {}
+    for entry in audit["methods"]:
+        if entry["mode"] in ("average", "best") and entry.get("unprotected"):
+            out[f"{entry['method']}/{entry['mode']}"] = entry["unprotected"][task]
+        elif entry["mode"] == "informed":
+            pick = entry["objectives"]["constrained"].get("unprotected")
+            out[f"{entry['method']}/informed_constrained"] = None if pick is None else pick["test"][task]
+    return out
+
+
+def result_path(folder: str, task_set: str, seed: int) -> str:
+    return os.path.join(folder, f"{task_set}_seed{seed}.json")
+
+
+def previous(folder: str, task_set: str, seed: int) -> dict | None:
+    path = result_path(folder, task_set, seed)
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def save(folder: str, result: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    path = result_path(folder, result["task_set"], result["seed"])
+    with open(path + ".tmp", "w") as handle:
+        json.dump(result, handle, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+COLUMNS = (
+    ("alone", "alone"),
+    ("task_arithmetic/average", "TA 1/N"),
+    ("task_arithmetic/best", "TA best"),
+    ("task_arithmetic/informed_mean", "TA informed mean"),
+    ("task_arithmetic/informed_constrained", "TA informed ≥60 %"),
+    ("peft_cat/average", "peft_cat 1/N"),
+    ("peft_cat/best", "peft_cat best"),
+)
+
+
+def _fmt(value) -> str:
+    return "none" if value is None else f"{value:.3f}"
+
+
+def goal(row: dict, twin: float, default_passes: float) -> bool:
+    """The issue's goal: the informed headline at or below the ceiling, alone within 1 point of the twin,
+    at most 2x the default's passes."""
+    headline = row.get("task_arithmetic/informed_constrained")
+    held = headline is None or headline <= row["ceiling"] + 1e-9
+    return held and abs(row["alone"] - twin) <= 0.01 + 1e-9 and row["passes_per_step"] <= 2 * default_passes + 1e-9
+
+
+def report(results: list[dict]) -> str:
+    results = sorted(results, key=lambda r: (r["task_set"], r["seed"]))
+    shown = [c for c in COLUMNS if any(c[0] in v for r in results for v in r["variants"].values())]
+    lines = ["| task set | seed | variant | " + " | ".join(h for _, h in shown)
+             + " | twin alone | steps | passes/step | s/step | goal |",
+             "|" + "---|" * (len(shown) + 8)]
+    for r in results:
+        default_passes = passes_per_step(VARIANTS["default"])
+        for name, row in r["variants"].items():
+            cells = [r["task_set"], str(r["seed"]), name, *(_fmt(row.get(key)) for key, _ in shown),
+                     f"{r['twin']:.3f}", f"{row['steps']}{'' if row['trapped_at_step'] else ' (no trap)'}",
+                     f"{row['passes_per_step']:.2f}", f"{row['s_per_step']:.2f}",
+                     "yes" if goal(row, r["twin"], default_passes) else "no"]
+            lines.append("| " + " | ".join(cells) + " |")
+    ceilings = sorted({f"{r['task_set']} seed {r['seed']}: {next(iter(r['variants'].values()))['ceiling']:.3f}"
+                       for r in results})
+    lines.append("")
+    lines.append("Ceiling max(base, chance) + 5 points: " + "; ".join(ceilings) + ".")
+    twins = [f"{r['task_set']} seed {r['seed']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["twin_merges"].items())
+             for r in results if r.get("twin_merges")]
+    if twins:
+        lines.append("Twin in the protected update's place: " + "; ".join(twins) + ".")
+    lines.append("")
+    lines.append(paired(results, shown))
+    return "\n".join(lines)
+
+
+def paired(results: list[dict], shown) -> str:
+    """Per variant, the mean over seeds of (variant - default) for each column, with the per-seed values."""
+    variants = list(dict.fromkeys(v for r in results for v in r["variants"] if v != "default"))
+    lines = ["Paired differences, variant - default (mean over seeds; per seed in brackets):", "",
+             "| task set | variant | " + " | ".join(h for _, h in shown) + " | steps |", "|" + "---|" * (len(shown) + 3)]
+    for task_set in sorted({r["task_set"] for r in results}):
+        for variant in variants:
+            runs = [r for r in results if r["task_set"] == task_set and variant in r["variants"] and "default" in r["variants"]]
+            if not runs:
+                continue
+            cells = [task_set, variant]
+            for key, _ in [*shown, ("steps", "")]:
+                diffs = []
+                for r in runs:
+                    a, b = r["variants"][variant].get(key), r["variants"]["default"].get(key)
+                    if a is not None and b is not None:
+                        diffs.append(a - b)
+                if not diffs:
+                    cells.append("–")
+                    continue
+                fmt = "{:+.0f}" if key == "steps" else "{:+.3f}"
+                cells.append(fmt.format(sum(diffs) / len(diffs)) + " [" + ", ".join(fmt.format(d) for d in diffs) + "]")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def load(folder: str) -> list[dict]:
+    results = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name)) as handle:
+                results.append(json.load(handle))
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--task_set", default="demo")
+    parser.add_argument("--protected_task", default=None)
+    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "peft_cat"])
+    parser.add_argument("--informed_methods", nargs="+", default=["task_arithmetic"])
+    parser.add_argument("--repair_ks", type=int, nargs="*", default=[])
+    parser.add_argument("--output_dir", default="informed_protection")
+    parser.add_argument("--cost_rounds", type=int, default=0,
+                        help="Instead of the audit: seconds per step of the variants, side by side, this many rounds.")
+    parser.add_argument("--cost_steps", type=int, default=20)
+    parser.add_argument("--report", default=None, help="Only print the tables of the JSON files in this folder.")
+    args = parser.parse_args(argv)
+    if args.report:
+        print(report(load(args.report)))
+        return 0
+    if args.variants[0] != "default":
+        parser.error("--variants must start with 'default': the others are compared to it, paired by seed.")
+    if args.cost_rounds:
+        measure_cost(args.variants, args.cost_rounds, args.cost_steps, print)
+        return 0
+
+    def log(message):
+        print(message, flush=True)
+
+    for seed in args.seeds:
+        run_seed(seed, args.variants, args, log)
+    print(report(load(args.output_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
