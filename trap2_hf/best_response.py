@@ -1,4 +1,4 @@
-"""The attacker's best response inside training (issue #19); both settings are off by default.
+"""The attacker's best response inside training; both settings are off by default.
 
 Trap² as published draws its ascent scales at random along W0 + s*dW, so most of the ascent goes to
 scales that are already broken (s <= 0.5, s >= 1.5) and little to the rim next to s = 1, where a

@@ -189,7 +189,7 @@ class Trap2Settings:
         default=0.05, metadata={"help": "Norm of the guard term's noise relative to each layer's ||dW||."}
     )
 
-    # --- The attacker's best response (#19, best_response.py): off by default, measured in benchmarks/README.md.
+    # --- The attacker's best response (best_response.py): off by default; benchmarks/README.md measures it.
     trap_scale_candidates: int = field(
         default=0,
         metadata={
