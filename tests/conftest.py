@@ -30,6 +30,23 @@ def tiny_llama(seed: int = 0, dropout: float = 0.0):
     return LlamaForCausalLM(config)
 
 
+def audit_cli_inputs(tmp_path, tasks_file: str) -> tuple[str, dict[str, str], str]:
+    """What `trap2 audit` reads from disk: a tiny Llama base folder, two LoRA adapter folders ("prot", "t1")
+    and a tasks file. Returns (base folder, adapter folders by name, tasks file path)."""
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = str(tmp_path / "base")
+    tiny_llama().save_pretrained(base_dir)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    folders = {}
+    for seed, name in enumerate(("prot", "t1")):
+        torch.manual_seed(seed)
+        folders[name] = str(tmp_path / name)
+        get_peft_model(tiny_llama(), config).save_pretrained(folders[name])
+    (tmp_path / "tasks.py").write_text(tasks_file)
+    return base_dir, folders, str(tmp_path / "tasks.py")
+
+
 def token_dataset(num: int = 16, length: int = 12, seed: int = 0, ragged: bool = False):
     """Random token sequences; `ragged` pads some with -100 labels so token counts differ per example."""
     from datasets import Dataset

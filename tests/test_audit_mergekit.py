@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_llama
+from conftest import audit_cli_inputs, tiny_llama
 
 from trap2_hf.audit import methods
 from trap2_hf.audit import mergekit_backend as mk
@@ -389,21 +389,12 @@ def _loaded(model, state):
 
 
 def test_cli_adds_mergekit_merges_to_the_audit(tmp_path, capsys):
-    from peft import LoraConfig, get_peft_model
-
     from trap2_hf.cli import main
 
-    base_dir, out_dir = str(tmp_path / "base"), str(tmp_path / "audit")
-    tiny_llama().save_pretrained(base_dir)
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
-    folders = {}
-    for seed, name in enumerate(("prot", "t1")):
-        torch.manual_seed(seed)
-        folders[name] = str(tmp_path / name)
-        get_peft_model(tiny_llama(), config).save_pretrained(folders[name])
-    (tmp_path / "tasks.py").write_text(TASKS_FILE)
+    base_dir, folders, tasks = audit_cli_inputs(tmp_path, TASKS_FILE)
+    out_dir = str(tmp_path / "audit")
     code = main([
-        "audit", "--base_model", base_dir, "--tasks", str(tmp_path / "tasks.py"), "--protected_task", "t0",
+        "audit", "--base_model", base_dir, "--tasks", tasks, "--protected_task", "t0",
         "--protected", folders["prot"], "--other", f"t1={folders['t1']}", "--methods", "task_arithmetic",
         "--modes", "average", "--sweep_scales", "1", "--device", "cpu", "--output_dir", out_dir, "--no_progress",
         "--mergekit_methods", "task_arithmetic", "ties",

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, audit_cli_inputs, tiny_llama
 
 from trap2_hf.audit import AuditTask, format_table, methods, run_audit, write_report
 
@@ -257,21 +257,12 @@ def get_tasks(model, tokenizer):
 
 
 def test_cli_audits_adapters_from_folders(tmp_path, capsys):
-    from peft import LoraConfig, get_peft_model
-
     from trap2_hf.cli import main
 
-    base_dir, out_dir = str(tmp_path / "base"), str(tmp_path / "audit")
-    tiny_llama().save_pretrained(base_dir)
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
-    folders = {}
-    for seed, name in enumerate(("prot", "t1")):
-        torch.manual_seed(seed)
-        folders[name] = str(tmp_path / name)
-        get_peft_model(tiny_llama(), config).save_pretrained(folders[name])
-    (tmp_path / "tasks.py").write_text(TASKS_FILE)
+    base_dir, folders, tasks = audit_cli_inputs(tmp_path, TASKS_FILE)
+    out_dir = str(tmp_path / "audit")
     code = main([
-        "audit", "--base_model", base_dir, "--tasks", str(tmp_path / "tasks.py"), "--protected_task", "t0",
+        "audit", "--base_model", base_dir, "--tasks", tasks, "--protected_task", "t0",
         "--protected", folders["prot"], "--other", f"t1={folders['t1']}", "--methods", "task_arithmetic", "peft_cat",
         "--modes", "average", "--sweep_scales", "0", "1", "--device", "cpu", "--output_dir", out_dir, "--no_progress",
     ])

@@ -17,7 +17,7 @@ update enters at its nominal scale. Each configuration is one mergekit merge, sc
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -79,7 +79,9 @@ def audit_mergekit(
                 return _measure(model, tasks, merged_task_vector(model, merged, target), kind, split)
 
             with backend.written_inputs(model, updates) as inputs:
-                sweeps[variant] = backend.sweep_inputs(inputs, evaluate, methods=methods, seed=seed)
+                sweeps[variant] = backend.sweep_inputs(
+                    inputs, evaluate, methods=methods, seed=seed, load=backend.merged_tensors
+                )
                 for name in informed_methods:
                     attacks.setdefault(name, {})[variant] = _informed_attack(
                         model, tasks, inputs, name, variant, list(others), protected_task, references, settings,
@@ -149,7 +151,7 @@ def _informed_attack(model, tasks, inputs, method, variant, other_tasks, protect
                 params["density"] = [float(params["density"][k]) for k in keys]
             folder = backend.run_mergekit(inputs, method, weights, params, seed=seed)
             try:
-                delta = merged_task_vector(model, backend.load_merged(inputs, folder), kind.name)
+                delta = merged_task_vector(model, backend.merged_tensors(inputs, folder), kind.name)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             scored[key] = {s: _measure(model, tasks, delta, kind, s) for s in (SEARCH_SPLIT, REPORT_SPLIT)}
@@ -175,17 +177,20 @@ def _references(model, tasks, others: dict, kind: AuditedKind) -> dict:
     }
 
 
-def merged_task_vector(model: nn.Module, merged: nn.Module, target: str) -> TaskVector:
+def merged_task_vector(model: nn.Module, merged: nn.Module | Mapping[str, torch.Tensor], target: str) -> TaskVector:
     """merged - base for every base weight the merge changed, keyed by `model`'s parameter names
-    (for a PEFT model: its `...base_layer.weight` names, applied under `disable_adapter()`)."""
+    (for a PEFT model: its `...base_layer.weight` names, applied under `disable_adapter()`). `merged` is the
+    merged model or its tensors by checkpoint name (`mergekit_backend.merged_tensors`)."""
     kind = audited_kind(target)
-    merged_params = dict(merged.named_parameters(remove_duplicate=False))
+    if isinstance(merged, nn.Module):
+        merged = dict(merged.named_parameters(remove_duplicate=False))
     vector = {}
     for name, param in model.named_parameters():
         plain = kind.plain_name(name)
-        if plain not in merged_params:
+        if plain not in merged:
             continue
-        delta = merged_params[plain].detach().float() - param.detach().float()
+        merged_param = merged[plain].detach().to(device=param.device, dtype=param.dtype)  # as loading it would
+        delta = merged_param.float() - param.detach().float()
         if delta.any():
             vector[name] = delta
     return vector

@@ -121,9 +121,9 @@ def run_mergekit(
     return out_dir
 
 
-def load_merged(inputs: WrittenInputs, out_dir: str) -> nn.Module:
-    """A copy of the base model holding the merged tensors of `out_dir`; every tensor of the base
-    checkpoint must be there (tied weights follow their source)."""
+def merged_tensors(inputs: WrittenInputs, out_dir: str) -> dict[str, torch.Tensor]:
+    """The tensors of mergekit's output `out_dir`, by checkpoint name; every tensor of the base checkpoint
+    must be there."""
     from safetensors.torch import load_file
 
     merged = {}
@@ -132,10 +132,15 @@ def load_merged(inputs: WrittenInputs, out_dir: str) -> nn.Module:
     dropped = sorted(set(_tensor_names(inputs.base_dir)) - set(merged))
     if dropped:
         raise RuntimeError(f"mergekit's output {out_dir!r} lacks tensors of the base checkpoint: {dropped[:5]}.")
+    return merged
+
+
+def load_merged(inputs: WrittenInputs, out_dir: str) -> nn.Module:
+    """A copy of the base model holding the merged tensors of `out_dir` (tied weights follow their source)."""
     model = copy.deepcopy(inputs.base_model)
     state = model.state_dict()
     with torch.no_grad():
-        for name, tensor in merged.items():
+        for name, tensor in merged_tensors(inputs, out_dir).items():
             if name not in state:
                 raise RuntimeError(f"mergekit's output names {name!r}, which the base model does not have.")
             state[name].copy_(tensor)
@@ -180,9 +185,14 @@ def mergekit_sweep(
 
 
 def sweep_inputs(
-    inputs: WrittenInputs, evaluate: Callable[[nn.Module], object], methods: Sequence[str] | None = None, seed: int = 0
+    inputs: WrittenInputs,
+    evaluate: Callable[[nn.Module], object],
+    methods: Sequence[str] | None = None,
+    seed: int = 0,
+    load: Callable[[WrittenInputs, str], object] = load_merged,
 ) -> list[dict]:
-    """`mergekit_sweep` over inputs already written (so other merges of the same inputs can follow)."""
+    """`mergekit_sweep` over inputs already written (so other merges of the same inputs can follow); `evaluate`
+    gets what `load` makes of each merge (`merged_tensors`: the tensors alone, no copy of the model)."""
     n = len(inputs.update_dirs)
     chosen = applicable(n) if methods is None else [get(m).name for m in methods]
     rows = []
@@ -198,7 +208,7 @@ def sweep_inputs(
             rows.append({**row, "skipped": f"mergekit raised {type(error).__name__}: {error}"})
             continue
         try:
-            row["result"] = evaluate(load_merged(inputs, folder))
+            row["result"] = evaluate(load(inputs, folder))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         rows.append(row)
