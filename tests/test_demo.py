@@ -90,6 +90,26 @@ def test_lexicon_task_is_an_arbitrary_balanced_word_to_class_map_tested_on_train
     assert len(key_words("train")) == 8 and key_words("validation") | key_words("test") <= key_words("train")
 
 
+def test_lexicon_key_words_are_single_tokens_and_their_classes_are_independent_of_the_word():
+    """Each key word is one wordpiece of the encoder's vocabulary (so the LoRA maps one embedding), and
+    the class a seed gives a word does not predict the class another seed gives it (arbitrary)."""
+    from trap2_hf.demo import model as demo_model
+
+    _, tokenizer = demo_model.load_encoder()
+    words = demo_tasks.lexicon_words()
+    assert all(len(tokenizer.tokenize(w)) == 1 for w in words), [w for w in words if len(tokenizer.tokenize(w)) != 1]
+    labels = demo_tasks.LEXICON[1]
+    maps = [
+        {w: label for label, ws in demo_tasks.lexicon_classes(words, labels, seed).items() for w in ws}
+        for seed in range(4)
+    ]
+    for first, second in zip(maps, maps[1:]):
+        agree = sum(first[w] == second[w] for w in words) / len(words)
+        assert 0.1 < agree < 0.4, agree  # about 1/4 of the words keep their class, as by chance
+    with pytest.raises(ValueError, match="vocabulary offers"):
+        demo_tasks.lexicon_words(10**6)
+
+
 def test_bad_requests_are_refused():
     with pytest.raises(ValueError, match="multiple of the 4 classes"):
         make_task_set("demo", 0, {"train": 10})

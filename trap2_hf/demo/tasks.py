@@ -9,13 +9,16 @@ Two task sets whose words do not overlap: `demo` (what `trap2 demo` trains on) a
 seed: the same seed gives the same sentences, labels and splits.
 
 A third set, `lexicon`, puts a task worth stealing first: `lexicon`, an arbitrary mapping of 240
-invented words to the four classes, drawn from the seed, with `topic` and `object` as partners. A
-sentence carries one key word (said twice) among filler words; validation and test sentences reuse
-the training sentences' key words in new sentences. Nothing about a key word tells its class, so a
-pretrained encoder cannot infer the mapping from a few labelled examples (a fresh LoRA on the base
-with 256 of them, 40 steps: ~0.45 on test, against 0.96-0.99 for the update trained on all 512).
+ordinary words (each one token of MiniLM's vocabulary) to the four classes, drawn from the seed, with
+`topic` and `object` as partners. A sentence carries one key word (said twice) among filler words;
+validation and test sentences reuse the training sentences' key words in new sentences. Nothing
+about a key word tells its class, so a pretrained encoder cannot infer the mapping from a few
+labelled examples (the audit's repair reference with 256 of them: ~0.55 on test, base ~0.25, against
+~1.0 for the update trained on all 512; README, "A task worth stealing").
 """
 
+import functools
+import os
 import random
 from dataclasses import dataclass
 
@@ -81,7 +84,6 @@ TASK_SETS: dict[str, dict[str, dict[str, list[str]]]] = {
 TASK_SETS["lexicon"] = {task: TASK_SETS["demo"][task] for task in ("topic", "object")}
 LEXICON_SIZE = 240  # key words of the lexicon task, a multiple of the 4 classes
 LEXICON = ("lexicon", ("amber", "basalt", "cobalt", "denim"))
-_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 FILLERS = (
     "morning evening report story note letter message picture video photo small large old new quiet busy "
@@ -99,8 +101,10 @@ TEMPLATES = (
     "they kept talking about {w1} {f1} {w2}",
 )
 
-# The lexicon tasks' templates: one key word `w1`, said twice (it is a third of a mean-pooled
-# sentence then, so a LoRA learns the mapping in ~200 steps rather than ~400), among fillers.
+# The lexicon tasks' templates: one key word `w1`, said twice among fillers (about a third of the
+# mean-pooled sentence). Said three times with fewer fillers, the update merges better but is robust
+# to re-scaling (alone at s = 1/3: 1.0) and trains faster for repair too; said once, repair is harder
+# but merges keep under 60 % of its gain (README, "A task worth stealing").
 LEXICON_TEMPLATES = (
     "a {f1} about {w1}, yes {w1}",
     "{w1} again: the {f1} mentioned {w1}",
@@ -157,18 +161,37 @@ def make_task_set(task_set: str = "demo", seed: int = 0, sizes: dict[str, int] |
     return tasks
 
 
-def lexicon_words() -> list[str]:
-    """The invented key words of the lexicon task: LEXICON_SIZE distinct three-syllable words drawn
-    from a fixed generator (not the seed), none a cue word of any word-list task."""
-    rng = random.Random("trap2-lexicon")
-    taken = {w for tasks in TASK_SETS.values() for classes in tasks.values() for ws in classes.values() for w in ws}
-    words: list[str] = []
-    while len(words) < LEXICON_SIZE:
-        word = "".join(rng.choice(_SYLLABLES) for _ in range(3))
-        if word not in taken:
-            taken.add(word)
-            words.append(word)
-    return words
+def lexicon_words(size: int | None = None) -> list[str]:
+    """The key words of the lexicon task: `size` (default LEXICON_SIZE) distinct ordinary words, each
+    one token of MiniLM's wordpiece vocabulary (alphabetic, 4-10 letters), drawn by a fixed generator
+    (not the seed) and none a cue, filler or template word of the other tasks."""
+    size = size or LEXICON_SIZE
+    candidates = [w for w in _vocabulary() if w.isascii() and w.isalpha() and w.islower() and 4 <= len(w) <= 10]
+    taken = _cue_words() | set(FILLERS) | _template_words()
+    candidates = sorted(set(candidates) - taken)
+    if size > len(candidates):
+        raise ValueError(f"Asked for {size} lexicon words; the vocabulary offers {len(candidates)}.")
+    return random.Random("trap2-lexicon").sample(candidates, size)
+
+
+@functools.lru_cache(maxsize=1)
+def _vocabulary() -> tuple[str, ...]:
+    """The whole-word entries of MiniLM's vocab.txt, in file order."""
+    from .model import minilm_path
+
+    with open(os.path.join(minilm_path(), "vocab.txt"), encoding="utf-8") as handle:
+        return tuple(line.strip() for line in handle if line.strip() and not line.startswith("##"))
+
+
+def _cue_words() -> set[str]:
+    return {w for tasks in TASK_SETS.values() for classes in tasks.values() for ws in classes.values() for w in ws}
+
+
+def _template_words() -> set[str]:
+    text = " ".join(TEMPLATES + LEXICON_TEMPLATES)
+    for mark in "{},:":
+        text = text.replace(mark, " ")
+    return set(text.split())
 
 
 def lexicon_classes(words: list[str], labels: tuple[str, ...], seed: int) -> dict[str, list[str]]:
