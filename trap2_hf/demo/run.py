@@ -7,7 +7,7 @@ writes audit.json, audit.md and audit.png. CPU only, no network.
     trap2 demo --output_dir demo_output
     trap2 demo --output_dir demo_output --seed 1 --trap_lambda 0.1      # any protection setting
     trap2 demo --task_set heldout --protected_task emotion               # the other task set
-    trap2 demo --task_set lexicon --twin_steps 200 --protected_max_steps 1000  # a task worth stealing
+    trap2 demo --task_set lexicon --twin_steps 200                      # a task worth stealing
 
 The protected update uses the library's default protection settings (`Trap2Settings`; every field
 is a flag) and trains until its re-scale curve on validation data shows the trap on both sides of
