@@ -103,8 +103,8 @@ TEMPLATES = (
 
 # The lexicon tasks' templates: one key word `w1`, said twice among fillers (about a third of the
 # mean-pooled sentence). Said three times with fewer fillers, the update merges better but is robust
-# to re-scaling (alone at s = 1/3: 1.0) and trains faster for repair too; said once, repair is harder
-# but merges keep under 60 % of its gain (README, "A task worth stealing").
+# to re-scaling (alone at s = 1/3: 1.0, no trap forms) and repair from the base gets easier; said
+# once, repair is harder but merges keep under 60 % of its gain (README, "A task worth stealing").
 LEXICON_TEMPLATES = (
     "a {f1} about {w1}, yes {w1}",
     "{w1} again: the {f1} mentioned {w1}",
