@@ -139,8 +139,21 @@ def summarize(audit: dict, task: str) -> dict:
                 row[f"{method}/informed_{objective}"] = None if pick is None else pick["test"][task]
                 row[f"{method}/informed_{objective}_weights"] = None if pick is None else pick["config"]["weights"]
     row.update(repair_cells(audit, "protected"))
+    row.update(benign_cells(audit, "protected"))
     row["repair_reference"] = repair_cells(audit, "reference")
     return row
+
+
+def benign_cells(audit: dict, variant: str) -> dict:
+    """The guard (the audit's `benign` section): the update alone, folded into the base, under each
+    benign perturbation; for the protected update also whether it holds within a point of its twin."""
+    section = audit.get("benign")
+    if not section or not section.get(variant):
+        return {}
+    cells = {f"benign/{p}": value for p, value in section[variant].items()}
+    if variant == "protected" and section["held"] is not None:
+        cells["benign/held"] = section["all_held"]
+    return cells
 
 
 def repair_cells(audit: dict, run: str) -> dict:
@@ -168,6 +181,7 @@ def summarize_twin(audit: dict, task: str) -> dict:
                 pick = picks.get("unprotected")
                 out[f"{entry['method']}/informed_{objective}"] = None if pick is None else pick["test"][task]
     out.update(repair_cells(audit, "unprotected"))
+    out.update(benign_cells(audit, "unprotected"))
     return out
 
 
@@ -241,11 +255,34 @@ def report(results: list[dict]) -> str:
              for r in results if r.get("twin_merges")]
     if twins:
         lines.append("Twin in the protected update's place: " + "; ".join(twins) + ".")
+    benign = benign_table(results)
+    if benign:
+        lines += ["", benign]
     repair = repair_columns(results)
     if repair:
         lines += ["", repair_table(results, repair)]
     lines.append("")
     lines.append(paired(results, shown + repair))
+    return "\n".join(lines)
+
+
+def benign_table(results: list[dict]) -> str:
+    """The guard: each variant and the twin alone under the benign perturbations (the audit's `benign`)."""
+    perturbations = list(dict.fromkeys(key.split("/", 1)[1] for r in results for v in r["variants"].values()
+                                       for key in v if key.startswith("benign/") and key != "benign/held"))
+    if not perturbations:
+        return ""
+    lines = ["The update alone, folded into the base, under benign perturbations (protected-task test accuracy; "
+             "holds: no perturbation puts it more than 1 point below the twin under the same one):", "",
+             "| task set | seed | run | " + " | ".join(perturbations) + " | holds |", "|" + "---|" * (len(perturbations) + 4)]
+    for r in results:
+        runs = [(name, row) for name, row in r["variants"].items()] + [("twin", r.get("twin_merges", {}))]
+        for label, cells in runs:
+            if any(f"benign/{p}" in cells for p in perturbations):
+                held = cells.get("benign/held")
+                lines.append("| " + " | ".join([r["task_set"], str(r["seed"]), label,
+                                                *(_fmt(cells.get(f"benign/{p}")) for p in perturbations),
+                                                "–" if held is None else ("yes" if held else "no")]) + " |")
     return "\n".join(lines)
 
 
