@@ -179,7 +179,8 @@ def test_report_files_and_table(adapter_audit, tmp_path):
     with open(paths["md"]) as f:
         assert table in f.read()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 2 + len(results["methods"])
+    benign = 1 + len(results["benign"]["perturbations"])  # the guard's table: header and one row per perturbation
+    assert len(rows) == 1 + 2 + len(results["methods"]) + benign
     ta = next(e for e in results["methods"] if e["method"] == "task_arithmetic" and e["mode"] == "average")
     assert f"| task_arithmetic | average | w=0.333 | {ta['protected']['t0']:.3f} |" in table
 

@@ -24,6 +24,7 @@ import os
 import sys
 
 from . import methods as registry
+from .benign import PERTURBATIONS
 from .informed import InformedSettings
 from .kinds import AUDITED_KINDS, audited_kind
 from .repair import RepairSettings
@@ -101,6 +102,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--repair_methods", nargs="+", default=list(repair.methods), help="Repair: weight-space merges repaired."
     )
+    parser.add_argument(
+        "--benign", nargs="*", choices=PERTURBATIONS, default=list(PERTURBATIONS),
+        help="The guard: the protected update alone, folded into the base, with its weights as they are (float32), "
+        "cast to bfloat16 / float16, or 8-bit (int8) quantised, against its twin under each; no name: no check.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the randomised merges (DARE) and the search.")
     parser.add_argument("--device", default="auto", help="Model device: auto (cuda if available), cpu, cuda, ...")
     parser.add_argument("--output_dir", default="audit", help="Folder for audit.json, audit.md and audit.png.")
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tasks, args.protected_task, protected, unprotected, other_updates,
         target=args.target, methods=args.methods, modes=tuple(args.modes),
         sweep_scales=tuple(args.sweep_scales), seed=args.seed, progress=not args.no_progress,
-        informed=informed,
+        informed=informed, benign=tuple(args.benign),
         repair=None if not args.repair_ks else RepairSettings(
             ks=tuple(args.repair_ks), steps=args.repair_steps, learning_rate=args.repair_learning_rate,
             batch_size=args.repair_batch_size, rank=args.repair_rank, methods=tuple(args.repair_methods),

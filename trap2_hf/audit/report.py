@@ -55,6 +55,7 @@ def format_table(results: dict) -> str:
         )
     for skipped in results.get("skipped", []):
         lines.append(f"\nSkipped `{skipped['method']}`: {skipped['reason']}")
+    lines += _benign_table(results)
     lines += _repair_table(results)
     return "\n".join(lines)
 
@@ -165,6 +166,31 @@ def _repair_table(results: dict) -> list[str]:
                 f"{_f(row['before'].get(run))} → {_f(after.get(run))}" for run in ("protected", "unprotected", "reference")
             ]
             lines.append(f"| {row['method']} | {row['stage']} | {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _benign_table(results: dict) -> list[str]:
+    """The `benign` section (the update alone under benign perturbations, see benign.py), or nothing."""
+    section = results.get("benign")
+    if not section:
+        return []
+    task = results["protected_task"]
+    twin = section["unprotected"]
+    lines = [
+        "",
+        f"Benign perturbations of the update folded into the base (`{task}`, {section['reference'] or 'no'} "
+        f"reference; holds: at most {section['tolerance'] * 100:g} point below it):",
+        "",
+        "| weights | protected | twin | gap | holds |",
+        "|---|---:|---:|---:|:---:|",
+    ]
+    for p in section["perturbations"]:
+        gap = section["gap"][p] if section["gap"] else None
+        held = "–" if section["held"] is None else ("✓" if section["held"][p] else "✗")
+        lines.append(
+            f"| {p} | {_f(section['protected'][p])} | {_f(twin and twin[p])} | "
+            f"{'–' if gap is None else f'{gap:+.3f}'} | {held} |"
+        )
     return lines
 
 

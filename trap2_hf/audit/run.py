@@ -10,6 +10,8 @@ and the updates of other tasks on the same base, the audit measures every task o
   informed attacker's `informed` (per-update weights around the released update's nominal scale) and
   `search` (a budgeted random search), see `informed.py`. Each merge is run once with the protected
   update and once with the twin in its place;
+- the guard (`benign.py`): the update alone folded into the base under benign perturbations (half-precision
+  casts, 8-bit weights), against its twin under the same perturbation;
 - optionally, post-merge repair (`repair.py`): a fresh LoRA fine-tuned on k labelled examples of the
   protected task on the merged weights, against the same fine-tune without the released update.
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import benign as benign_check
 from . import informed as informed_attack
 from . import methods as registry
 from .auditor import MERGED_ADAPTER, REPORT_SPLIT, SEARCH_SPLIT, _AttackContext, _Auditor, _MergeUnsupported
@@ -71,6 +74,7 @@ def run_audit(
     progress: bool = True,
     informed: InformedSettings | None = None,
     repair=None,
+    benign: tuple = benign_check.PERTURBATIONS,
 ) -> dict:
     """Run the audit and return the content of `audit.json`.
 
@@ -79,7 +83,8 @@ def run_audit(
     `model` is the base model (its current weights are theta0) and they are fine-tuned states
     `{parameter name: tensor}`. `unprotected` may be None. `methods` defaults to every registered
     method that applies to `target`. `informed` sets the informed attacker's grids and budget (default
-    `InformedSettings()`); `repair` (a `RepairSettings`) adds the post-merge repair section.
+    `InformedSettings()`); `repair` (a `RepairSettings`) adds the post-merge repair section; `benign`
+    names the perturbations of the update alone in the `benign` section (empty: no section).
     """
     chosen = _check_arguments(model, tasks, protected_task, protected, unprotected, others, target, methods, modes)
     informed = informed or InformedSettings()
@@ -93,8 +98,9 @@ def run_audit(
     attacked = any(mode in informed_attack.MODES for mode in modes)
     if repair is not None:
         repair.check(tasks, protected_task, target, chosen)
+    benign = benign_check.check_perturbations(benign or ())
     total = (
-        1 + len(others) + len(variants) * (1 + len(sweep_scales)) + attacked * (1 + len(others))
+        1 + len(others) + len(variants) * (1 + len(sweep_scales) + len(benign)) + attacked * (1 + len(others))
         + len(variants) * sum(_evaluations(name, modes, informed) for name in chosen)
     )
     with auditor.session(total, progress):
@@ -105,6 +111,7 @@ def run_audit(
             v: [auditor.score(lambda v=v, s=s: auditor.rescaled(v, s), protected_task) for s in sweep_scales]
             for v in variants
         }
+        guard = benign_check.run_benign(auditor, variants, protected_task, benign) if benign else None
         references = {REPORT_SPLIT: {"base": base, "finetuned": finetuned}}
         if attacked:
             references[SEARCH_SPLIT] = {
@@ -158,6 +165,8 @@ def run_audit(
             "declared": {name: registry.get(name).describe() for name in chosen},
         },
     }
+    if guard is not None:
+        results["benign"] = guard
     if repaired is not None:
         results["repair"] = repaired
     results["attacks"] = attack_rows(results)
