@@ -229,7 +229,7 @@ def test_default_settings_protect_on_the_task_set_nobody_tuned_them_on(tmp_path)
     from trap2_hf.audit.run import run_audit
     from trap2_hf.demo.pipeline import DemoArguments, audit_tasks, build, train_all
 
-    sizes = {"train": 256, "validation": 32, "test": 100}
+    sizes = {"train": 256, "validation": 32, "test": 200}
     demo = DemoArguments(output_dir=str(tmp_path), task_set="heldout", steps=60, protected_max_steps=300)
     setup = build("heldout", None, seed=0, sizes=sizes)
     training = train_all(setup, demo, Trap2Settings())
