@@ -136,7 +136,7 @@ class Trap2Settings:
             "('dare': random drop-and-rescale, 'prune': magnitude top-k, 'factor_dare': drop-and-rescale of each "
             "LoRA factor at weight sqrt(w) each) and at most one partner ('foreign': the trap_foreign_adapters "
             "added at coefficients c_j, 'synthetic': a random low-rank update of the layer's own dW norm times c), "
-            "joined by '+', e.g. 'dare,synthetic' or 'dare+foreign'. LoRA adapters only; needs trap_mode='two_pass'."
+            "joined by '+', e.g. 'dare,synthetic' or 'dare+foreign'. LoRA adapters only; trap_mode 'fused' or 'two_pass'."
         },
     )
     trap_offray_lambda: float | None = field(

@@ -152,8 +152,8 @@ def check_offray_settings(settings) -> None:
                 f"trap_offray / trap_guard_lambda transform a LoRA adapter's weights; trap_target="
                 f"{settings.trap_target!r} is not supported. Use trap_target='adapter' with a LoRA adapter, or drop them."
             )
-        if settings.trap_mode in ("sub_batch", "fused"):
+        if settings.trap_mode == "sub_batch":
             raise ValueError(
                 f"trap_offray / trap_guard_lambda run extra full passes, which trap_mode={settings.trap_mode!r} "
-                "does not; use trap_mode='two_pass'."
+                "does not; use trap_mode='fused' or 'two_pass'."
             )
