@@ -3,6 +3,7 @@ paired by seed, on the embedded demo (MiniLM, synthetic word-list tasks; CPU, no
 
     OMP_NUM_THREADS=1 python benchmarks/informed_protection.py --seeds 0 1 2 --output_dir runs/informed
     python benchmarks/informed_protection.py --report runs/informed          # the tables again, from the JSON
+    python benchmarks/informed_protection.py --report runs/informed runs/other  # variants merged across folders
 
 Per seed, one set-up (tasks, heads, adapter initialisations) is built, the unprotected twin and the
 partners' plain updates are trained once, and each variant trains the protected update from the same
@@ -10,7 +11,9 @@ initialisation (the demo's protocol: until the validation re-scale curve shows t
 steps), then is audited on the test split: the update alone (vs its twin), task arithmetic at weights
 1/N (`average`) and at the best shared weight (`best`), the informed grid on task arithmetic with both
 objectives (best mean; the headline: best protected-task accuracy among merges in which every other
-task keeps >= 60 % of its gain), and `peft_cat` average/best. No variant here trains against a partner
+task keeps >= 60 % of its gain), `peft_cat` average/best and informed (both objectives), and post-merge
+repair (a fresh LoRA on k labelled examples, after the naive merge and after the informed pick, against
+the same merge without the released update, `reference`). No variant here trains against a partner
 pool, so every partner in the audit is held out. A seed's results go to OUTPUT_DIR/<task set>_seed<seed>.json
 after each variant; a variant already there is not run again (all is seeded: the set-up is the same).
 
@@ -21,7 +24,6 @@ measured seconds per step are printed too, but they were measured on a shared ma
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -57,6 +59,7 @@ def run_seed(seed: int, variants: list[str], args, log) -> dict:
     from trap2_hf.demo.variants import _adapter_state, _load_adapter_state
     from trap2_hf.settings import Trap2Settings
 
+    started = time.perf_counter()
     torch.manual_seed(seed)
     scratch = tempfile.mkdtemp(prefix=f"informed_seed{seed}_")
     demo = DemoArguments(
@@ -89,6 +92,8 @@ def run_seed(seed: int, variants: list[str], args, log) -> dict:
             result["twin"] = audit["standalone"]["unprotected"]
             result["twin_merges"] = summarize_twin(audit, setup.protected_task)
         result["variants"][name] = row
+        result.setdefault("seconds", {})[name] = time.perf_counter() - started  # set-up included, under load
+        started = time.perf_counter()
         log(f"[informed] seed {seed} {name}: " + json.dumps({k: v for k, v in row.items() if k != "settings"}))
         save(args.output_dir, result)
     return result
@@ -133,9 +138,24 @@ def summarize(audit: dict, task: str) -> dict:
                 pick = picks.get("protected")
                 row[f"{method}/informed_{objective}"] = None if pick is None else pick["test"][task]
                 row[f"{method}/informed_{objective}_weights"] = None if pick is None else pick["config"]["weights"]
-    if "repair" in audit:
-        row["repair"] = audit["repair"]
+    row.update(repair_cells(audit, "protected"))
+    row["repair_reference"] = repair_cells(audit, "reference")
     return row
+
+
+def repair_cells(audit: dict, run: str) -> dict:
+    """The protected-task test accuracy of one repair run ("protected", "unprotected" or "reference",
+    the same merge without the released update) before repair and after it with each k, per method and
+    stage (`average`: the naive merge; `informed`: the informed attacker's pick)."""
+    cells = {}
+    for entry in audit.get("repair", {}).get("rows", []):
+        prefix = f"repair/{entry['method']}/{entry['stage']}"
+        if run not in entry["before"]:
+            continue
+        cells[f"{prefix}/before"] = entry["before"][run]
+        for k, scores in entry["after"].items():
+            cells[f"{prefix}/k{k}"] = scores[run]
+    return cells
 
 
 def summarize_twin(audit: dict, task: str) -> dict:
@@ -144,8 +164,10 @@ def summarize_twin(audit: dict, task: str) -> dict:
         if entry["mode"] in ("average", "best") and entry.get("unprotected"):
             out[f"{entry['method']}/{entry['mode']}"] = entry["unprotected"][task]
         elif entry["mode"] == "informed":
-            pick = entry["objectives"]["constrained"].get("unprotected")
-            out[f"{entry['method']}/informed_constrained"] = None if pick is None else pick["test"][task]
+            for objective, picks in entry["objectives"].items():
+                pick = picks.get("unprotected")
+                out[f"{entry['method']}/informed_{objective}"] = None if pick is None else pick["test"][task]
+    out.update(repair_cells(audit, "unprotected"))
     return out
 
 
@@ -177,7 +199,10 @@ COLUMNS = (
     ("task_arithmetic/informed_constrained", "TA informed ≥60 %"),
     ("peft_cat/average", "peft_cat 1/N"),
     ("peft_cat/best", "peft_cat best"),
+    ("peft_cat/informed_mean", "peft_cat informed mean"),
+    ("peft_cat/informed_constrained", "peft_cat informed ≥60 %"),
 )
+REPAIR_STAGES = (("average", "naive"), ("informed", "informed pick"))
 
 
 def _fmt(value) -> str:
@@ -185,10 +210,10 @@ def _fmt(value) -> str:
 
 
 def goal(row: dict, twin: float, default_passes: float) -> bool:
-    """The issue's goal: the informed headline at or below the ceiling, alone within 1 point of the twin,
-    at most 2x the default's passes."""
-    headline = row.get("task_arithmetic/informed_constrained")
-    held = headline is None or headline <= row["ceiling"] + 1e-9
+    """The issue's goal: every attacked method's informed headline at or below the ceiling, alone within
+    1 point of the twin, at most 2x the default's passes."""
+    headlines = [v for k, v in row.items() if k.endswith("/informed_constrained") and v is not None]
+    held = all(headline <= row["ceiling"] + 1e-9 for headline in headlines)
     return held and abs(row["alone"] - twin) <= 0.01 + 1e-9 and row["passes_per_step"] <= 2 * default_passes + 1e-9
 
 
@@ -210,12 +235,50 @@ def report(results: list[dict]) -> str:
                        for r in results})
     lines.append("")
     lines.append("Ceiling max(base, chance) + 5 points: " + "; ".join(ceilings) + ".")
-    twins = [f"{r['task_set']} seed {r['seed']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["twin_merges"].items())
+    keys = {key for key, _ in shown}
+    twins = [f"{r['task_set']} seed {r['seed']}: "
+             + ", ".join(f"{k} {_fmt(v)}" for k, v in r["twin_merges"].items() if k in keys)
              for r in results if r.get("twin_merges")]
     if twins:
         lines.append("Twin in the protected update's place: " + "; ".join(twins) + ".")
+    repair = repair_columns(results)
+    if repair:
+        lines += ["", repair_table(results, repair)]
     lines.append("")
-    lines.append(paired(results, shown))
+    lines.append(paired(results, shown + repair))
+    return "\n".join(lines)
+
+
+def repair_columns(results: list[dict]) -> list[tuple[str, str]]:
+    """The repair cells present in `results`, in (method, stage, before, k ascending) order."""
+    present = {key for r in results for v in r["variants"].values() for key in v if key.startswith("repair/")}
+    methods = sorted({key.split("/")[1] for key in present})
+    ks = sorted({int(key.rsplit("/k", 1)[1]) for key in present if "/k" in key})
+    columns = []
+    for method in methods:
+        for stage, label in REPAIR_STAGES:
+            for cell, head in (("before", "before"), *((f"k{k}", f"k={k}") for k in ks)):
+                key = f"repair/{method}/{stage}/{cell}"
+                if key in present:
+                    columns.append((key, f"{method} {label} {head}"))
+    return columns
+
+
+def repair_table(results: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Post-merge repair: the protected task after a fresh LoRA on k labelled examples, for each
+    variant, for the same merge without the released update (`reference`) and with the twin."""
+    lines = ["Post-merge repair (protected-task test accuracy; reference = the same merge without the released "
+             "update, what the attacker has without it):", "",
+             "| task set | seed | run | " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * (len(columns) + 3)]
+    for r in results:
+        runs = []
+        for name, row in r["variants"].items():
+            runs += [(name, row), (f"{name}: reference", row.get("repair_reference", {}))]
+        runs.append(("twin", r.get("twin_merges", {})))
+        for label, cells in runs:
+            if any(key in cells for key, _ in columns):
+                lines.append("| " + " | ".join([r["task_set"], str(r["seed"]), label,
+                                                *(_fmt(cells.get(key)) for key, _ in columns)]) + " |")
     return "\n".join(lines)
 
 
@@ -245,13 +308,28 @@ def paired(results: list[dict], shown) -> str:
     return "\n".join(lines)
 
 
-def load(folder: str) -> list[dict]:
-    results = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".json"):
+def load(*folders: str) -> list[dict]:
+    """The results in `folders`, one per (task set, seed): variants of the same (task set, seed) from
+    several folders are merged (another helper's variants pair with this folder's default); where two
+    folders hold the same variant, the first folder's is kept."""
+    merged: dict[tuple, dict] = {}
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".json"):
+                continue
             with open(os.path.join(folder, name)) as handle:
-                results.append(json.load(handle))
-    return results
+                result = json.load(handle)
+            key = (result["task_set"], result["seed"])
+            if key not in merged:
+                merged[key] = result
+                continue
+            into = merged[key]
+            for variant, row in result["variants"].items():
+                into["variants"].setdefault(variant, row)
+            for field in ("twin", "twin_merges"):
+                if field not in into and field in result:
+                    into[field] = result[field]
+    return list(merged.values())
 
 
 def main(argv=None) -> int:
@@ -261,16 +339,18 @@ def main(argv=None) -> int:
     parser.add_argument("--task_set", default="demo")
     parser.add_argument("--protected_task", default=None)
     parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "peft_cat"])
-    parser.add_argument("--informed_methods", nargs="+", default=["task_arithmetic"])
-    parser.add_argument("--repair_ks", type=int, nargs="*", default=[])
+    parser.add_argument("--informed_methods", nargs="+", default=["task_arithmetic", "peft_cat"])
+    parser.add_argument("--repair_ks", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--output_dir", default="informed_protection")
     parser.add_argument("--cost_rounds", type=int, default=0,
                         help="Instead of the audit: seconds per step of the variants, side by side, this many rounds.")
     parser.add_argument("--cost_steps", type=int, default=20)
-    parser.add_argument("--report", default=None, help="Only print the tables of the JSON files in this folder.")
+    parser.add_argument("--report", nargs="+", default=None,
+                        help="Only print the tables of the JSON files in these folders (variants of one task set "
+                        "and seed merged across folders).")
     args = parser.parse_args(argv)
     if args.report:
-        print(report(load(args.report)))
+        print(report(load(*args.report)))
         return 0
     if args.variants[0] != "default":
         parser.error("--variants must start with 'default': the others are compared to it, paired by seed.")
