@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+NOMINAL = {"trap_offray_weight_min": 0.85, "trap_offray_weight_max": 1.15, "trap_foreign_coef_min": 0.2,
+           "trap_foreign_coef_max": 1.0}
 VARIANTS = {
     "default": {},
     "worst": {"trap_scale_candidates": 4},
@@ -39,7 +41,14 @@ VARIANTS = {
     # At chance-level loss a row's prediction is near uniform but its argmax can still be right: a cap above it.
     "capped_2x": {"trap_ascent": "capped", "trap_ascent_cap": 2 * math.log(4)},
     "worst_capped": {"trap_scale_candidates": 4, "trap_ascent": "capped", "trap_ascent_cap": math.log(4)},
+    # Off the ray, at the informed attacker's point: the own update at weight 0.85-1.15 plus partners at 0.2-1
+    # (one off-ray pass per step, after the fused pass). 'pseudo': the library's pseudo-partners (short LoRA
+    # fine-tunes on the protected task's inputs, random labels, each through its own random head), never a real task.
+    "pseudo": {"trap_offray": "foreign", **NOMINAL},
+    "spectral": {"trap_offray": "spectral", **NOMINAL},
 }
+# Variants whose 'foreign' partners are pseudo-partners made before training: (how many, steps each).
+PSEUDO_PARTNERS = {"pseudo": (3, 40)}
 FORWARD_ONLY = 1 / 3  # a forward without backward, in passes
 MARGIN = 0.05
 
@@ -49,7 +58,10 @@ def passes_per_step(settings: dict) -> float:
     share = settings.get("trap_rescaled_fraction") or 0.25 / settings.get("trap_scales_per_step", 2)
     passes = 1 + settings.get("trap_scales_per_step", 2) * share
     candidates = settings.get("trap_scale_candidates", 0)
-    return passes + candidates * settings.get("trap_candidate_fraction", 0.25) * FORWARD_ONLY
+    passes += candidates * settings.get("trap_candidate_fraction", 0.25) * FORWARD_ONLY
+    if settings.get("trap_offray"):  # one forward/backward per off-ray pass, over the whole micro-batch
+        passes += settings.get("trap_offray_per_step", 1)
+    return passes
 
 
 def run_seed(seed: int, variants: list[str], args, log) -> dict:
@@ -75,9 +87,10 @@ def run_seed(seed: int, variants: list[str], args, log) -> dict:
     for name in variants:
         if name in result["variants"]:  # measured by an earlier run of this seed (same set-up: all is seeded)
             continue
-        settings = Trap2Settings(**VARIANTS[name])
-        settings.validate_trap_settings()
         _load_adapter_state(setup.model, initial)
+        pseudo = pseudo_partners(setup, seed, name, scratch)
+        settings = Trap2Settings(**VARIANTS[name], **({"trap_foreign_adapters": pseudo} if pseudo else {}))
+        settings.validate_trap_settings()
         run = train_protected(setup, demo, settings, log)["runs"][-1]
         start = time.perf_counter()
         first = "twin" not in result
@@ -97,6 +110,28 @@ def run_seed(seed: int, variants: list[str], args, log) -> dict:
         log(f"[informed] seed {seed} {name}: " + json.dumps({k: v for k, v in row.items() if k != "settings"}))
         save(args.output_dir, result)
     return result
+
+
+def pseudo_partners(setup, seed: int, variant: str, scratch: str) -> list[str]:
+    """The folders of the variant's pseudo-partners (`make_pseudo_partners`), each trained through its own random
+    head on the protected task's training inputs with random labels; none for a variant without them."""
+    if variant not in PSEUDO_PARTNERS:
+        return []
+    from trap2_hf.demo import model as demo_model
+    from trap2_hf.offray import make_pseudo_partners
+
+    count, steps = PSEUDO_PARTNERS[variant]
+    task = setup.protected_task
+    rows = demo_model.EncodedDataset(setup.data[task]["train"])
+    hidden, num_labels = setup.heads[task].in_features, setup.heads[task].out_features
+    folders = []
+    for k in range(count):
+        head = demo_model.random_head(hidden, num_labels, 7_000_000 + 1000 * seed + k)
+        folders += make_pseudo_partners(
+            demo_model.TaskClassifier(setup.model, head), rows, os.path.join(scratch, f"pseudo_{k}"), n=1,
+            steps=steps, seed=1000 * seed + k, collate_fn=demo_model.trimmed_collate, adapter=setup.protected,
+        )
+    return folders
 
 
 def measure_cost(variants: list[str], rounds: int, steps: int, log) -> dict:

@@ -48,3 +48,5 @@ OFFRAY = Stream("offray", (1_000_033, 104_729), 99_991)
 GUARD = Stream("guard", (7_777_777, 31_337), 17, 2**62)
 # (pass seed, layer index): an off-ray pass's masks and noise in one layer.
 OFFRAY_LAYER = Stream("offray_layer", (1, 1_000_000_007))
+# (run seed, partner index): a pseudo-partner's initialisation, random labels and batches (`offray/pseudo.py`).
+PSEUDO = Stream("pseudo", (1_000_037, 15_485_863), 424_242)

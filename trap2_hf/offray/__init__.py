@@ -17,7 +17,7 @@ A term is an own-update transform, a partner, or both joined by '+':
 
 The package, by reason to change: `terms.py` (the names and the ranges each draws from; pure data, which the
 settings validate against), `draws.py` (a step's draws), `transforms.py` (one stateless function per part),
-`foreign.py` (loading other adapters), `context.py` (`offray_layers`, `offray_update`). Adding a term: its part in
+`foreign.py` (loading other adapters), `pseudo.py` (partners the library makes itself), `context.py` (`offray_layers`, `offray_update`). Adding a term: its part in
 `terms.py` and its function in `transforms.py`.
 
 Inside `offray_update(model, draw)` every LoRA Linear layer of the trained adapter computes
@@ -46,6 +46,7 @@ _EXPORTS = {
     "canonical_path": ".foreign",
     "load_foreign_update": ".foreign",
     "matched_foreign_updates": ".foreign",
+    "make_pseudo_partners": ".pseudo",
     "offray_layers": ".context",
     "offray_update": ".context",
 }

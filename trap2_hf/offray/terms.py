@@ -48,7 +48,12 @@ OWN_PARTS = {
     )
 }
 PARTNER_PARTS = {
-    part.name: part for part in (Part("foreign", ("coef",), needs_foreign_adapters=True), Part("synthetic", ("coef",)))
+    part.name: part
+    for part in (
+        Part("foreign", ("coef",), needs_foreign_adapters=True),
+        Part("synthetic", ("coef",)),
+        Part("spectral", ("coef",)),
+    )
 }
 GUARD = "guard"
 GUARD_PART = Part(GUARD)
