@@ -13,13 +13,16 @@ steps), then is audited on the test split: the update alone (vs its twin), task 
 objectives (best mean; the headline: best protected-task accuracy among merges in which every other
 task keeps >= 60 % of its gain), `peft_cat` average/best and informed (both objectives), and post-merge
 repair (a fresh LoRA on k labelled examples, after the naive merge and after the informed pick, against
-the same merge without the released update, `reference`). No variant here trains against a partner
-pool, so every partner in the audit is held out. A seed's results go to OUTPUT_DIR/<task set>_seed<seed>.json
+the same merge without the released update, `reference`). No variant here trains against a real partner:
+the partner pools are synthetic ('spectral') or pseudo-partners the library trains on the protected task's own
+inputs with random labels ('pseudo'), so every partner in the audit is held out. A seed's results go to OUTPUT_DIR/<task set>_seed<seed>.json
 after each variant; a variant already there is not run again (all is seeded: the set-up is the same).
 
 Training cost per step is counted in passes over a micro-batch (a forward and backward over its b rows
 = 1; a forward alone = 1/3): the default fuses the re-scaled copies of a quarter of the rows into the
-nominal pass (1.25), worst-case scales add C forwards over trap_candidate_fraction of the rows. The
+nominal pass (1.25), worst-case scales (and worst-case off-ray draws) add C forwards over
+trap_candidate_fraction of the rows, an off-ray pass 1. Making pseudo-partners (n x steps plain steps, once
+before training) is not in the per-step count; it is in the JSON's "seconds". The
 measured seconds per step are printed too, but they were measured on a shared machine.
 """
 
@@ -46,9 +49,12 @@ VARIANTS = {
     # fine-tunes on the protected task's inputs, random labels, each through its own random head), never a real task.
     "pseudo": {"trap_offray": "foreign", **NOMINAL},
     "spectral": {"trap_offray": "spectral", **NOMINAL},
+    # The attacker's best response among the pool: 3 drawn partner terms evaluated without gradient, the ascent
+    # at the one where the task recovers most (3 x 1/4 of the rows x 1/3: 0.25 passes; 2.5 in all, the 2x limit).
+    "pseudo_worst": {"trap_offray": "foreign", "trap_offray_candidates": 3, **NOMINAL},
 }
 # Variants whose 'foreign' partners are pseudo-partners made before training: (how many, steps each).
-PSEUDO_PARTNERS = {"pseudo": (3, 40)}
+PSEUDO_PARTNERS = {"pseudo": (3, 40), "pseudo_worst": (3, 40)}
 FORWARD_ONLY = 1 / 3  # a forward without backward, in passes
 MARGIN = 0.05
 
@@ -61,6 +67,7 @@ def passes_per_step(settings: dict) -> float:
     passes += candidates * settings.get("trap_candidate_fraction", 0.25) * FORWARD_ONLY
     if settings.get("trap_offray"):  # one forward/backward per off-ray pass, over the whole micro-batch
         passes += settings.get("trap_offray_per_step", 1)
+        passes += settings.get("trap_offray_candidates", 0) * settings.get("trap_candidate_fraction", 0.25) * FORWARD_ONLY
     return passes
 
 

@@ -40,6 +40,8 @@ SCALES = Stream("scales", (1_000_003, 7_919), 12_345)
 # (run seed, optimizer step): the candidate scales of the best-response draw (`best_response.py`) and the rows they
 # are evaluated on; its own stream, so the step's random scales are not shifted by it.
 CANDIDATES = Stream("candidates", (1_000_003, 7_919), 12_345 + 7_777 * 1_000_003)
+# (run seed, optimizer step): the rows the candidate off-ray draws (`best_response_offray`) are evaluated on.
+OFFRAY_CANDIDATES = Stream("offray_candidates", (1_000_033, 104_729), 99_991 + 5_555 * 1_000_033)
 # (run seed, optimizer step, micro-batch): the rows each scale re-scales in sub_batch and fused modes.
 ROWS = Stream("rows", (1_000_003, 7_919, 104_729), 99_991)
 # (run seed, optimizer step): the off-ray terms' weights, keep rates, coefficients and per-pass seeds.

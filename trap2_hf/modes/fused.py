@@ -44,9 +44,8 @@ class Fused(TrapMode):
         check_rows_are_samples(inputs)
         batch_size = batch_size_of(inputs)
         coefficients = [trainer.trap_coefficient(scale, len(scales)) for scale in scales]
-        plan = FusedPlan.build(
-            batch_size, trainer._trap_next_rows(batch_size), scales, coefficients, args.trap_rescaled_fraction
-        )
+        rows = trainer._trap_next_rows(batch_size) if scales else []  # none with trap_lambda=0 and off-ray terms
+        plan = FusedPlan.build(batch_size, rows, scales, coefficients, args.trap_rescaled_fraction)
         plan.rescaled_cap = trainer._trap_ascent_cap
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         check = plan.num_copies > 0 and not self.checked
@@ -66,7 +65,8 @@ class Fused(TrapMode):
                 self.row_losses = dataclasses.replace(self.row_losses, **found)
                 self.checked = True
         trainer._trap_record("nominal_loss", nominal)
-        trainer._trap_record("rescaled_loss", plan.rescaled_loss(nominal))
+        if scales:
+            trainer._trap_record("rescaled_loss", plan.rescaled_loss(nominal))
         for k, scale in enumerate(scales):
             trainer._trap_record_scale(k, scale)
         if offray:

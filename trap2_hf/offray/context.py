@@ -71,7 +71,9 @@ def offray_update(
             scaling = layer.scaling[adapter]
             path, base = canonical_path(name), layer.get_base_layer().weight
 
-            def delta_forward(_original, x, lora_a=lora_a, lora_b=lora_b, scaling=scaling, index=index, path=path, base=base):
+            def delta_forward(
+                _original, x, lora_a=lora_a, lora_b=lora_b, scaling=scaling, index=index, path=path, base=base
+            ):
                 pairs = [(c, f.get(path, lora_a.weight)) for c, f in zip(draw.coefs, foreign)]
                 parts = layer_parts(lora_a.weight, lora_b.weight, scaling, draw, index, pairs, base=base)
                 return apply_parts(parts, x)

@@ -40,7 +40,10 @@ def make_pseudo_partners(
     peft_model = _peft_model_of(model)
     adapter = adapter or _active_adapter(peft_model)
     if adapter not in peft_model.peft_config:
-        raise ValueError(f"make_pseudo_partners: the model has no adapter {adapter!r}; it has {sorted(peft_model.peft_config)}.")
+        raise ValueError(
+            f"make_pseudo_partners: the model has no adapter {adapter!r}; it has {sorted(peft_model.peft_config)}. "
+            "Pass adapter= the name of the adapter to be protected."
+        )
     if not (isinstance(n, int) and n >= 1 and isinstance(steps, int) and steps >= 1):
         raise ValueError(f"make_pseudo_partners needs n >= 1 and steps >= 1 (integers), got n={n!r}, steps={steps!r}.")
     labels = torch.as_tensor([int(dataset[i]["labels"]) for i in range(len(dataset))])
@@ -108,7 +111,7 @@ def _train_pseudo(model, peft_model, name, dataset, labels, num_labels, steps, b
 def _peft_model_of(model: nn.Module):
     from peft import PeftModel
 
-    found = model if isinstance(model, PeftModel) else next((m for m in model.modules() if isinstance(m, PeftModel)), None)
+    found = next((m for m in model.modules() if isinstance(m, PeftModel)), None)  # model itself comes first
     if found is None:
         raise ValueError(
             f"make_pseudo_partners needs a PEFT LoRA model (a PeftModel, or a module holding one); got "

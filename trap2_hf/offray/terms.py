@@ -133,6 +133,17 @@ def check_offray_settings(settings) -> None:
             raise ValueError(f"{name} must be >= 0, got {value!r}.")
     if not (isinstance(settings.trap_offray_per_step, int) and settings.trap_offray_per_step >= 1):
         raise ValueError(f"trap_offray_per_step must be an integer >= 1, got {settings.trap_offray_per_step!r}.")
+    candidates = settings.trap_offray_candidates
+    if not (isinstance(candidates, int) and (candidates == 0 or candidates >= settings.trap_offray_per_step)):
+        raise ValueError(
+            f"trap_offray_candidates must be 0 (off) or an integer >= trap_offray_per_step "
+            f"({settings.trap_offray_per_step}), got {candidates!r}; e.g. trap_offray_candidates=4."
+        )
+    if candidates and not terms:
+        raise ValueError(
+            f"trap_offray_candidates={candidates} picks among off-ray draws, but trap_offray is empty. Set trap_offray "
+            "(e.g. trap_offray='synthetic') or drop trap_offray_candidates."
+        )
     for declared in RANGES.values():
         a, b = getattr(settings, declared.low), getattr(settings, declared.high)
         if not (a > 0 and a <= b):
