@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+import torch
+
 NOMINAL = {"trap_offray_weight_min": 0.85, "trap_offray_weight_max": 1.15, "trap_foreign_coef_min": 0.2,
            "trap_foreign_coef_max": 1.0}
 VARIANTS = {
@@ -72,8 +74,6 @@ def passes_per_step(settings: dict) -> float:
 
 
 def run_seed(seed: int, variants: list[str], args, log) -> dict:
-    import torch
-
     from trap2_hf.demo.run import DemoArguments, audit_setup, build, train_plain, train_protected
     from trap2_hf.demo.variants import _adapter_state, _load_adapter_state
     from trap2_hf.settings import Trap2Settings
@@ -103,6 +103,8 @@ def run_seed(seed: int, variants: list[str], args, log) -> dict:
         first = "twin" not in result
         audit = audit_setup(setup, demo, unprotected="twin" if first else None)
         row = summarize(audit, setup.protected_task)
+        if settings.trap_offray_terms:
+            row["pool_protected"] = pool_accuracy(setup, settings, seed)
         row.update(
             steps=run["steps"], trapped_at_step=run["trapped_at_step"], train_s=run["seconds"],
             s_per_step=run["seconds"] / max(run["steps"], 1), audit_s=time.perf_counter() - start,
@@ -139,6 +141,23 @@ def pseudo_partners(setup, seed: int, variant: str, scratch: str) -> list[str]:
             steps=steps, seed=1000 * seed + k, collate_fn=demo_model.trimmed_collate, adapter=setup.protected,
         )
     return folders
+
+
+def pool_accuracy(setup, settings, seed: int) -> float:
+    """The protected task's test accuracy in a merge drawn from the variant's own training pool: the update at 0.9
+    plus each of its partners at 0.75 (the informed attacker's usual pick, with the pool in the partners' place),
+    to tell a trap that does not form in the pool from one that forms there and does not reach held-out partners."""
+    from trap2_hf.demo import model as demo_model
+    from trap2_hf.offray import OffrayDraw, load_foreign_update, offray_layers, offray_update
+
+    foreign = [load_foreign_update(folder) for folder in settings.trap_foreign_adapters]
+    term = settings.trap_offray_terms[0]
+    draw = OffrayDraw(term, weight=0.9, coefs=(0.75,) * max(len(foreign), 1), seed=seed)
+    setup.model.set_adapter(setup.protected, inference_mode=True)
+    layers = offray_layers(setup.model, [setup.protected])
+    task = setup.protected_task
+    with torch.no_grad(), offray_update(setup.model, draw, foreign if foreign else (), layers):
+        return demo_model.accuracy(setup.model, setup.heads[task], setup.data[task]["test"])
 
 
 def measure_cost(variants: list[str], rounds: int, steps: int, log) -> dict:
@@ -243,6 +262,7 @@ COLUMNS = (
     ("peft_cat/best", "peft_cat best"),
     ("peft_cat/informed_mean", "peft_cat informed mean"),
     ("peft_cat/informed_constrained", "peft_cat informed ≥60 %"),
+    ("pool_protected", "own pool (0.9 + 0.75 each)"),
 )
 REPAIR_STAGES = (("average", "naive"), ("informed", "informed pick"))
 
