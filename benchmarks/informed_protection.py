@@ -13,13 +13,16 @@ steps), then is audited on the test split: the update alone (vs its twin), task 
 objectives (best mean; the headline: best protected-task accuracy among merges in which every other
 task keeps >= 60 % of its gain), `peft_cat` average/best and informed (both objectives), and post-merge
 repair (a fresh LoRA on k labelled examples, after the naive merge and after the informed pick, against
-the same merge without the released update, `reference`). No variant here trains against a partner
-pool, so every partner in the audit is held out. A seed's results go to OUTPUT_DIR/<task set>_seed<seed>.json
+the same merge without the released update, `reference`). No variant here trains against a real partner:
+the partner pools are synthetic ('spectral') or pseudo-partners the library trains on the protected task's own
+inputs with random labels ('pseudo'), so every partner in the audit is held out. A seed's results go to OUTPUT_DIR/<task set>_seed<seed>.json
 after each variant; a variant already there is not run again (all is seeded: the set-up is the same).
 
 Training cost per step is counted in passes over a micro-batch (a forward and backward over its b rows
 = 1; a forward alone = 1/3): the default fuses the re-scaled copies of a quarter of the rows into the
-nominal pass (1.25), worst-case scales add C forwards over trap_candidate_fraction of the rows. The
+nominal pass (1.25), worst-case scales (and worst-case off-ray draws) add C forwards over
+trap_candidate_fraction of the rows, an off-ray pass 1. Making pseudo-partners (n x steps plain steps, once
+before training) is not in the per-step count; it is in the JSON's "seconds". The
 measured seconds per step are printed too, but they were measured on a shared machine.
 """
 
@@ -32,6 +35,10 @@ import sys
 import tempfile
 import time
 
+import torch
+
+NOMINAL = {"trap_offray_weight_min": 0.85, "trap_offray_weight_max": 1.15, "trap_foreign_coef_min": 0.2,
+           "trap_foreign_coef_max": 1.0}
 VARIANTS = {
     "default": {},
     "worst": {"trap_scale_candidates": 4},
@@ -40,7 +47,17 @@ VARIANTS = {
     # At chance-level loss a row's prediction is near uniform but its argmax can still be right: a cap above it.
     "capped_2x": {"trap_ascent": "capped", "trap_ascent_cap": 2 * math.log(4)},
     "worst_capped": {"trap_scale_candidates": 4, "trap_ascent": "capped", "trap_ascent_cap": math.log(4)},
+    # Off the ray, at the informed attacker's point: the own update at weight 0.85-1.15 plus partners at 0.2-1
+    # (one off-ray pass per step, after the fused pass). 'pseudo': the library's pseudo-partners (short LoRA
+    # fine-tunes on the protected task's inputs, random labels, each through its own random head), never a real task.
+    "pseudo": {"trap_offray": "foreign", **NOMINAL},
+    "spectral": {"trap_offray": "spectral", **NOMINAL},
+    # The attacker's best response among the pool: 3 drawn partner terms evaluated without gradient, the ascent
+    # at the one where the task recovers most (3 x 1/4 of the rows x 1/3: 0.25 passes; 2.5 in all, the 2x limit).
+    "pseudo_worst": {"trap_offray": "foreign", "trap_offray_candidates": 3, **NOMINAL},
 }
+# Variants whose 'foreign' partners are pseudo-partners made before training: (how many, steps each).
+PSEUDO_PARTNERS = {"pseudo": (3, 40), "pseudo_worst": (3, 40)}
 FORWARD_ONLY = 1 / 3  # a forward without backward, in passes
 MARGIN = 0.05
 
@@ -50,12 +67,14 @@ def passes_per_step(settings: dict) -> float:
     share = settings.get("trap_rescaled_fraction") or 0.25 / settings.get("trap_scales_per_step", 2)
     passes = 1 + settings.get("trap_scales_per_step", 2) * share
     candidates = settings.get("trap_scale_candidates", 0)
-    return passes + candidates * settings.get("trap_candidate_fraction", 0.25) * FORWARD_ONLY
+    passes += candidates * settings.get("trap_candidate_fraction", 0.25) * FORWARD_ONLY
+    if settings.get("trap_offray"):  # one forward/backward per off-ray pass, over the whole micro-batch
+        passes += settings.get("trap_offray_per_step", 1)
+        passes += settings.get("trap_offray_candidates", 0) * settings.get("trap_candidate_fraction", 0.25) * FORWARD_ONLY
+    return passes
 
 
 def run_seed(seed: int, variants: list[str], args, log) -> dict:
-    import torch
-
     from trap2_hf.demo.run import DemoArguments, audit_setup, build, train_plain, train_protected
     from trap2_hf.demo.variants import _adapter_state, _load_adapter_state
     from trap2_hf.settings import Trap2Settings
@@ -77,9 +96,10 @@ def run_seed(seed: int, variants: list[str], args, log) -> dict:
         measured = result["variants"].get(name)  # by an earlier run of this seed (same set-up: all is seeded)
         if measured is not None and not (args.fill_benign and "benign/float32" not in measured):
             continue
-        settings = Trap2Settings(**VARIANTS[name])
-        settings.validate_trap_settings()
         _load_adapter_state(setup.model, initial)
+        pseudo = pseudo_partners(setup, seed, name, scratch)
+        settings = Trap2Settings(**VARIANTS[name], **({"trap_foreign_adapters": pseudo} if pseudo else {}))
+        settings.validate_trap_settings()
         run = train_protected(setup, demo, settings, log)["runs"][-1]
         if measured is not None:  # only the guard is missing: an audit of one naive merge carries it
             cheap = dataclasses.replace(demo, methods=["task_arithmetic"], modes=["average"], informed_methods=[],
@@ -95,6 +115,8 @@ def run_seed(seed: int, variants: list[str], args, log) -> dict:
         first = "twin" not in result
         audit = audit_setup(setup, demo, unprotected="twin" if first else None)
         row = summarize(audit, setup.protected_task)
+        if settings.trap_offray_terms:
+            row["pool_protected"] = pool_accuracy(setup, settings, seed)
         row.update(
             steps=run["steps"], trapped_at_step=run["trapped_at_step"], train_s=run["seconds"],
             s_per_step=run["seconds"] / max(run["steps"], 1), audit_s=time.perf_counter() - start,
@@ -109,6 +131,45 @@ def run_seed(seed: int, variants: list[str], args, log) -> dict:
         log(f"[informed] seed {seed} {name}: " + json.dumps({k: v for k, v in row.items() if k != "settings"}))
         save(args.output_dir, result)
     return result
+
+
+def pseudo_partners(setup, seed: int, variant: str, scratch: str) -> list[str]:
+    """The folders of the variant's pseudo-partners (`make_pseudo_partners`), each trained through its own random
+    head on the protected task's training inputs with random labels; none for a variant without them."""
+    if variant not in PSEUDO_PARTNERS:
+        return []
+    from trap2_hf.demo import model as demo_model
+    from trap2_hf.offray import make_pseudo_partners
+
+    count, steps = PSEUDO_PARTNERS[variant]
+    task = setup.protected_task
+    rows = demo_model.EncodedDataset(setup.data[task]["train"])
+    hidden, num_labels = setup.heads[task].in_features, setup.heads[task].out_features
+    folders = []
+    for k in range(count):
+        head = demo_model.random_head(hidden, num_labels, 7_000_000 + 1000 * seed + k)
+        folders += make_pseudo_partners(
+            demo_model.TaskClassifier(setup.model, head), rows, os.path.join(scratch, f"pseudo_{k}"), n=1,
+            steps=steps, seed=1000 * seed + k, collate_fn=demo_model.trimmed_collate, adapter=setup.protected,
+        )
+    return folders
+
+
+def pool_accuracy(setup, settings, seed: int) -> float:
+    """The protected task's test accuracy in a merge drawn from the variant's own training pool: the update at 0.9
+    plus each of its partners at 0.75 (the informed attacker's usual pick, with the pool in the partners' place),
+    to tell a trap that does not form in the pool from one that forms there and does not reach held-out partners."""
+    from trap2_hf.demo import model as demo_model
+    from trap2_hf.offray import OffrayDraw, load_foreign_update, offray_layers, offray_update
+
+    foreign = [load_foreign_update(folder) for folder in settings.trap_foreign_adapters]
+    term = settings.trap_offray_terms[0]
+    draw = OffrayDraw(term, weight=0.9, coefs=(0.75,) * max(len(foreign), 1), seed=seed)
+    setup.model.set_adapter(setup.protected, inference_mode=True)
+    layers = offray_layers(setup.model, [setup.protected])
+    task = setup.protected_task
+    with torch.no_grad(), offray_update(setup.model, draw, foreign if foreign else (), layers):
+        return demo_model.accuracy(setup.model, setup.heads[task], setup.data[task]["test"])
 
 
 def measure_cost(variants: list[str], rounds: int, steps: int, log) -> dict:
@@ -227,6 +288,7 @@ COLUMNS = (
     ("peft_cat/best", "peft_cat best"),
     ("peft_cat/informed_mean", "peft_cat informed mean"),
     ("peft_cat/informed_constrained", "peft_cat informed ≥60 %"),
+    ("pool_protected", "own pool (0.9 + 0.75 each)"),
 )
 REPAIR_STAGES = (("average", "naive"), ("informed", "informed pick"))
 

@@ -347,7 +347,7 @@ def auto_trainer(tmp_out, model, dataset=None, **settings):
         (CustomClassifier, {}, "two_pass"),  # no known per-row loss
         (lora_model, {"label_smoothing_factor": 0.1}, "two_pass"),
         (tiny_llama, {"trap_target": "full"}, "sub_batch"),  # the scales share the rows: one extra pass in all
-        (lora_model, {"trap_offray": "dare"}, "two_pass"),  # off-ray terms are extra passes of their own
+        (lora_model, {"trap_offray": "dare"}, "fused"),  # off-ray terms are passes of their own after the fused one
     ],
     ids=["lora", "declared_row_losses", "dora", "unknown_loss", "label_smoothing", "full", "offray"],
 )

@@ -8,7 +8,9 @@ merger who read the model card puts the update. Two cheap answers:
   without gradient at C candidate scales on a slice of its rows (`trap_candidate_fraction`), drawn
   stratified from the scale support split at the rim (0.75 <= s <= 1.3), and the K ascent scales of
   the step go to the lowest-loss candidates: where the update still works, i.e. where the trap is
-  weakest. Cost: C forwards (no backward) over that slice, on top of the step.
+  weakest. Cost: C forwards (no backward) over that slice, on top of the step. The same for off-ray draws
+  (`trap_offray_candidates`): the off-ray passes go to the lowest-loss of C drawn terms (e.g. the own update
+  near weight 1 plus a partner at 0.2-1: the attacker's merge where it still recovers the task).
 - bounded ascent (`trap_ascent='capped'`): each re-scaled row's loss enters the ascent as
   min(loss, cap), with the cap at the loss of a chance-level prediction (log of the number of
   classes) unless set. A row that is already broken past chance gets no gradient, so the ascent is
@@ -24,7 +26,7 @@ import math
 import torch
 
 from .rows import batch_size_of, select_rows
-from .seeding import CANDIDATES
+from .seeding import CANDIDATES, OFFRAY_CANDIDATES
 from .settings import trap_scale_intervals
 
 # The rim of the scale support: where merges an attacker tunes put the released update (0.75-1.3).
@@ -152,23 +154,49 @@ def best_response_scales(trainer, model, inputs: dict, scales: list[float]) -> l
     if not args.trap_scale_candidates or not scales:
         return scales
     candidates, generator = step_candidates(args, trainer.state.global_step)
-    batch_size = batch_size_of(inputs)
-    rows = candidate_rows(batch_size, args.trap_candidate_fraction, generator)
-    sliced = inputs if len(rows) == batch_size else select_rows(inputs, rows, batch_size)
-    sliced = trainer._prepare_inputs(sliced)
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    losses = []
-    with torch.no_grad(), trainer._trap_side_pass():
-        for scale in candidates:
-            with torch.random.fork_rng(devices=devices), trainer.trap_rescaled(scale):
-                losses.append(trainer.compute_loss(model, dict(sliced)).detach().float())
-    losses = torch.stack(losses)
-    if args.world_size > 1:
-        losses = trainer.accelerator.reduce(losses, reduction="mean")
-    values = losses.tolist()
+    values = candidate_losses(trainer, model, inputs, generator, [trainer.trap_rescaled(s) for s in candidates])
     picked = select_scales(
         candidates, values, len(scales), args.trap_scale_sampling, args.trap_candidate_temperature, generator
     )
     trainer._trap_record("candidate_passes", float(len(candidates)), per_step=False)
     trainer._trap_record("candidate_min_loss", min(values))
     return picked
+
+
+def best_response_offray(trainer, model, inputs: dict, draws: list) -> list:
+    """The step's off-ray draws: with `trap_offray_candidates` > 0, `draws` holds that many candidates, and the
+    trap_offray_per_step lowest-loss ones (where the merge they stand for recovers the task most) are kept, in
+    their order; the guard draw is always kept. Else `draws` unchanged. Losses as in `best_response_scales`."""
+    args = trainer.args
+    pool = [draw for draw in draws if not draw.is_guard]
+    if not args.trap_offray_candidates or len(pool) <= args.trap_offray_per_step:
+        return draws
+    from .offray import offray_update
+
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    contexts = [offray_update(unwrapped, d, trainer._trap_foreign, trainer._trap_offray_layers) for d in pool]
+    generator = OFFRAY_CANDIDATES.generator(args.seed, trainer.state.global_step)
+    values = candidate_losses(trainer, model, inputs, generator, contexts)
+    kept = sorted(sorted(range(len(pool)), key=lambda k: (values[k], k))[: args.trap_offray_per_step])
+    trainer._trap_record("offray_candidate_passes", float(len(pool)), per_step=False)
+    trainer._trap_record("offray_candidate_min_loss", min(values))
+    return [pool[k] for k in kept] + [draw for draw in draws if draw.is_guard]
+
+
+def candidate_losses(trainer, model, inputs: dict, generator: torch.Generator, contexts: list) -> list[float]:
+    """The model's loss without gradient inside each context, on trap_candidate_fraction of the micro-batch's rows
+    (drawn with `generator`), with the same dropout masks; averaged over ranks under data parallelism."""
+    batch_size = batch_size_of(inputs)
+    rows = candidate_rows(batch_size, trainer.args.trap_candidate_fraction, generator)
+    sliced = inputs if len(rows) == batch_size else select_rows(inputs, rows, batch_size)
+    sliced = trainer._prepare_inputs(sliced)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    losses = []
+    with torch.no_grad(), trainer._trap_side_pass():
+        for context in contexts:
+            with torch.random.fork_rng(devices=devices), context:
+                losses.append(trainer.compute_loss(model, dict(sliced)).detach().float())
+    losses = torch.stack(losses)
+    if trainer.args.world_size > 1:
+        losses = trainer.accelerator.reduce(losses, reduction="mean")
+    return losses.tolist()

@@ -40,6 +40,8 @@ SCALES = Stream("scales", (1_000_003, 7_919), 12_345)
 # (run seed, optimizer step): the candidate scales of the best-response draw (`best_response.py`) and the rows they
 # are evaluated on; its own stream, so the step's random scales are not shifted by it.
 CANDIDATES = Stream("candidates", (1_000_003, 7_919), 12_345 + 7_777 * 1_000_003)
+# (run seed, optimizer step): the rows the candidate off-ray draws (`best_response_offray`) are evaluated on.
+OFFRAY_CANDIDATES = Stream("offray_candidates", (1_000_033, 104_729), 99_991 + 5_555 * 1_000_033)
 # (run seed, optimizer step, micro-batch): the rows each scale re-scales in sub_batch and fused modes.
 ROWS = Stream("rows", (1_000_003, 7_919, 104_729), 99_991)
 # (run seed, optimizer step): the off-ray terms' weights, keep rates, coefficients and per-pass seeds.
@@ -48,3 +50,5 @@ OFFRAY = Stream("offray", (1_000_033, 104_729), 99_991)
 GUARD = Stream("guard", (7_777_777, 31_337), 17, 2**62)
 # (pass seed, layer index): an off-ray pass's masks and noise in one layer.
 OFFRAY_LAYER = Stream("offray_layer", (1, 1_000_000_007))
+# (run seed, partner index): a pseudo-partner's initialisation, random labels and batches (`offray/pseudo.py`).
+PSEUDO = Stream("pseudo", (1_000_037, 15_485_863), 424_242)

@@ -135,8 +135,9 @@ class Trap2Settings:
             "than a re-scaling put the update. Comma-separated; each term is at most one own-update transform "
             "('dare': random drop-and-rescale, 'prune': magnitude top-k, 'factor_dare': drop-and-rescale of each "
             "LoRA factor at weight sqrt(w) each) and at most one partner ('foreign': the trap_foreign_adapters "
-            "added at coefficients c_j, 'synthetic': a random low-rank update of the layer's own dW norm times c), "
-            "joined by '+', e.g. 'dare,synthetic' or 'dare+foreign'. LoRA adapters only; needs trap_mode='two_pass'."
+            "added at coefficients c_j, 'synthetic': a random low-rank update of the layer's own dW norm times c, "
+            "'spectral': the same inside the span of the top singular directions of the layer's base weight), "
+            "joined by '+', e.g. 'dare,synthetic' or 'dare+foreign'. LoRA adapters only; trap_mode 'fused' or 'two_pass'."
         },
     )
     trap_offray_lambda: float | None = field(
@@ -200,9 +201,17 @@ class Trap2Settings:
             "over trap_candidate_fraction of the micro-batch's rows. Must be >= trap_scales_per_step."
         },
     )
+    trap_offray_candidates: int = field(
+        default=0,
+        metadata={
+            "help": "Worst-case off-ray draws (0: off). With C > 0, each micro-batch draws C off-ray terms, evaluates "
+            "their loss without gradient on trap_candidate_fraction of its rows, and ascends at the "
+            "trap_offray_per_step lowest-loss (most-recovering) ones. Must be >= trap_offray_per_step."
+        },
+    )
     trap_candidate_fraction: float = field(
         default=0.25,
-        metadata={"help": "Fraction of each micro-batch's rows the candidate scales are evaluated on, in (0, 1]."},
+        metadata={"help": "Fraction of each micro-batch's rows the candidate scales / off-ray draws are evaluated on."},
     )
     trap_candidate_temperature: float = field(
         default=0.0,

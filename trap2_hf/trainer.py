@@ -23,7 +23,7 @@ from trl import SFTTrainer
 
 from . import modes
 from ._warnings import peft_deprecation_silenced
-from .best_response import ascent_cap, best_response_scales, bounded_loss
+from .best_response import ascent_cap, best_response_offray, best_response_scales, bounded_loss
 from .checkpoints import (
     REFERENCE_WEIGHTS_NAME,
     checkpoint_to_resume,
@@ -205,6 +205,7 @@ class Trap2TrainerMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         scales = self.trap_scales() if args.trap_lambda > 0 else []
         scales = best_response_scales(self, model, inputs, scales)  # trap_scale_candidates > 0: the weakest scales
+        offray = best_response_offray(self, model, inputs, offray)  # trap_offray_candidates > 0: the weakest draws
         mode = self._trap_mode_named(args.trap_mode)
         try:
             return mode.step(self, model, inputs, num_items_in_batch, scales, offray)
@@ -242,7 +243,7 @@ class Trap2TrainerMixin:
         if terms and args.trap_offray_lambda > 0:
             draws = draw_offray(
                 terms,
-                args.trap_offray_per_step,
+                args.trap_offray_candidates or args.trap_offray_per_step,  # the pool `best_response_offray` picks from
                 step,
                 args.seed,
                 **draw_ranges(args),

@@ -15,7 +15,7 @@ class TrapMode:
     def unsupported(self, trainer) -> str | None:
         """Why this mode would not be exact for `trainer`'s model and settings (None: it is). 'auto' asks."""
         if trainer.args.trap_offray_active and not self.runs_side_terms:
-            return "trap_offray / trap_guard_lambda run extra full passes, which only two_pass does"
+            return "trap_offray / trap_guard_lambda run extra full passes, which only two_pass and fused do"
         return None
 
     def prepare(self, trainer) -> None:

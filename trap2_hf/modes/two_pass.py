@@ -1,5 +1,5 @@
 """'two_pass', the reference algorithm: one more forward/backward over the whole micro-batch per scale. Exact for
-any update and model, peak memory a plain step's; the only mode that also runs the off-ray and guard passes."""
+any update and model, peak memory a plain step's; with fused, the modes that also run the off-ray and guard passes."""
 
 from .passes import PassesMode
 

@@ -10,15 +10,17 @@ A term is an own-update transform, a partner, or both joined by '+':
   top-`keep` fraction of dW's entries by magnitude), 'factor_dare' (each LoRA factor dropped and
   rescaled on its own, then combined at weight w as sqrt(w) on each factor: peft's dare_linear
   combination); without one the own update is re-scaled, w * dW;
-- partners: 'foreign' (sum_j c_j dW_j over the listed adapters of the same base) and 'synthetic' (a
-  random rank-r update U V^T with ||U V^T|| = c * ||dW||, per layer, redrawn every step).
+- partners: 'foreign' (sum_j c_j dW_j over the listed adapters of the same base, e.g. pseudo-partners from
+  `make_pseudo_partners`), 'synthetic' (a random rank-r update U V^T with ||U V^T|| = c * ||dW||, per layer,
+  redrawn every step) and 'spectral' (the same inside the span of the top 4r singular directions of the layer's
+  base weight W0, where task vectors concentrate).
 'guard' (not a term one lists: `trap_guard_lambda`) is dW plus small dense noise, whose loss is
 *minimised*, so the update tolerates quantization-sized perturbations.
 
 The package, by reason to change: `terms.py` (the names and the ranges each draws from; pure data, which the
 settings validate against), `draws.py` (a step's draws), `transforms.py` (one stateless function per part),
-`foreign.py` (loading other adapters), `context.py` (`offray_layers`, `offray_update`). Adding a term: its part in
-`terms.py` and its function in `transforms.py`.
+`foreign.py` (loading other adapters), `pseudo.py` (partners the library makes itself), `context.py`
+(`offray_layers`, `offray_update`). Adding a term: its part in `terms.py` and its function in `transforms.py`.
 
 Inside `offray_update(model, draw)` every LoRA Linear layer of the trained adapter computes
 W0 x + dW' x, with dW' built by autograd from the layer's own A and B, so gradients flow into them.
@@ -46,6 +48,7 @@ _EXPORTS = {
     "canonical_path": ".foreign",
     "load_foreign_update": ".foreign",
     "matched_foreign_updates": ".foreign",
+    "make_pseudo_partners": ".pseudo",
     "offray_layers": ".context",
     "offray_update": ".context",
 }

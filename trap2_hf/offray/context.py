@@ -69,11 +69,13 @@ def offray_update(
         for index, (name, layer, adapter) in enumerate(layers):
             lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
             scaling = layer.scaling[adapter]
-            path = canonical_path(name)
+            path, base = canonical_path(name), layer.get_base_layer().weight
 
-            def delta_forward(_original, x, lora_a=lora_a, lora_b=lora_b, scaling=scaling, index=index, path=path):
+            def delta_forward(
+                _original, x, lora_a=lora_a, lora_b=lora_b, scaling=scaling, index=index, path=path, base=base
+            ):
                 pairs = [(c, f.get(path, lora_a.weight)) for c, f in zip(draw.coefs, foreign)]
-                parts = layer_parts(lora_a.weight, lora_b.weight, scaling, draw, index, pairs)
+                parts = layer_parts(lora_a.weight, lora_b.weight, scaling, draw, index, pairs, base=base)
                 return apply_parts(parts, x)
 
             stack.enter_context(_patched_forward(lora_a, delta_forward))

@@ -48,7 +48,12 @@ OWN_PARTS = {
     )
 }
 PARTNER_PARTS = {
-    part.name: part for part in (Part("foreign", ("coef",), needs_foreign_adapters=True), Part("synthetic", ("coef",)))
+    part.name: part
+    for part in (
+        Part("foreign", ("coef",), needs_foreign_adapters=True),
+        Part("synthetic", ("coef",)),
+        Part("spectral", ("coef",)),
+    )
 }
 GUARD = "guard"
 GUARD_PART = Part(GUARD)
@@ -128,6 +133,17 @@ def check_offray_settings(settings) -> None:
             raise ValueError(f"{name} must be >= 0, got {value!r}.")
     if not (isinstance(settings.trap_offray_per_step, int) and settings.trap_offray_per_step >= 1):
         raise ValueError(f"trap_offray_per_step must be an integer >= 1, got {settings.trap_offray_per_step!r}.")
+    candidates = settings.trap_offray_candidates
+    if not (isinstance(candidates, int) and (candidates == 0 or candidates >= settings.trap_offray_per_step)):
+        raise ValueError(
+            f"trap_offray_candidates must be 0 (off) or an integer >= trap_offray_per_step "
+            f"({settings.trap_offray_per_step}), got {candidates!r}; e.g. trap_offray_candidates=4."
+        )
+    if candidates and not terms:
+        raise ValueError(
+            f"trap_offray_candidates={candidates} picks among off-ray draws, but trap_offray is empty. Set trap_offray "
+            "(e.g. trap_offray='synthetic') or drop trap_offray_candidates."
+        )
     for declared in RANGES.values():
         a, b = getattr(settings, declared.low), getattr(settings, declared.high)
         if not (a > 0 and a <= b):
@@ -152,8 +168,8 @@ def check_offray_settings(settings) -> None:
                 f"trap_offray / trap_guard_lambda transform a LoRA adapter's weights; trap_target="
                 f"{settings.trap_target!r} is not supported. Use trap_target='adapter' with a LoRA adapter, or drop them."
             )
-        if settings.trap_mode in ("sub_batch", "fused"):
+        if settings.trap_mode == "sub_batch":
             raise ValueError(
                 f"trap_offray / trap_guard_lambda run extra full passes, which trap_mode={settings.trap_mode!r} "
-                "does not; use trap_mode='two_pass'."
+                "does not; use trap_mode='fused' or 'two_pass'."
             )

@@ -8,6 +8,7 @@ index), drawn in a fixed order: own part, then partner.
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..seeding import OFFRAY_LAYER
 from .draws import OffrayDraw
@@ -52,12 +53,13 @@ TRANSFORMS = {"scale": _scale, "dare": _dare, "prune": _prune, "factor_dare": _f
 
 
 # ----------------------------------------------------------------------------- partners
-def _foreign(a, b, scaling, draw, generator, foreign):
+# Partners take the layer's frozen base weight W0 as `base` (only 'spectral' reads it).
+def _foreign(a, b, scaling, draw, generator, foreign, base=None):
     """sum_j c_j dW_j over the foreign updates that have this layer."""
     return [("lowrank", c * pair[0], pair[1]) for c, pair in foreign if pair is not None]
 
 
-def _synthetic(a, b, scaling, draw, generator, foreign):
+def _synthetic(a, b, scaling, draw, generator, foreign, base=None):
     """A random rank-r update U V^T with ||U V^T|| = c * ||dW||."""
     rank = a.shape[0]
     u = torch.randn(b.shape[0], rank, generator=generator, device=a.device, dtype=a.dtype)
@@ -66,7 +68,38 @@ def _synthetic(a, b, scaling, draw, generator, foreign):
     return [("lowrank", u * (target / _lowrank_norm(u, v).clamp_min(1e-12)), v)]
 
 
-PARTNER_UPDATES = {"foreign": _foreign, "synthetic": _synthetic}
+# How many of W0's top singular directions (times the LoRA rank r) a 'spectral' partner lives in.
+SPECTRAL_DIRECTIONS_PER_RANK = 4
+_TOP_SINGULAR = WeakIdKeyDictionary()  # W0 -> {k: (U_k, V_k)}: W0 is frozen, so its SVD is taken once
+
+
+def _spectral(a, b, scaling, draw, generator, foreign, base=None):
+    """A random rank-r update (U_k G)(H V_k^T), G and H Gaussian, inside the span of the top k = 4r singular
+    directions of the layer's base weight W0 (where task vectors concentrate), with norm c * ||dW||."""
+    if base is None:
+        raise ValueError("The 'spectral' partner needs the layer's base weight W0; offray_update passes it.")
+    rank = a.shape[0]
+    u_k, v_k = top_singular_directions(base, SPECTRAL_DIRECTIONS_PER_RANK * rank)
+    k = u_k.shape[1]
+    g = torch.randn(k, rank, generator=generator, device=a.device, dtype=a.dtype)
+    h = torch.randn(rank, k, generator=generator, device=a.device, dtype=a.dtype)
+    left, right = u_k.to(a.dtype) @ g, h @ v_k.to(a.dtype).T
+    target = draw.coefs[0] * _lowrank_norm(scaling * b.detach(), a.detach())
+    return [("lowrank", left * (target / _lowrank_norm(left, right).clamp_min(1e-12)), right)]
+
+
+def top_singular_directions(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_k, V_k): the left (out x k) and right (in x k) singular vectors of `weight`'s k largest singular values
+    (k capped at the smaller dimension), computed once per weight and k."""
+    per_weight = _TOP_SINGULAR.setdefault(weight, {})
+    if k not in per_weight:
+        u, _, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        k_eff = min(k, u.shape[1])
+        per_weight[k] = (u[:, :k_eff].contiguous(), vh[:k_eff].T.contiguous())
+    return per_weight[k]
+
+
+PARTNER_UPDATES = {"foreign": _foreign, "synthetic": _synthetic, "spectral": _spectral}
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -77,17 +110,19 @@ def layer_parts(
     draw: OffrayDraw,
     index: int,
     foreign: list[tuple[float, tuple[torch.Tensor, torch.Tensor] | None]] = (),
+    base: torch.Tensor | None = None,
 ) -> list[tuple]:
     """dW' of one layer as a sum of parts, each ('dense', M) or ('lowrank', B', A') with dW' = B' @ A'.
 
-    `a`, `b`: the layer's LoRA factors (r x in, out x r); `foreign`: (c_j, (scaling_j*B_j, A_j) or None)."""
+    `a`, `b`: the layer's LoRA factors (r x in, out x r); `foreign`: (c_j, (scaling_j*B_j, A_j) or None); `base`:
+    the layer's frozen base weight W0 (out x in), which the 'spectral' partner needs."""
     generator = OFFRAY_LAYER.generator(draw.seed, index, device=a.device)
     spec = draw.spec
     if spec.own.name not in TRANSFORMS:
         raise ValueError(f"Unknown off-ray transform {spec.own.name!r}.")
     parts = TRANSFORMS[spec.own.name](a, b, scaling, draw, generator)
     if spec.partner is not None:
-        parts += PARTNER_UPDATES[spec.partner.name](a, b, scaling, draw, generator, foreign)
+        parts += PARTNER_UPDATES[spec.partner.name](a, b, scaling, draw, generator, foreign, base=base)
     return parts
 
 
