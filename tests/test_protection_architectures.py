@@ -38,6 +38,12 @@ TARGETS = {
 }
 
 
+# Training steps where 300 (test_protection.TRAINING) is not enough on every CPU. The ViT classifier at 300 steps
+# ended on one 2-core Xeon at 0.94 alone against its twin's 1.00 (seed 0) and untrapped at s = 1.5 (0.87, seed 1);
+# at 600 steps seeds 0-2 read 0.997-1.000 alone and 0.33 at s = 0.5 and 1.5 (1024 test images).
+STEPS = {"ViT classifier": 600}
+
+
 def task(name: str, num: int, seed: int) -> dict:
     fam = family(name)
     g = torch.Generator().manual_seed(seed)
@@ -76,7 +82,8 @@ def test_auto_protects_lora(tmp_path, name):
     curves = {}
     for variant, settings in [("twin", {"trap_lambda": 0.0}), ("protected", PROTECTION)]:
         model = get_peft_model(fam.build(0), config)
-        args = Trap2TrainingArguments(output_dir=str(tmp_path / variant), **TRAINING, **settings)
+        training = TRAINING | {"max_steps": STEPS.get(name, TRAINING["max_steps"])}
+        args = Trap2TrainingArguments(output_dir=str(tmp_path / variant), **training, **settings)
         trainer = Trap2Trainer(model=model, args=args, train_dataset=train)
         if variant == "protected":
             assert trainer.args.trap_mode == "fused"
