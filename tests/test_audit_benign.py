@@ -13,14 +13,6 @@ from trap2_hf.audit import AuditTask, format_table, run_audit
 from trap2_hf.audit.benign import TOLERANCE, cast_round_trip, int8_round_trip, perturbed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_int8_round_trip_by_hand():
     weight = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [127.0, 63.6, -1.0]])
     # Row 0: scale 1/127; -0.5 * 127 = -63.5 rounds to -64 (half to even), 0.25 * 127 = 31.75 to 32.

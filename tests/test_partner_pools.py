@@ -6,41 +6,17 @@ import os
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import tiny_llama, token_dataset
+from conftest import token_dataset
+from test_offray import Tiny, effective_delta, llama_lora, tiny_lora
 from trap_checks import assert_grads_close, sgd_args, step_gradients, trainable_state
 from trap2_hf import Trap2Settings, Trap2Trainer, Trap2TrainingArguments
 from trap2_hf.offray import OffrayDraw, layer_parts, load_foreign_update, make_pseudo_partners, offray_update
 from trap2_hf.offray.transforms import SPECTRAL_DIRECTIONS_PER_RANK
 
 
-class Tiny(nn.Module):
-    def __init__(self, d_in=50, d_out=40):
-        super().__init__()
-        self.lin = nn.Linear(d_in, d_out)
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-def tiny_lora(seed=0, r=2):
-    torch.manual_seed(seed)
-    base = Tiny()
-    torch.manual_seed(seed + 1)
-    return get_peft_model(base, LoraConfig(r=r, lora_alpha=4, target_modules=["lin"], init_lora_weights=False))
-
-
-def effective_delta(model):
-    layer = model.base_model.model.lin
-    eye = torch.eye(layer.in_features)
-    with torch.no_grad():
-        return (layer(eye) - layer.get_base_layer()(eye)).T
-
-
-# ----------------------------------------------------------------------------- the spectral partner
 def test_spectral_partner_lies_in_the_top_singular_directions_of_w0_with_the_target_norm():
     model = tiny_lora(r=2)
     delta = effective_delta(model)
@@ -137,15 +113,6 @@ def test_pseudo_partner_arguments_are_checked_by_name(tmp_path):
 
 
 # ----------------------------------------------------------------------------- worst case over off-ray draws
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
-
-
-def llama_lora(seed=0):
-    base = tiny_llama()
-    torch.manual_seed(seed)
-    return get_peft_model(base, LoraConfig(**LORA))
-
-
 def test_nominal_scale_partner_ascent_goes_to_the_lowest_loss_draw_of_the_pool(tmp_out):
     """Own update at weight 1 plus a synthetic partner at 0.2-1: of 3 drawn partners the step ascends only at the
     one where the loss is lowest, with the gradient of L(W0 + dW) - lambda_off * L(W0 + dW + tau*)."""

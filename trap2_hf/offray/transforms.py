@@ -64,8 +64,7 @@ def _synthetic(a, b, scaling, draw, generator, foreign, base=None):
     rank = a.shape[0]
     u = torch.randn(b.shape[0], rank, generator=generator, device=a.device, dtype=a.dtype)
     v = torch.randn(rank, a.shape[1], generator=generator, device=a.device, dtype=a.dtype)
-    target = draw.coefs[0] * _lowrank_norm(scaling * b.detach(), a.detach())
-    return [("lowrank", u * (target / _lowrank_norm(u, v).clamp_min(1e-12)), v)]
+    return [_norm_matched(u, v, draw.coefs[0], a, b, scaling)]
 
 
 # How many of W0's top singular directions (times the LoRA rank r) a 'spectral' partner lives in.
@@ -84,8 +83,7 @@ def _spectral(a, b, scaling, draw, generator, foreign, base=None):
     g = torch.randn(k, rank, generator=generator, device=a.device, dtype=a.dtype)
     h = torch.randn(rank, k, generator=generator, device=a.device, dtype=a.dtype)
     left, right = u_k.to(a.dtype) @ g, h @ v_k.to(a.dtype).T
-    target = draw.coefs[0] * _lowrank_norm(scaling * b.detach(), a.detach())
-    return [("lowrank", left * (target / _lowrank_norm(left, right).clamp_min(1e-12)), right)]
+    return [_norm_matched(left, right, draw.coefs[0], a, b, scaling)]
 
 
 def top_singular_directions(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +135,12 @@ def apply_parts(parts: list[tuple], x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, part[1]) if part[0] == "dense" else F.linear(F.linear(x, part[2]), part[1])
         out = y if out is None else out + y
     return out
+
+
+def _norm_matched(left, right, coef, a, b, scaling) -> tuple:
+    """The part ('lowrank', left', right) with left' @ right = left @ right scaled to norm coef * ||dW||."""
+    target = coef * _lowrank_norm(scaling * b.detach(), a.detach())
+    return ("lowrank", left * (target / _lowrank_norm(left, right).clamp_min(1e-12)), right)
 
 
 def _lowrank_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
