@@ -15,7 +15,8 @@ from test_modes import TWO_SCALES, auto_trainer, train
 from trap_checks import assert_grads_close
 from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments, rescaled_parameters
 from trap2_hf.fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
-from trap2_hf.rescale_full import split_in_place
+from trap2_hf import updates
+from trap2_hf.rescale_full import split_in_place, swapped_parameters
 
 
 def tiny_gpt2():
@@ -132,6 +133,55 @@ def test_part_of_the_rows_with_accumulation_equals_sub_batch_on_the_same_rows(tm
     assert_relative_error(grads["fused"], grads["sub_batch"], 1e-5)
 
 
+@pytest.mark.parametrize("scale", [0.4, 1.5])
+def test_swapped_parameters_give_the_in_place_gradient_and_leave_theta_untouched(scale):
+    model, batch = tiny_llama(), {k: torch.tensor(v) for k, v in token_dataset(4).to_dict().items()}
+    theta0 = away_from(model)
+    before = {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters()}
+    grads = {}
+    for name, context in (("in_place", rescaled_parameters), ("swapped", swapped_parameters)):
+        model.zero_grad(set_to_none=True)
+        with context(model, scale, theta0):
+            model(**batch).loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():  # theta bit for bit, in its own storage, no hook left
+            assert torch.equal(p.detach(), before[n][0]) and p.data_ptr() == before[n][1], n
+            assert not p._backward_hooks, n
+    assert_grads_close(grads["swapped"], grads["in_place"])
+    # theta0 kept in bfloat16 (trap_reference_dtype) is up-cast per parameter
+    model.zero_grad(set_to_none=True)
+    with swapped_parameters(model, scale, {n: t.bfloat16() for n, t in theta0.items()}):
+        model(**batch).loss.backward()
+    difference = torch.cat([(p.grad - grads["in_place"][n]).flatten() for n, p in model.named_parameters()])
+    assert 0 < difference.norm() <= 0.02 * torch.cat([g.flatten() for g in grads["in_place"].values()]).norm()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
+def test_sub_batch_copies_the_weights_only_for_passes_over_a_quarter_of_the_rows(tmp_out, monkeypatch, checkpointing):
+    """auto's passes over a quarter of the rows or fewer form theta_s in a swapped-in copy (fastest); larger passes,
+    and every pass under activation checkpointing (there to save memory), form it module by module. The gradient
+    is the same either way: fused's on the same rows."""
+    model, dataset = tiny_llama(), token_dataset(8, ragged=True)
+    theta0 = away_from(model)
+    twin = copy.deepcopy(model)
+    swapped_rows, original = [], updates.swapped_parameters
+
+    def counting(model, scale, reference):
+        swapped_rows.append(scale)
+        return original(model, scale, reference)
+
+    monkeypatch.setattr(updates, "swapped_parameters", counting)
+    settings = dict(trap_rescaled_fraction=0.25, activation_checkpointing=checkpointing, **TWO_SCALES)
+    sub_batch, grads = full_step(model, tmp_out + "a", dataset, theta0, trap_mode="sub_batch", **settings)
+    fused, fused_grads = full_step(twin, tmp_out + "b", dataset, theta0, trap_mode="fused", **settings)
+    sizes = [len(r) for r in sub_batch.trap_rows(8, step=0, micro_batch=0)]
+    assert sum(sizes) == 4  # 2 scales x 8 rows x 0.25
+    quarter = [s for s, n in zip(sub_batch.trap_scales(0), sizes) if 0 < n <= 2]
+    assert sorted(sizes) == [1, 3]  # this seed's draw: one pass copies the weights, the other does not
+    assert swapped_rows == ([] if checkpointing else quarter)
+    assert_relative_error(grads, fused_grads, 1e-5)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_each_row_computes_at_its_own_scale(name):
     make_model, make_dataset = MODELS[name]
@@ -229,7 +279,7 @@ def test_re_scaled_passes_form_theta_s_on_the_fly_only_where_exact(tmp_out, make
     """auto (sub_batch) and two_pass form theta_s module by module (RowGroups.at_scale) where every trainable
     parameter sits in a known module; elsewhere they write it into the weights (rescale_full.rescaled_parameters)."""
     _, trainer = auto_trainer(tmp_out, make_model(), trap_target="full", **settings)
-    assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", 0.5)
+    assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", 0.25)
     assert (trainer._trap_full_rows is not None) == on_the_fly
 
 

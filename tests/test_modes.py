@@ -346,7 +346,7 @@ def auto_trainer(tmp_out, model, dataset=None, **settings):
         (lambda: lora_model(use_dora=True), {}, "two_pass"),
         (CustomClassifier, {}, "two_pass"),  # no known per-row loss
         (lora_model, {"label_smoothing_factor": 0.1}, "two_pass"),
-        (tiny_llama, {"trap_target": "full"}, "sub_batch"),  # the scales share the rows: one extra pass in all
+        (tiny_llama, {"trap_target": "full"}, "sub_batch"),  # the scales share half the rows
         (lora_model, {"trap_offray": "dare"}, "fused"),  # off-ray terms are passes of their own after the fused one
     ],
     ids=["lora", "declared_row_losses", "dora", "unknown_loss", "label_smoothing", "full", "offray"],
@@ -355,7 +355,7 @@ def test_auto_mode_fuses_only_where_exact(tmp_out, make_model, settings, chosen)
     torch.manual_seed(0)
     args, trainer = auto_trainer(tmp_out, make_model(), **settings)
     assert trainer.args.trap_mode == chosen
-    assert trainer.args.trap_rescaled_fraction == {"fused": 0.125, "sub_batch": 0.5}.get(chosen, 1.0)
+    assert trainer.args.trap_rescaled_fraction == {"fused": 0.125, "sub_batch": 0.25}.get(chosen, 1.0)
     assert trainer.args.trap_settings_dict()["trap_mode"] == chosen  # what the model card records
     assert args.trap_mode == "auto"  # the caller's arguments are left as given, for reuse with another model
 
@@ -398,10 +398,10 @@ def test_auto_mode_falls_back_to_two_pass_on_packed_batches(tmp_out, caplog):
 
 
 @pytest.mark.parametrize(
-    "settings, fraction", [({"trap_scales_per_step": 1}, 1.0), ({"trap_rescaled_fraction": 0.2}, 0.2)]
+    "settings, fraction", [({"trap_scales_per_step": 1}, 0.5), ({"trap_rescaled_fraction": 0.2}, 0.2)]
 )
 def test_auto_mode_full_fine_tuning_fraction(tmp_out, settings, fraction):
-    """One scale per step re-scales every row (two_pass's gradient); a fraction the user set is kept."""
+    """Half the rows whatever the number of scales; a fraction the user set is kept."""
     _, trainer = auto_trainer(tmp_out, tiny_llama(), trap_target="full", **settings)
     assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", fraction)
 

@@ -101,7 +101,7 @@ def test_sft_trainer_protects_a_lora_adapter(tmp_path):
 
 
 def test_trainer_protects_a_full_fine_tune(tmp_path):
-    """trap_target='full' in the default mode (auto: sub_batch, the scales sharing the rows) and in two_pass."""
+    """trap_target='full' in the default mode (auto: sub_batch, the scales sharing half the rows) and in two_pass."""
     from transformers import Trainer, TrainingArguments
 
     base = tiny_llama()
@@ -124,7 +124,7 @@ def test_trainer_protects_a_full_fine_tune(tmp_path):
         trainer = Trap2Trainer(model=model, args=args, train_dataset=train)
         trainer.train()
         if name == "auto":
-            assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", 0.5)
+            assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", 0.25)
         curves[name] = curve(model, test_ids, scales, reference=theta0)
     print(curves)
     for name in ("auto", "two_pass"):

@@ -343,9 +343,9 @@ PROBE = textwrap.dedent(
         setattr(torch.distributed, name, recording)
 
     rescaled = Trap2SFTTrainer.trap_rescaled
-    def recording_rescaled(self, scale):
+    def recording_rescaled(self, scale, **kwargs):
         record["scales"].append([self.state.global_step, scale])
-        return rescaled(self, scale)
+        return rescaled(self, scale, **kwargs)
     Trap2SFTTrainer.trap_rescaled = recording_rescaled
 
     from trap2_hf.fused import FusedPlan
@@ -447,15 +447,26 @@ def test_tiny_recipe_two_process_ddp_runs_the_default_fused_step(tmp_path, tmp_p
 
 
 @pytest.mark.slow
-def test_tiny_recipe_two_process_ddp_runs_the_default_full_fine_tuning_step(tmp_path):
-    """The default trap_mode ('auto') runs a full fine-tune as sub_batch with the two scales sharing the rows: with
-    one row per micro-batch, one of the scales re-scales it and the other has nothing to do. Each rank then runs 2
-    backwards per micro-batch, and still one gradient all-reduce per optimizer step, whichever scale came last."""
+def test_tiny_recipe_two_process_ddp_runs_the_default_full_fine_tuning_step(tmp_path, tmp_path_factory):
+    """The default trap_mode ('auto') runs a full fine-tune as sub_batch, the two scales sharing half the rows of the
+    global micro-batch (one row on each of 2 ranks): one re-scaled row per global micro-batch, on one rank, at one of
+    the step's scales. The other rank runs the same pass with weight 0, so both run TRL's metric gathers in the same
+    order (2 backwards per micro-batch each), and still one gradient all-reduce per optimizer step. They train
+    exactly what one process trains on the same micro-batches (batch 2)."""
+    one_out = one_process(
+        "full", tmp_path_factory, "--trap_mode", "auto", "--gradient_accumulation_steps", "2",
+        "--per_device_train_batch_size", "2",
+    )
     out = tmp_path / "out"
     ranks = run_two_processes(tmp_path, "full", out, "--trap_mode", "auto")
     for r in ranks:
         assert r["backwards"] == STEPS * 2 * 2 and r["allreduces"] == STEPS, r
         assert len(r["scales"]) == STEPS * 2  # one re-scaled pass per micro-batch, at one of the step's scales
         assert all(s in r["drawn"][str(step)] for step, s in r["scales"])
+    assert ranks[0]["scales"] == ranks[1]["scales"]
     card = (out / "README.md").read_text()
-    assert "trap_mode: sub_batch" in card and "trap_rescaled_fraction: 0.5" in card
+    assert "trap_mode: sub_batch" in card and "trap_rescaled_fraction: 0.25" in card
+    one, two = load_file(one_out / WEIGHTS["full"]), load_file(out / WEIGHTS["full"])
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -173,8 +173,8 @@ def test_non_finite_gradients_skip_the_step_and_training_continues(tmp_out, capl
     original_rescaled = trainer.trap_rescaled
     states = []
 
-    def overflow_on_step_one(scale):
-        context = original_rescaled(scale)
+    def overflow_on_step_one(scale, **kwargs):
+        context = original_rescaled(scale, **kwargs)
         if trainer.state.global_step == 1:
             hook = model.base_model.model.lm_head.register_forward_hook(lambda m, i, out: out * float("inf"))
             trainer.add_callback  # noqa: B018  (the hook is removed after this pass)

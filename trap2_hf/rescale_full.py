@@ -1,7 +1,15 @@
-"""Full fine-tuning's re-scaling in the weights: theta0 (`snapshot_parameters`) and theta0 + s*(theta - theta0)
-written into each parameter's own storage and restored bit for bit (`rescaled_parameters`). The module-by-module
-alternative, which writes nothing: `fused_full.py`; `rescaled_parameters_at_scale` combines the two, writing only
-the parameters read outside their module (`split_in_place`)."""
+"""Full fine-tuning's re-scaling in the weights: theta0 (`snapshot_parameters`) and a whole pass at theta0 +
+s*(theta - theta0), three ways:
+
+- `swapped_parameters`: each parameter computes with a new tensor holding theta_s, theta untouched: the cheapest
+  (one fused lerp, any module), at the cost of a weight-sized copy while the pass runs;
+- module by module (`fused_full.py`), writing nothing and holding no copy, for modules known to read their
+  parameters in their own forward; `rescaled_parameters_at_scale` writes only the parameters read outside their
+  module (`split_in_place`);
+- `rescaled_parameters`: written into each parameter's own storage and restored bit for bit, where theta0 is
+  offloaded (`trap_reference_device='cpu'`).
+
+`FullUpdate.rescaled` (updates.py) picks among them."""
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -28,13 +36,8 @@ def snapshot_parameters(
     return snapshot
 
 
-@contextmanager
-def rescaled_parameters(model: nn.Module, scale: float, reference: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Hold theta0 + s*(theta - theta0) in every parameter named in `reference` (theta0), in place.
-
-    Besides theta0 the context keeps a one-byte residual per element where theta0 is kept
-    (`_InPlaceRescale`), not a copy of theta, so full fine-tuning's only weight-sized extra memory is
-    theta0, and offloading theta0 offloads both; theta comes back bit for bit on exit."""
+def _parameters_named_in(model: nn.Module, reference: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """The model's parameters by name, refusing a theta0 that names one the model does not have."""
     params = dict(model.named_parameters())
     missing = sorted(set(reference) - set(params))
     if missing:
@@ -42,6 +45,47 @@ def rescaled_parameters(model: nn.Module, scale: float, reference: dict[str, tor
             f"The reference weights (theta0) name parameters the model does not have: {missing[:5]}. "
             "Pass the state of this model's trainable parameters at the start of training."
         )
+    return params
+
+
+@contextmanager
+def swapped_parameters(model: nn.Module, scale: float, reference: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Every parameter named in `reference` (theta0) computes with a new tensor holding theta0 + s*(theta - theta0),
+    swapped in for its data and swapped back on exit; the gradient reaches theta with the factor s.
+
+    One lerp over all parameters forms theta_s and nothing is restored, so a pass costs a plain pass over its rows;
+    the price is the copy, alive while the context is open (the weights' size, which a pass over part of a
+    micro-batch usually frees in activations, but activation checkpointing does not: there `FullUpdate.rescaled`
+    forms theta_s module by module instead)."""
+    params = _parameters_named_in(model, reference)
+    targets = [params[name] for name in reference]
+    originals = [param.data for param in targets]
+    theta0 = list(reference.values())
+    with torch.no_grad():
+        if all(t.dtype == p.dtype and t.device == p.device for t, p in zip(theta0, originals)):
+            rescaled = torch._foreach_lerp(theta0, originals, scale)
+        else:  # a down-cast theta0 (trap_reference_dtype): up-cast per parameter
+            rescaled = [torch.lerp(t.to(p.device, p.dtype), p, scale) for t, p in zip(theta0, originals)]
+    hooks = [param.register_hook(lambda grad, s=scale: grad * s) for param in targets if param.requires_grad]
+    try:
+        for param, data in zip(targets, rescaled):
+            param.data = data
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for param, data in zip(targets, originals):
+            param.data = data
+
+
+@contextmanager
+def rescaled_parameters(model: nn.Module, scale: float, reference: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Hold theta0 + s*(theta - theta0) in every parameter named in `reference` (theta0), in place.
+
+    Besides theta0 the context keeps a one-byte residual per element where theta0 is kept
+    (`_InPlaceRescale`), not a copy of theta, so full fine-tuning's only weight-sized extra memory is
+    theta0, and offloading theta0 offloads both; theta comes back bit for bit on exit."""
+    params = _parameters_named_in(model, reference)
     rescaled, hooks = [], []
     try:
         with torch.no_grad():

@@ -25,6 +25,26 @@ def rows_generator(seed: int, step: int, micro_batch: int) -> torch.Generator:
     return ROWS.generator(seed, step, micro_batch)
 
 
+def drawn_rows(args, batch_size: int, step: int, micro_batch: int) -> list[torch.Tensor]:
+    """Per scale, the rows of this rank's micro-batch that it re-scales under the settings `args` (sub_batch and
+    fused): this rank's share of the global micro-batch's draw, a function of (seed, step, micro-batch) only."""
+    return rescaled_rows(
+        batch_size, args.trap_rescaled_fraction, args.trap_scales_per_step, rows_generator(args.seed, step, micro_batch),
+        rank=args.process_index, world_size=args.world_size,
+    )
+
+
+def drawn_on_any_rank(args, batch_size: int, step: int, micro_batch: int) -> list[bool]:
+    """Per scale, whether the global micro-batch's draw re-scales a row on any rank: where it does, every rank runs
+    that scale's pass (with weight 0 where its own share is empty), so all run the same collectives (TRL's metric
+    gathers, DDP's buffer broadcasts) in the same order."""
+    generator = rows_generator(args.seed, step, micro_batch)
+    everything = rescaled_rows(
+        batch_size * args.world_size, args.trap_rescaled_fraction, args.trap_scales_per_step, generator
+    )
+    return [len(rows) > 0 for rows in everything]
+
+
 def rescaled_rows(
     batch_size: int,
     fraction: float,

@@ -103,8 +103,8 @@ class Trap2Settings:
         metadata={
             "help": "How a step computes the re-scaled term. 'auto' (default): 'fused' where it is exact (a LoRA/"
             "rsLoRA adapter on a causal LM, TRL SFT, a sequence classifier, or a model declaring "
-            "trap_sample_losses); for trap_target='full', 'sub_batch' with the scales sharing each micro-batch's "
-            "rows (one extra pass in all, and theta0 the only extra memory); else 'two_pass'. The trainer logs its "
+            "trap_sample_losses); for trap_target='full', 'sub_batch' with the scales sharing half of each "
+            "micro-batch's rows (theta0 the only extra memory at the peak); else 'two_pass'. The trainer logs its "
             "choice and the model card records it. "
             "'two_pass': the reference algorithm, exact: one more forward/backward over the whole micro-batch per "
             "scale (about 1 + trap_scales_per_step times a plain step; the graphs are never alive at once, so peak "
@@ -123,7 +123,7 @@ class Trap2Settings:
             "help": "Fraction of each micro-batch's rows that each drawn scale re-scales, in (0, 1]; rows are drawn "
             "at random and weighted by 1/fraction, so the re-scaled loss is unbiased. Unset: 1 for two_pass (which "
             "takes only 1); for sub_batch and fused (and auto where it picks fused) 0.25 / trap_scales_per_step, so "
-            "the scales of a step together re-scale a quarter of the rows whatever their number; 1 / "
+            "the scales of a step together re-scale a quarter of the rows whatever their number; 0.5 / "
             "trap_scales_per_step where auto picks sub_batch (full fine-tuning)."
         },
     )

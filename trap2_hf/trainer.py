@@ -39,7 +39,7 @@ from .nonfinite import SkipNonFiniteStep
 from .objective import rescaled_loss_coefficient, sample_scales, scale_weight, step_generator
 from .offray import load_foreign_update, matched_foreign_updates, offray_layers, offray_update
 from .offray.draws import draw_offray, draw_ranges, guard_draw
-from .rows import rescaled_rows, rows_generator
+from .rows import drawn_rows
 from .settings import Trap2Settings
 from .updates import is_quantized, update_kind
 
@@ -167,15 +167,8 @@ class Trap2TrainerMixin:
         return scales
 
     def trap_rows(self, batch_size: int, step: int | None = None, micro_batch: int = 0) -> list[torch.Tensor]:
-        """The rows of a micro-batch that each scale re-scales in 'sub_batch' and 'fused' modes: this rank's share
-        of the global micro-batch's draw, a function of (seed, step, micro-batch) only."""
-        step = self.state.global_step if step is None else step
-        args = self.args
-        generator = rows_generator(args.seed, step, micro_batch)
-        return rescaled_rows(
-            batch_size, args.trap_rescaled_fraction, args.trap_scales_per_step, generator,
-            rank=args.process_index, world_size=args.world_size,
-        )
+        """The rows of a micro-batch that each scale re-scales in 'sub_batch' and 'fused' modes (`rows.drawn_rows`)."""
+        return drawn_rows(self.args, batch_size, self.state.global_step if step is None else step, micro_batch)
 
     def _trap_next_rows(self, batch_size: int) -> list[torch.Tensor]:
         step = self.state.global_step
@@ -184,14 +177,12 @@ class Trap2TrainerMixin:
         self._trap_micro_batch = (step, index)
         return self.trap_rows(batch_size, step, index)
 
-    def trap_rescaled(self, scale: float):
-        """Context in which the model computes with its update re-scaled by `scale`."""
+    def trap_rescaled(self, scale: float, weight_copy: bool = False):
+        """Context in which the model computes with its update re-scaled by `scale`; `weight_copy`: it may hold a
+        copy of the weights (a full fine-tune's pass over part of a micro-batch, `updates.FullUpdate.rescaled`)."""
         return self._trap_update.rescaled(
-            self.accelerator.unwrap_model(self.model),
-            scale,
-            self.trap_reference,
-            row_targets=self._trap_full_rows,
-            in_place=self._trap_in_place,
+            self.accelerator.unwrap_model(self.model), scale, self.trap_reference,
+            row_targets=self._trap_full_rows, in_place=self._trap_in_place, weight_copy=weight_copy,
         )
 
     def trap_coefficient(self, scale: float, num_scales: int) -> float:

@@ -30,7 +30,7 @@ from .rescale import (
     rescaled_adapter_per_sample,
     trained_adapter_names,
 )
-from .rescale_full import rescaled_parameters, rescaled_parameters_at_scale, snapshot_parameters
+from .rescale_full import rescaled_parameters, rescaled_parameters_at_scale, snapshot_parameters, swapped_parameters
 
 
 class UpdateKind:
@@ -49,10 +49,12 @@ class UpdateKind:
         return None
 
     def rescaled(
-        self, model: nn.Module, scale: float, reference=None, adapter_names=None, row_targets=None, in_place=()
+        self, model: nn.Module, scale: float, reference=None, adapter_names=None, row_targets=None, in_place=(),
+        weight_copy=False,
     ):
         """Context in which `model` computes with the update re-scaled by `scale`; `row_targets` (from
-        `pass_row_targets`) and `in_place` (the parameters read outside their module) are a full fine-tune's."""
+        `pass_row_targets`), `in_place` (the parameters read outside their module) and `weight_copy` (whether the
+        pass may hold a copy of the weights) are a full fine-tune's."""
         raise NotImplementedError
 
     def pass_row_targets(self, model: nn.Module, settings):
@@ -87,7 +89,8 @@ class AdapterUpdate(UpdateKind):
                 "with is_trainable=True."
             )
 
-    def rescaled(self, model, scale, reference=None, adapter_names=None, row_targets=None, in_place=()):
+    def rescaled(self, model, scale, reference=None, adapter_names=None, row_targets=None, in_place=(),
+                 weight_copy=False):
         return rescaled_adapter(model, scale, adapter_names)
 
     def copy_row_targets(self, model, settings):
@@ -126,9 +129,15 @@ class FullUpdate(UpdateKind):
     def reference(self, model, settings, given=None):
         return given or snapshot_parameters(model, settings.trap_reference_device, settings.trap_reference_dtype)
 
-    def rescaled(self, model, scale, reference=None, adapter_names=None, row_targets=None, in_place=()):
+    def rescaled(self, model, scale, reference=None, adapter_names=None, row_targets=None, in_place=(),
+                 weight_copy=False):
+        """theta_s in a copy swapped into the weights where the pass may hold one (`weight_copy`), theta0 is on the
+        device and activation checkpointing is off (checkpointing is there to save memory); else module by module
+        where `row_targets` allow; else written into the weights and restored (`rescale_full.py`)."""
         if reference is None:
             raise ValueError("trap_target='full' needs the reference weights theta0 (`reference=`).")
+        if weight_copy and _on_device(model, reference) and not getattr(model, "is_activation_checkpointing", False):
+            return swapped_parameters(model, scale, reference)
         if row_targets is not None:
             return rescaled_parameters_at_scale(model, scale, reference, row_targets, in_place)
         return rescaled_parameters(model, scale, reference)
@@ -182,6 +191,12 @@ def rescaled_update(
     `target='full'`, the parameters' difference from `reference` (theta0)."""
     with update_kind(target).rescaled(model, scale, reference, adapter_names):
         yield
+
+
+def _on_device(model: nn.Module, reference: dict[str, torch.Tensor]) -> bool:
+    """Whether theta0 sits where the parameters are (not offloaded by trap_reference_device='cpu')."""
+    theta0, param = next(iter(reference.values()), None), next(model.parameters(), None)
+    return theta0 is not None and param is not None and theta0.device == param.device
 
 
 def has_adapter(model: nn.Module) -> bool:

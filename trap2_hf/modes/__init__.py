@@ -41,11 +41,13 @@ class AutoChoice(NamedTuple):
 
 AUTO_ORDER: dict[str, tuple[AutoChoice, ...]] = {
     "adapter": (AutoChoice("fused"), AutoChoice("two_pass")),
-    # Full fine-tuning: the scales share one micro-batch's rows, so the re-scaled passes cost one pass over it in
-    # all, and on full fine-tunes this protects as two_pass does (README). Not 'fused' (fused_full.py): at that
-    # fraction it is no faster than sub_batch and holds the copies' activations on top (benchmarks/README.md).
+    # Full fine-tuning: the scales share half of each micro-batch's rows, a re-scaled pass over a quarter of them
+    # per scale (with theta_s in a copy of the weights, `updates.FullUpdate.rescaled`). This protects as two_pass
+    # does on full fine-tunes, where a quarter of the rows in all does not, and skipping passes on whole
+    # micro-batches does not either (benchmarks/README.md). Not 'fused' (fused_full.py): it holds the copies'
+    # activations, several times the weights on small models.
     "full": (
-        AutoChoice("sub_batch", 1.0, "re-scaled passes over part of the rows keep theta0 the only extra memory"),
+        AutoChoice("sub_batch", 0.5, "re-scaled passes over a quarter of the rows each keep plain's peak memory"),
         AutoChoice("two_pass"),
     ),
 }

@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 from ..rescale_full import split_in_place
+from ..rows import batch_size_of
 from .base import TrapMode, capture_rng_state
 
 logger = logging.getLogger(__name__)
@@ -13,7 +14,8 @@ logger = logging.getLogger(__name__)
 
 class PassesMode(TrapMode):
     def passes(self, trainer, inputs, num_items_in_batch, num_scales: int) -> list:
-        """Per scale, the (inputs, num_items_in_batch) of its re-scaled pass; None where it re-scales no row."""
+        """Per scale, the (inputs, num_items_in_batch, weight) of its re-scaled pass, its loss times `weight`; None
+        where no rank re-scales a row."""
         raise NotImplementedError
 
     def step(self, trainer, model, inputs, num_items_in_batch, scales, offray):
@@ -31,10 +33,15 @@ class PassesMode(TrapMode):
                 trainer._trap_record("rescaled_loss", 0.0)
                 trainer._trap_record_scale(k, scale)
                 continue
-            pass_inputs, pass_items = passes[k]
+            pass_inputs, pass_items, weight = passes[k]
             coefficient = trainer.trap_coefficient(scale, len(scales))
+            # A pass over at most a quarter of the rows leaves room for a copy of the weights beside the gradients
+            # (2 theta + A/4 <= A wherever a micro-batch's activations A pass 2.7 theta; activation checkpointing,
+            # which keeps A small, turns the copy off in FullUpdate.rescaled).
+            quarter = 4 * batch_size_of(pass_inputs) <= batch_size_of(inputs)
+            context = trainer.trap_rescaled(scale, weight_copy=quarter)
             rescaled = trainer._trap_side_backward(
-                model, pass_inputs, pass_items, rng_state, trainer.trap_rescaled(scale), coefficient, last=k == last
+                model, pass_inputs, pass_items, rng_state, context, coefficient * weight, last=k == last
             )
             trainer._trap_record("rescaled_loss", rescaled / coefficient / len(scales))
             trainer._trap_record_scale(k, scale)

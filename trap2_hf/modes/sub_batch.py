@@ -6,7 +6,7 @@ import logging
 import torch
 
 from ..fused import rows_interact
-from ..rows import NotExactHere, batch_size_of, select_rows
+from ..rows import NotExactHere, batch_size_of, drawn_on_any_rank, select_rows
 from .passes import PassesMode
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,8 @@ class SubBatch(PassesMode):
         return reason
 
     def passes(self, trainer, inputs, num_items_in_batch, num_scales):
-        """The drawn rows of each scale, with num_items_in_batch times the fraction (their weight 1/f)."""
+        """The drawn rows of each scale, with num_items_in_batch times the fraction (their weight 1/f); under data
+        parallelism, a pass of weight 0 where only other ranks drew rows (`rows.drawn_on_any_rank`)."""
         batch_size = batch_size_of(inputs)
         fraction = trainer.args.trap_rescaled_fraction
         if num_items_in_batch is None and torch.is_tensor(inputs.get("labels")) and inputs["labels"].dim() > 1:
@@ -38,12 +39,18 @@ class SubBatch(PassesMode):
                 )
             self._warn_token_mean()
         items = num_items_in_batch if num_items_in_batch is None or fraction == 1 else num_items_in_batch * fraction
+        drawn = trainer._trap_next_rows(batch_size)
+        anywhere = [len(rows) > 0 for rows in drawn]
+        if trainer.args.world_size > 1:
+            anywhere = drawn_on_any_rank(trainer.args, batch_size, *trainer._trap_micro_batch)
         passes = []
-        for rows in trainer._trap_next_rows(batch_size):
-            if len(rows) == 0:
-                passes.append(None)
+        for rows, any_rank in zip(drawn, anywhere):
+            if len(rows):
+                passes.append((inputs if len(rows) == batch_size else select_rows(inputs, rows, batch_size), items, 1.0))
+            elif any_rank:  # another rank re-scales rows at this scale: run its collectives too, adding nothing
+                passes.append((select_rows(inputs, torch.arange(1), batch_size), items, 0.0))
             else:
-                passes.append((inputs if len(rows) == batch_size else select_rows(inputs, rows, batch_size), items))
+                passes.append(None)
         return passes
 
     def _warn_token_mean(self) -> None:

@@ -9,4 +9,4 @@ class TwoPass(PassesMode):
     runs_side_terms = True
 
     def passes(self, trainer, inputs, num_items_in_batch, num_scales):
-        return [(inputs, num_items_in_batch)] * num_scales
+        return [(inputs, num_items_in_batch, 1.0)] * num_scales
