@@ -47,7 +47,7 @@ AUTO_ORDER: dict[str, tuple[AutoChoice, ...]] = {
     # micro-batches does not either (benchmarks/README.md). Not 'fused' (fused_full.py): it holds the copies'
     # activations, several times the weights on small models.
     "full": (
-        AutoChoice("sub_batch", 0.5, "re-scaled passes over a quarter of the rows each keep plain's peak memory"),
+        AutoChoice("sub_batch", 0.5, "re-scaled passes over half the rows in all keep theta0 the only extra memory"),
         AutoChoice("two_pass"),
     ),
 }
