@@ -375,3 +375,35 @@ def test_sft_fused_lm_head_re_scales_only_lm_head_in_place(tmp_out, monkeypatch)
     trainer, in_place_grads = sft_full_step(f"{tmp_out}/in_place")
     assert len(trainer._trap_in_place) == len(grads)
     assert_grads_close(grads, in_place_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_sft_swapped_copy_reaches_the_fused_lm_head(tmp_out, monkeypatch):
+    """TRL's fused LM head reads lm_head.weight outside lm_head's forward; a swapped-in copy is what that read sees
+    too, so sub_batch's small passes give the all-in-place gradient under Trap2SFTTrainer."""
+    from trap_checks import exact_trap_args, step_gradients, trainable_state
+
+    calls = []
+    original = updates.swapped_parameters
+
+    def counting(model, scale, reference):
+        calls.append(scale)
+        return original(model, scale, reference)
+
+    def sft_full_step(out):
+        args = Trap2SFTConfig(output_dir=out, **exact_trap_args(
+            bf16=False, max_length=16, per_device_train_batch_size=8, max_steps=1, trap_lambda=0.4,
+            trap_scales_per_step=2, trap_target="full", trap_mode="sub_batch", trap_rescaled_fraction=0.25,
+            activation_checkpointing=False))  # TRL turns it on by default, and with it the copy is never taken
+        torch.manual_seed(0)
+        trainer = Trap2SFTTrainer(model=tiny_llama(), args=args, train_dataset=text_dataset(8),
+                                  processing_class=tiny_tokenizer(), trap_reference=away_from(tiny_llama()))
+        before = trainable_state(trainer.model)
+        trainer.train()
+        return step_gradients(before, trainer.model)
+
+    monkeypatch.setattr(updates, "swapped_parameters", counting)
+    grads = sft_full_step(f"{tmp_out}/swapped")
+    assert calls  # at least one pass over a quarter of the rows took the copy
+    monkeypatch.setattr(updates, "swapped_parameters", lambda model, scale, reference: rescaled_parameters(
+        model, scale, reference))
+    assert_grads_close(grads, sft_full_step(f"{tmp_out}/in_place"), rtol=1e-5, atol=1e-7)
