@@ -35,9 +35,9 @@ class PassesMode(TrapMode):
                 continue
             pass_inputs, pass_items, weight = passes[k]
             coefficient = trainer.trap_coefficient(scale, len(scales))
-            # A pass over at most a quarter of the rows leaves room for a copy of the weights beside the gradients
-            # (2 theta + A/4 <= A wherever a micro-batch's activations A pass 2.7 theta; activation checkpointing,
-            # which keeps A small, turns the copy off in FullUpdate.rescaled).
+            # A pass over at most a quarter of the rows frees room for a copy of the weights under plain fine-tuning's
+            # peak (measured: +0.00 theta0 at a quarter of the rows, +1.10 at half; benchmarks/README.md). Activation
+            # checkpointing keeps activations small, so there FullUpdate.rescaled takes no copy.
             quarter = 4 * batch_size_of(pass_inputs) <= batch_size_of(inputs)
             context = trainer.trap_rescaled(scale, weight_copy=quarter)
             rescaled = trainer._trap_side_backward(
