@@ -24,7 +24,7 @@ LAYERS = [
     ],
     # 1: the maths and the model surgery: objective, re-scaling, rows, fused steps, update kinds, off-ray terms
     [
-        "trap2_hf.objective", "trap2_hf.rescale", "trap2_hf.rescale_full", "trap2_hf.rows", "trap2_hf.fused",
+        "trap2_hf.objective", "trap2_hf.rescale", "trap2_hf.rescale_full", "trap2_hf.rows", "trap2_hf.fused", "trap2_hf.split",
         "trap2_hf.fused_full", "trap2_hf.best_response", "trap2_hf.updates", "trap2_hf.offray.*",
         "trap2_hf.launchers", "trap2_hf.nonfinite",
     ],

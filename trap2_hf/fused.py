@@ -61,6 +61,7 @@ class FusedPlan:
     rescaled_sums: torch.Tensor | None = None
     calls: int = field(default=0)
     rescaled_cap: float | None = None  # trap_ascent='capped' (best_response.py)
+    nominal_weight: float = 1.0  # the original rows' weight in the nominal loss (`split.SplitPlan`: 1 / (1 - K*f))
 
     @classmethod
     def build(
@@ -86,6 +87,15 @@ class FusedPlan:
     def num_copies(self) -> int:
         return len(self.rows)
 
+    @property
+    def weighs_rows(self) -> bool:
+        """Whether the loss is not the model's own: copies to weigh, or original rows weighted other than 1."""
+        return self.num_copies > 0 or self.nominal_weight != 1
+
+    def arrange(self, inputs: dict) -> dict:
+        """The model's inputs for the fused batch: the micro-batch followed by the copies."""
+        return append_rows(inputs, self.rows, self.batch_size)
+
     def sample_scales(self, device) -> torch.Tensor:
         """The scale of every row of the fused batch: 1 for the originals, then the copies'."""
         return torch.cat([torch.ones(self.batch_size), self.copy_scales]).to(device)
@@ -94,7 +104,7 @@ class FusedPlan:
         """sum_{i<b} l_i / D + (x - x.detach()) with x = sum_j c_j l_{b+j} / D: J's gradient, the nominal value."""
         b = self.batch_size
         normaliser = torch.as_tensor(normaliser, device=row_sums.device)
-        nominal = row_sums[:b].sum() / normaliser
+        nominal = row_sums[:b].sum() * self.nominal_weight / normaliser
         weights = self.copy_weights.to(device=row_sums.device, dtype=row_sums.dtype)
         ascended = row_sums[b:]
         if self.rescaled_cap is not None:
@@ -108,7 +118,7 @@ class FusedPlan:
         index = self.copy_scale_index.to(copy_sums.device)
         per_scale = torch.zeros(self.num_scales, device=copy_sums.device, dtype=torch.float32)
         per_scale.index_add_(0, index, copy_sums.detach().float())
-        self.nominal_sum = nominal_sum.detach().float()
+        self.nominal_sum = nominal_sum.detach().float() * self.nominal_weight
         self.rescaled_sums = per_scale / self.fraction
 
     def rescaled_loss(self, nominal_loss: torch.Tensor) -> torch.Tensor:
@@ -257,7 +267,7 @@ def fused_batch(
             raise RuntimeError("trap_mode='fused' expects one model call per micro-batch; use trap_mode='two_pass'.")
         if args:
             raise FusedUnsupported("trap_mode='fused' needs the model called with keyword arguments, as Trainer does")
-        kwargs = append_rows(kwargs, plan.rows, plan.batch_size)
+        kwargs = plan.arrange(kwargs)
         state["token_log_probs"] = bool(kwargs.get("fused_lm_head"))
         if not state["token_log_probs"]:
             if kwargs.get("labels") is None:

@@ -20,7 +20,8 @@ DEFAULT_RESCALED_SHARE = 0.25
 # Per mode (`modes/`), the share of each micro-batch's rows that the scales of a step re-scale together where
 # trap_rescaled_fraction is unset (each scale gets share / trap_scales_per_step); None: whole micro-batches.
 # 'auto' resolves to one of these, with the share its order names (`modes.AUTO_ORDER`).
-MODE_SHARES = {"two_pass": None, "sub_batch": DEFAULT_RESCALED_SHARE, "fused": DEFAULT_RESCALED_SHARE}
+# 'split' keeps the other half of the rows for the nominal loss.
+MODE_SHARES = {"two_pass": None, "sub_batch": DEFAULT_RESCALED_SHARE, "fused": DEFAULT_RESCALED_SHARE, "split": 0.5}
 TRAP_MODES = ("auto", *MODE_SHARES)
 # What each annotated type of a setting accepts (a bool is an int to Python, never a setting's value).
 NUMBER_KINDS = {int: int, float: (int, float), float | None: (int, float, type(None))}
@@ -113,7 +114,9 @@ class Trap2Settings:
             "forward/backward over the micro-batch plus re-scaled copies of a random fraction of its rows, each "
             "copy at its own scale (unbiased; about 1.1-1.3x a plain step for LoRA and 1 + trap_scales_per_step * "
             "fraction times the activation memory; full fine-tuning too where every trainable parameter sits in a "
-            "Linear, Conv1D, Embedding or norm layer and theta0 is on the device). Protection: README, Performance.",
+            "Linear, Conv1D, Embedding or norm layer and theta0 is on the device). 'split': ONE forward/backward "
+            "over the micro-batch itself, the drawn rows at their scales instead of at 1 and the others weighted up "
+            "(plain's memory, as fused otherwise; a noisier nominal loss). Protection: README, Performance.",
             "choices": list(TRAP_MODES),
         },
     )
@@ -313,10 +316,16 @@ class Trap2Settings:
                 f"trap_rescaled_fraction={fraction} needs trap_mode='sub_batch' or 'fused'; trap_mode='two_pass' "
                 "always re-scales the whole micro-batch."
             )
-        if self.trap_mode == "fused" and self.trap_target == "full" and self.trap_reference_device == "cpu":
+        if self.trap_mode == "split" and fraction is not None and fraction * self.trap_scales_per_step >= 1:
             raise ValueError(
-                "trap_mode='fused' on a full fine-tune reads theta0 at every step, which trap_reference_device='cpu' "
-                "offloads; use trap_mode='sub_batch' or 'two_pass', or trap_reference_device='same'."
+                f"trap_mode='split' needs trap_rescaled_fraction * trap_scales_per_step < 1 (each row is nominal or at "
+                f"one scale); got {fraction} * {self.trap_scales_per_step}. Use e.g. {0.5 / self.trap_scales_per_step:g}."
+            )
+        if self.trap_mode in ("fused", "split") and self.trap_target == "full" and self.trap_reference_device == "cpu":
+            raise ValueError(
+                f"trap_mode={self.trap_mode!r} on a full fine-tune reads theta0 at every step, which "
+                "trap_reference_device='cpu' offloads; use trap_mode='sub_batch' or 'two_pass', or "
+                "trap_reference_device='same'."
             )
         check_offray_settings(self)
         self._validate_best_response()

@@ -3,6 +3,7 @@
 - `two_pass.py`: one more pass over the whole micro-batch per scale (the reference; exact for everything).
 - `sub_batch.py`: the same passes over the rows drawn for each scale.
 - `fused.py`: one pass over the micro-batch plus re-scaled copies of the drawn rows.
+- `split.py`: one pass over the micro-batch, the drawn rows at their scales instead of at 1.
 
 `trap_mode='auto'` tries the modes `AUTO_ORDER` lists for the update kind and runs the first that is exact for the
 model and settings (`TrapMode.unsupported`), with the share of rows the order names where trap_rescaled_fraction
@@ -24,12 +25,13 @@ from ..settings import MODE_SHARES, default_rescaled_fraction
 from ..rows import NotExactHere
 from .base import TrapMode, capture_rng_state, restore_rng_state
 from .fused import Fused
+from .split import Split
 from .sub_batch import SubBatch
 from .two_pass import TwoPass
 
 logger = logging.getLogger(__name__)
 
-MODES: dict[str, type[TrapMode]] = {mode.name: mode for mode in (TwoPass, SubBatch, Fused)}
+MODES: dict[str, type[TrapMode]] = {mode.name: mode for mode in (TwoPass, SubBatch, Fused, Split)}
 FALLBACK = "two_pass"
 
 

@@ -14,6 +14,7 @@ from .base import TrapMode, capture_rng_state
 class Fused(TrapMode):
     name = "fused"
     runs_side_terms = True
+    plan_class = FusedPlan  # how the drawn rows enter the one pass: appended as copies
 
     def __init__(self):
         self.row_losses = None  # the model's per-row loss (`fused.row_loss_function`)
@@ -45,10 +46,10 @@ class Fused(TrapMode):
         batch_size = batch_size_of(inputs)
         coefficients = [trainer.trap_coefficient(scale, len(scales)) for scale in scales]
         rows = trainer._trap_next_rows(batch_size) if scales else []  # none with trap_lambda=0 and off-ray terms
-        plan = FusedPlan.build(batch_size, rows, scales, coefficients, args.trap_rescaled_fraction)
+        plan = self.plan_class.build(batch_size, rows, scales, coefficients, args.trap_rescaled_fraction)
         plan.rescaled_cap = trainer._trap_ascent_cap
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        check = plan.num_copies > 0 and not self.checked
+        check = plan.weighs_rows and not self.checked
         rng_state = capture_rng_state()
         with contextlib.ExitStack() as stack:
             if offray:  # the step's last backward is its last off-ray pass
@@ -59,6 +60,7 @@ class Fused(TrapMode):
                         unwrapped, plan, scales, trainer.trap_reference, self.targets, args.device
                     )
                 )
+            if plan.weighs_rows:
                 found = stack.enter_context(fused_batch(unwrapped, plan, self.row_losses, check_model_loss=check))
             nominal = trainer._trap_plain_step(model, dict(inputs), num_items_in_batch)
             if check:  # the normaliser the model's own loss was found to use, from now on
