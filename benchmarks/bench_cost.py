@@ -65,7 +65,7 @@ SHAPES = {
 DEFAULT_SHAPES = {"cpu": ["tiny", "small"], "cuda": ["launch", "compute"]}
 # LoRA targets per architecture: GPT-2's Conv1D layers (fan_in_fan_out), T5's attention projections
 LORA_TARGETS = {"gpt2": (["c_attn", "c_proj"], True), "t5": (["q", "k", "v", "o"], False)}
-MODES = ["auto", "two_pass", "sub_batch", "fused"]
+MODES = ["auto", "two_pass", "sub_batch", "fused", "split"]
 OFFLOAD = ", theta0 offloaded"
 
 

@@ -407,3 +407,48 @@ def test_sft_swapped_copy_reaches_the_fused_lm_head(tmp_out, monkeypatch):
     monkeypatch.setattr(updates, "swapped_parameters", lambda model, scale, reference: rescaled_parameters(
         model, scale, reference))
     assert_grads_close(grads, sft_full_step(f"{tmp_out}/in_place"), rtol=1e-5, atol=1e-7)
+
+
+class RowZeroRMSNorm(nn.Module):
+    """An RMSNorm whose forward mis-reads per-row vectors (every row would take the first row's)."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(features))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight.flatten()[: x.shape[-1]]
+
+
+@pytest.mark.parametrize("kind", ["llama_rmsnorm", "torch_layernorm", "misreading_rmsnorm"])
+def test_norms_take_per_row_vectors_only_where_their_forward_broadcasts_them(kind):
+    """One run with per-row vectors where the module broadcasts them (checked once, at its first call), else one run
+    per scale: either way each row's output and the vectors' gradient are those of the module at its row's scale."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from trap2_hf import fused_full
+
+    torch.manual_seed(0)
+    module = {"llama_rmsnorm": lambda: LlamaRMSNorm(6), "torch_layernorm": lambda: nn.LayerNorm(6),
+              "misreading_rmsnorm": lambda: RowZeroRMSNorm(6)}[kind]()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape))
+    theta0 = away_from(module, size=0.3)
+    groups = RowGroups.of_copies(2, torch.tensor([0, 0, 1]), [0.4, 1.6])
+    row_scales = [1.0, 1.0, 0.4, 0.4, 1.6]
+    x = torch.randn(5, 3, 6)
+    with rescaled_parameters_per_row(module, groups, theta0):
+        got = module(x)
+    got_grads = torch.autograd.grad(got.square().sum(), list(module.parameters()))
+    assert fused_full._ROWS_BROADCAST[module] == (kind == "llama_rmsnorm")
+    from torch.func import functional_call
+
+    expected = torch.cat([
+        functional_call(module, {n: torch.lerp(theta0[n], p, scale) for n, p in module.named_parameters()}, x[row:row + 1])
+        for row, scale in enumerate(row_scales)
+    ])
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(module.parameters()))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for mine, reference in zip(got_grads, expected_grads):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-5)

@@ -19,12 +19,12 @@ MAX_LINES = 400
 LAYERS = [
     # 0: facts and small helpers, importing nothing of the package above them (settings stay free of training code)
     [
-        "trap2_hf", "trap2_hf._lazy", "trap2_hf._warnings", "trap2_hf.settings", "trap2_hf.seeding",
+        "trap2_hf", "trap2_hf._lazy", "trap2_hf._warnings", "trap2_hf.settings", "trap2_hf.mode_settings", "trap2_hf.seeding",
         "trap2_hf.offray", "trap2_hf.offray.terms", "trap2_hf.hub.files",
     ],
     # 1: the maths and the model surgery: objective, re-scaling, rows, fused steps, update kinds, off-ray terms
     [
-        "trap2_hf.objective", "trap2_hf.rescale", "trap2_hf.rescale_full", "trap2_hf.rows", "trap2_hf.fused", "trap2_hf.split",
+        "trap2_hf.objective", "trap2_hf.rescale", "trap2_hf.rescale_full", "trap2_hf.rows", "trap2_hf.fused", "trap2_hf.split", "trap2_hf.grouped_linear",
         "trap2_hf.fused_full", "trap2_hf.best_response", "trap2_hf.updates", "trap2_hf.offray.*",
         "trap2_hf.launchers", "trap2_hf.nonfinite",
     ],

@@ -41,7 +41,7 @@ def split_objective(micro_batches, rows, scales, weights_at, fraction=0.25, trap
     return joint / total_tokens
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("accumulation", [1, 2, 8])  # 8: one-row micro-batches, some all nominal, some all drawn
 def test_split_adapter_gradient_is_the_split_objective(tmp_out, accumulation):
     dataset = token_dataset(8, ragged=True)
     model = lora_model()
@@ -51,7 +51,9 @@ def test_split_adapter_gradient_is_the_split_objective(tmp_out, accumulation):
     assert trainer.args.trap_mode == "split"
     rows = [trainer.trap_rows(batch_size, step=0, micro_batch=m) for m in range(accumulation)]
     drawn = [torch.cat(r) for r in rows]
-    assert all(len(d.unique()) == len(d) for d in drawn) and sum(len(d) for d in drawn) == 4  # half, each row once
+    assert all(len(d.unique()) == len(d) for d in drawn)  # each row at most once
+    # half the rows of every micro-batch of 4 or 8; one-row micro-batches draw theirs independently, half the time
+    assert sum(len(d) for d in drawn) == 4 if batch_size > 1 else 0 < sum(len(d) for d in drawn) < 8
     base = tiny_llama()
     factors = {n: p.detach().clone().requires_grad_() for n, p in reference.named_parameters() if p.requires_grad}
     objective = split_objective(
@@ -91,3 +93,31 @@ def test_split_full_fine_tune_gradient_is_the_split_objective(tmp_out, accumulat
     )
     expected = dict(zip(theta, torch.autograd.grad(objective, list(theta.values()))))
     assert_grads_close(grads, expected)
+
+
+def test_split_refuses_a_fraction_that_would_draw_a_row_twice_and_trl_sft(tmp_out):
+    from conftest import text_dataset, tiny_tokenizer
+    from peft import LoraConfig
+
+    from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer
+
+    with pytest.raises(ValueError, match=r"trap_rescaled_fraction \* trap_scales_per_step < 1.*0.5 \* 2.*=0.25"):
+        Trap2TrainingArguments(output_dir=tmp_out, trap_mode="split", trap_rescaled_fraction=0.5, **TWO_SCALES)
+    with pytest.raises(ValueError, match="trap_mode='split'.*trap_reference_device='cpu'"):
+        Trap2TrainingArguments(output_dir=tmp_out, trap_mode="split", trap_target="full", trap_reference_device="cpu")
+    args = Trap2SFTConfig(output_dir=tmp_out, report_to="none", use_cpu=True, bf16=False, trap_mode="split")
+    with pytest.raises(ValueError, match="trap_mode='split'.*fused LM head.*'fused' for an adapter"):
+        Trap2SFTTrainer(
+            model=tiny_llama(), args=args, train_dataset=text_dataset(4), processing_class=tiny_tokenizer(),
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        )
+
+
+def test_split_default_fraction_leaves_half_the_rows_to_the_nominal_loss(tmp_out):
+    args = Trap2TrainingArguments(output_dir=tmp_out, trap_mode="split", **TWO_SCALES)
+    assert args.trap_rescaled_fraction == 0.25
+    plan = SplitPlan.build(8, [torch.tensor([1, 6]), torch.tensor([3, 4])], [0.5, 1.5], [-0.1, -0.1], 0.25)
+    assert plan.order.tolist() == [0, 2, 5, 7, 1, 6, 3, 4] and plan.batch_size == 4 and plan.nominal_weight == 2.0
+    assert plan.sample_scales("cpu").tolist() == [1, 1, 1, 1, 0.5, 0.5, 1.5, 1.5]
+    with pytest.raises(ValueError, match="at most one scale"):
+        SplitPlan.build(8, [torch.tensor([1, 6]), torch.tensor([6])], [0.5, 1.5], [-0.1, -0.1], 0.25)

@@ -12,14 +12,16 @@ the copies' rows, exactly, for any module whose rows do not interact (no batch s
 parameters as attributes inside its own forward; the gradient reaches theta with the factor s (d theta_s / d
 theta), as in two_pass. The modules known to be such (`full_row_targets`), each run its cheapest way:
 
-- Linear and GPT-2's Conv1D: one autograd function that forms each scale's weights in the forward and again in the
-  backward instead of saving them (a saved copy per scale would cost K*theta of memory): a copied row costs a
-  plain row's three matmuls, plus one weight-sized lerp per scale and direction; each group's matmuls write into
-  their rows of one output, so the activations are not copied again.
+- Linear and GPT-2's Conv1D: one autograd function (`grouped_linear.py`) that forms each scale's weights in the
+  forward and again in the backward instead of saving them (a saved copy per scale would cost K*theta of memory): a
+  copied row costs a plain row's three matmuls, plus one weight-sized lerp per scale and direction; each group's
+  matmuls write into their rows of one output, so the activations are not copied again.
 - Embedding: a row of the table, so theta0's rows are gathered and blended per row, lerp(E0[ids], E[ids], s)
   (position ids shared by all rows, shape (1, T), give each row its own blend).
-- LayerNorm / RMSNorm (any `*LayerNorm` / `*RMSNorm` class, Gemma's 1 + gamma too): the module runs once per scale
-  with its vectors re-scaled.
+- LayerNorm / RMSNorm (any `*LayerNorm` / `*RMSNorm` class, Gemma's 1 + gamma too): one run with per-row vectors
+  lerp(gamma0, gamma, s_row) of shape (rows, 1, ..., features) where the module's forward broadcasts them and
+  gives what one run per scale gives (checked at the module's first call; transformers' RMSNorms do, torch's
+  F.layer_norm does not); else the module runs once per scale with its vectors re-scaled.
 
 A trainable parameter held by any other module (a custom layer, a parametrization, weight norm, a batch norm)
 raises NotImplementedError; a module holding one whose forward does not run while the model does (its weights
@@ -31,8 +33,9 @@ theta_s into the weights (`rescale_full.rescaled_parameters`), which is what the
 only some modules' parameters are read outside their forward, only those are written (`split_in_place`).
 """
 
+import weakref
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grouped_linear import GroupedLinear, lerp_to
 from .rescale import _patched_forward
 
 NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
@@ -211,11 +215,6 @@ def _theta0_for(param: nn.Parameter, theta0_of: dict, module_name: str, local: s
     return theta0
 
 
-def _lerp(theta0: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.Tensor:
-    """theta0 + s*(theta - theta0), in theta's dtype (theta0 may be kept in another)."""
-    return torch.lerp(theta0.to(theta.dtype), theta, scale)
-
-
 # ----------------------------------------------------------------------------- Linear, Conv1D
 def _linear_rows(original_forward, x, *, module, name, groups: RowGroups, theta0, transposed=False):
     groups.check(x, name)
@@ -224,106 +223,7 @@ def _linear_rows(original_forward, x, *, module, name, groups: RowGroups, theta0
         weight, weight0 = weight.t(), weight0.t()
     bias = module.bias
     bias0 = theta0.get("bias") if bias is not None else None
-    return _GroupedLinear.apply(x, weight, bias, weight0, bias0, groups)
-
-
-class _GroupedLinear(torch.autograd.Function):
-    """concat_g(x_g @ W_g^T + b_g), W_g = lerp(W0, W, s_g) (W itself for the first group), without saving any W_g.
-
-    Each group's matmul writes straight into its rows of the output (and of grad_x), so no concatenation copies
-    the activations; the weight's gradient adds s_g * grad_g^T x_g group by group, so no scaled copy of
-    grad_out is made either (profiled: those two copies and the scaling were a tenth of a fused step's time)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, weight0, bias0, groups: RowGroups):
-        ctx.groups, ctx.has_bias = groups, bias is not None
-        ctx.autocast = _autocast_state(x.device.type)
-        ctx.save_for_backward(x, weight, weight0)
-        if groups.uniform:  # one group: F.linear, fewest ops (small models are dispatch-bound)
-            return F.linear(x, *_weights(weight, bias, weight0, bias0, groups, 1))
-        dtype = _compute_dtype(x, ctx.autocast)
-        rows = _flat(x).to(dtype)
-        out = rows.new_empty(rows.shape[0], weight.shape[0])
-        with _no_autocast(ctx.autocast):
-            for g, span in _spans(x, groups):
-                w, b = _weights(weight, bias, weight0, bias0, groups, g)
-                if b is None:
-                    torch.mm(rows[span], w.to(dtype).t(), out=out[span])
-                else:
-                    torch.addmm(b.to(dtype), rows[span], w.to(dtype).t(), out=out[span])
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, weight0 = ctx.saved_tensors
-        groups = ctx.groups
-        dtype = _compute_dtype(x, ctx.autocast)
-        grads = _flat(grad_out).to(dtype)
-        rows = _flat(x).to(dtype)
-        grad_x = grad_weight = grad_bias = None
-        with _no_autocast(ctx.autocast):
-            spans = _spans(x, groups)
-            if ctx.needs_input_grad[0]:
-                weights = [_weights(weight, None, weight0, None, groups, g)[0].to(dtype) for g, _ in spans]
-                if len(spans) == 1:
-                    grad_x = grads[spans[0][1]].mm(weights[0])
-                else:
-                    grad_x = rows.new_empty(rows.shape)
-                    for (g, span), w in zip(spans, weights):
-                        torch.mm(grads[span], w, out=grad_x[span])
-                grad_x = grad_x.view(x.shape).to(x.dtype)
-            # d theta_s / d theta = s: each group's rows count s times in the weight's gradient.
-            for g, span in spans if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else ():
-                scale = _scale_of(groups, g)
-                if ctx.needs_input_grad[1]:
-                    if grad_weight is None:
-                        grad_weight = torch.mm(grads[span].t(), rows[span])
-                        if scale != 1:
-                            grad_weight.mul_(scale)
-                    else:
-                        grad_weight.addmm_(grads[span].t(), rows[span], alpha=scale)
-                if ctx.has_bias and ctx.needs_input_grad[2]:
-                    part = grads[span].sum(0).mul_(scale)
-                    grad_bias = part if grad_bias is None else grad_bias.add_(part)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(weight.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """(rows * positions, features): a row's positions are consecutive, so a group's rows are one slice."""
-    return x.reshape(-1, x.shape[-1])
-
-
-def _spans(x: torch.Tensor, groups: RowGroups) -> list[tuple[int, slice]]:
-    """(group, slice of _flat(x)) for every group with rows, as `_chunks` splits them."""
-    if groups.uniform:
-        return [(1, slice(None))]
-    per_row = x[0].numel() // x.shape[-1] if x.shape[0] else 0
-    spans, start = [], 0
-    for g, size in enumerate(groups.sizes):
-        if size:
-            spans.append((g, slice(start * per_row, (start + size) * per_row)))
-        start += size
-    return spans
-
-
-def _scale_of(groups: RowGroups, g: int) -> float:
-    return 1.0 if g == 0 else groups.scales[g - 1]
-
-
-def _compute_dtype(x: torch.Tensor, autocast_state) -> torch.dtype:
-    """The dtype F.linear would compute in: autocast's where it is on (for floating inputs), else the input's."""
-    _, dtype, enabled = autocast_state
-    return dtype if enabled and x.is_floating_point() else x.dtype
-
-
-def _no_autocast(autocast_state):
-    """The inputs are cast by hand (`_compute_dtype`), and out= matmuls are not autocast."""
-    device_type, _, enabled = autocast_state
-    return torch.autocast(device_type, enabled=False) if enabled else nullcontext()
+    return GroupedLinear.apply(x, weight, bias, weight0, bias0, groups)
 
 
 def _chunks(x: torch.Tensor, groups: RowGroups):
@@ -335,18 +235,6 @@ def _chunks(x: torch.Tensor, groups: RowGroups):
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _weights(weight, bias, weight0, bias0, groups: RowGroups, g: int):
-    if g == 0:
-        return weight, bias
-    scale = groups.scales[g - 1]
-    return _lerp(weight0, weight, scale), None if bias is None else _lerp(bias0, bias, scale)
-
-
-def _autocast_state(device_type: str):
-    enabled = torch.is_autocast_enabled(device_type)
-    return device_type, torch.get_autocast_dtype(device_type), enabled
 
 
 # ----------------------------------------------------------------------------- Embedding
@@ -370,14 +258,44 @@ def _table_rows(original_forward, ids, *, module, name, groups: RowGroups, theta
 
 # ----------------------------------------------------------------------------- LayerNorm, RMSNorm
 def _norm_rows(original_forward, x, *args, module, name, groups: RowGroups, theta0, **kwargs):
+    """Each row with its own re-scaled vectors, broadcast over its positions in one run of the module, where the
+    module's forward takes vectors of that shape and gives what a run per group gives (checked at its first call,
+    `_ROWS_BROADCAST`); else one run per group."""
     groups.check(x, name)
+    if groups.uniform or _ROWS_BROADCAST.get(module) is False:
+        return _norm_per_group(original_forward, x, *args, module=module, groups=groups, theta0=theta0, **kwargs)
+    values = {}
+    for local, param in module.named_parameters(recurse=False):
+        row_scales = groups.row_scales.to(device=param.device, dtype=param.dtype).view(-1, *([1] * (x.dim() - 1)))
+        values[local] = torch.lerp(theta0[local].to(param.dtype), param, row_scales)  # exactly theta where s = 1
+    try:
+        with _parameters_replaced(module, values):
+            out = original_forward(x, *args, **kwargs)
+    except RuntimeError:  # e.g. F.layer_norm, which wants the vectors' own shape
+        out = None
+    if module not in _ROWS_BROADCAST:
+        with torch.no_grad():
+            expected = _norm_per_group(original_forward, x, *args, module=module, groups=groups, theta0=theta0, **kwargs)
+        _ROWS_BROADCAST[module] = (
+            torch.is_tensor(out) and out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-4, atol=1e-6)
+        )
+    if _ROWS_BROADCAST[module]:
+        return out
+    return _norm_per_group(original_forward, x, *args, module=module, groups=groups, theta0=theta0, **kwargs)
+
+
+# Per norm module, whether its forward broadcasts per-row vectors (shape (rows, 1, ..., features)) correctly.
+_ROWS_BROADCAST: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _norm_per_group(original_forward, x, *args, module, groups: RowGroups, theta0, **kwargs):
     parts = []
     for g, chunk in _chunks(x, groups):
         if g == 0:
             parts.append(original_forward(chunk, *args, **kwargs))
             continue
         scale = groups.scales[g - 1]
-        values = {local: _lerp(theta0[local], param, scale) for local, param in module.named_parameters(recurse=False)}
+        values = {local: lerp_to(theta0[local], param, scale) for local, param in module.named_parameters(recurse=False)}
         with _parameters_replaced(module, values):
             parts.append(original_forward(chunk, *args, **kwargs))
     return _cat(parts)

@@ -8,6 +8,7 @@ with no extra code, and the model card records exactly these values.
 import math
 from dataclasses import dataclass, field, fields
 
+from .mode_settings import MODE_SHARES, TRAP_MODES, check_mode_settings, default_rescaled_fraction
 from .offray.terms import check_offray_settings, parse_terms
 
 WEIGHTINGS = ("inv", "inv_sqrt", "none")
@@ -16,13 +17,6 @@ SCALE_SAMPLINGS = ("uniform", "stratified")
 REFERENCE_DEVICES = ("same", "cpu")
 REFERENCE_DTYPES = ("same", "float32", "bfloat16", "float16")
 ASCENTS = ("unbounded", "capped")
-DEFAULT_RESCALED_SHARE = 0.25
-# Per mode (`modes/`), the share of each micro-batch's rows that the scales of a step re-scale together where
-# trap_rescaled_fraction is unset (each scale gets share / trap_scales_per_step); None: whole micro-batches.
-# 'auto' resolves to one of these, with the share its order names (`modes.AUTO_ORDER`).
-# 'split' keeps the other half of the rows for the nominal loss.
-MODE_SHARES = {"two_pass": None, "sub_batch": DEFAULT_RESCALED_SHARE, "fused": DEFAULT_RESCALED_SHARE, "split": 0.5}
-TRAP_MODES = ("auto", *MODE_SHARES)
 # What each annotated type of a setting accepts (a bool is an int to Python, never a setting's value).
 NUMBER_KINDS = {int: int, float: (int, float), float | None: (int, float, type(None))}
 
@@ -304,29 +298,7 @@ class Trap2Settings:
             )
         if not (isinstance(self.trap_scales_per_step, int) and self.trap_scales_per_step >= 1):
             raise ValueError(f"trap_scales_per_step must be an integer >= 1, got {self.trap_scales_per_step!r}.")
-        _check_choice("trap_mode", self.trap_mode, TRAP_MODES)
-        fraction = self.trap_rescaled_fraction
-        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-            raise ValueError(
-                f"trap_rescaled_fraction must be in (0, 1], got {fraction!r}. Use e.g. 0.25 (a quarter of each "
-                "micro-batch is re-scaled) or 1 (all of it)."
-            )
-        if self.trap_mode == "two_pass" and fraction not in (None, 1, 1.0):
-            raise ValueError(
-                f"trap_rescaled_fraction={fraction} needs trap_mode='sub_batch' or 'fused'; trap_mode='two_pass' "
-                "always re-scales the whole micro-batch."
-            )
-        if self.trap_mode == "split" and fraction is not None and fraction * self.trap_scales_per_step >= 1:
-            raise ValueError(
-                f"trap_mode='split' needs trap_rescaled_fraction * trap_scales_per_step < 1 (each row is nominal or at "
-                f"one scale); got {fraction} * {self.trap_scales_per_step}. Use e.g. {0.5 / self.trap_scales_per_step:g}."
-            )
-        if self.trap_mode in ("fused", "split") and self.trap_target == "full" and self.trap_reference_device == "cpu":
-            raise ValueError(
-                f"trap_mode={self.trap_mode!r} on a full fine-tune reads theta0 at every step, which "
-                "trap_reference_device='cpu' offloads; use trap_mode='sub_batch' or 'two_pass', or "
-                "trap_reference_device='same'."
-            )
+        check_mode_settings(self)
         check_offray_settings(self)
         self._validate_best_response()
 
@@ -380,15 +352,6 @@ class Trap2Settings:
     def trap_settings_dict(self) -> dict:
         """The protection settings as plain values: what the model card and the audit record."""
         return {f.name: getattr(self, f.name) for f in fields(Trap2Settings)}
-
-
-def default_rescaled_fraction(share: float | None, scales_per_step) -> float:
-    """trap_rescaled_fraction where it is unset: `share` of the rows for the scales of a step together (each scale
-    share / trap_scales_per_step), or 1 (whole micro-batches) for share None."""
-    if share is None:
-        return 1.0
-    scales = scales_per_step if isinstance(scales_per_step, int) else 1
-    return share / max(1, scales)
 
 
 def trap_scale_intervals(scale_min: float, scale_max: float, margin: float) -> list[tuple[float, float]]:

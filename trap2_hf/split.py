@@ -49,10 +49,7 @@ class SplitPlan(FusedPlan):
 
     def arrange(self, inputs: dict) -> dict:
         """The micro-batch's own rows, nominal ones first: no copy, so the pass holds plain's activations."""
-        if inputs.get("fused_lm_head"):
-            raise FusedUnsupported(
-                "trap_mode='split' weights per-row losses, which TRL's fused LM head folds into per-token log-probs "
-                "across rows; use trap_mode='fused' or 'two_pass'."
-            )
+        if inputs.get("fused_lm_head"):  # its per-token log-probs would need their own weighting (not done)
+            raise FusedUnsupported("trap_mode='split' needs per-row losses, not TRL's fused LM head's log-probs.")
         check_rows_are_samples(inputs)
         return select_rows(inputs, self.order, self.micro_batch_size)

@@ -129,11 +129,11 @@ class Trap2TrainerMixin:
             self._trap_modes[name] = modes.get_mode(name)
         return self._trap_modes[name]
 
-    def _trap_check_fused(self) -> None:
-        """Refuse trap_mode='fused' where this trainer's loss is not the model's own per-row loss."""
+    def _trap_check_fused(self, mode: str = "fused") -> None:
+        """Refuse trap_mode=`mode` ('fused' or 'split') where this trainer's loss is not the model's own per-row loss."""
         if self.compute_loss_func is not None or self.args.label_smoothing_factor:
             raise ValueError(
-                "trap_mode='fused' weights the model's own per-row losses, which a compute_loss_func or label "
+                f"trap_mode={mode!r} weights the model's own per-row losses, which a compute_loss_func or label "
                 "smoothing replaces. Use trap_mode='two_pass' or 'sub_batch'."
             )
 
@@ -363,7 +363,13 @@ class Trap2SFTTrainer(Trap2TrainerMixin, Trap2HubMixin, SFTTrainer):
 
     _trap_args_class = Trap2SFTConfig
 
-    def _trap_check_fused(self) -> None:
+    def _trap_check_fused(self, mode: str = "fused") -> None:
+        if mode == "split":
+            raise ValueError(
+                "trap_mode='split' weights per-row losses, which TRL's fused LM head (SFTTrainer's loss) folds into "
+                "per-token log-probs. Use trap_mode='fused' for an adapter, 'sub_batch' (auto's choice) for a full "
+                "fine-tune, or Trap2Trainer."
+            )
         if self._trap_update.copies_form_weights_per_module:
             raise ValueError(
                 "trap_mode='fused' on a full fine-tune forms theta0 + s*(theta - theta0) module by module, but TRL's "
@@ -376,7 +382,7 @@ class Trap2SFTTrainer(Trap2TrainerMixin, Trap2HubMixin, SFTTrainer):
                 f"loss_type='nll' on rows that are samples; got loss_type={self.args.loss_type!r}, padding_free="
                 f"{self.padding_free} (packing). Use trap_mode='two_pass' or 'sub_batch'."
             )
-        super()._trap_check_fused()
+        super()._trap_check_fused(mode)
 
     @contextlib.contextmanager
     def _trap_side_pass(self):

@@ -32,7 +32,7 @@ class Fused(TrapMode):
         return reason
 
     def prepare(self, trainer):
-        trainer._trap_check_fused()
+        trainer._trap_check_fused(self.name)
         model = trainer.accelerator.unwrap_model(trainer.model)
         self.targets = trainer._trap_update.copy_row_targets(model, trainer.args)
         self.row_losses = row_loss_function(model)
