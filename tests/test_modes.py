@@ -309,7 +309,7 @@ def test_fused_sft_refuses_other_losses(tmp_out):
         ({"trap_mode": "fused", "trap_rescaled_fraction": 0.0}, "trap_rescaled_fraction"),
         ({"trap_mode": "sub_batch", "trap_rescaled_fraction": 1.5}, "trap_rescaled_fraction"),
         ({"trap_mode": "two_pass", "trap_rescaled_fraction": 0.5},
-         "trap_rescaled_fraction=0.5 needs trap_mode='sub_batch' or 'fused'"),
+         "trap_rescaled_fraction=0.5 needs trap_mode='sub_batch', 'fused' or 'split'"),
         ({"trap_mode": "fused", "trap_target": "full", "trap_reference_device": "cpu"},
          "trap_mode='fused' on a full fine-tune.*'sub_batch' or 'two_pass'"),
     ],

@@ -121,7 +121,7 @@ class Trap2Settings:
             "at random and weighted by 1/fraction, so the re-scaled loss is unbiased. Unset: 1 for two_pass (which "
             "takes only 1); for sub_batch and fused (and auto where it picks fused) 0.25 / trap_scales_per_step, so "
             "the scales of a step together re-scale a quarter of the rows whatever their number; 0.5 / "
-            "trap_scales_per_step where auto picks sub_batch (full fine-tuning)."
+            "trap_scales_per_step for split, and where auto picks sub_batch (full fine-tuning)."
         },
     )
 
