@@ -435,6 +435,9 @@ def test_norms_take_per_row_vectors_only_where_their_forward_broadcasts_them(kin
         for p in module.parameters():
             p.add_(0.1 * torch.randn(p.shape))
     theta0 = away_from(module, size=0.3)
+    with torch.no_grad(), rescaled_parameters_per_row(module, RowGroups.of_copies(0, torch.tensor([0, 0]), [0.4]), theta0):
+        module(torch.randn(2, 3, 6))  # all rows at one scale: no verdict (a misreading forward would pass)
+    assert module not in fused_full._ROWS_BROADCAST
     groups = RowGroups.of_copies(2, torch.tensor([0, 0, 1]), [0.4, 1.6])
     row_scales = [1.0, 1.0, 0.4, 0.4, 1.6]
     x = torch.randn(5, 3, 6)

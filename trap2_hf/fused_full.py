@@ -262,7 +262,9 @@ def _norm_rows(original_forward, x, *args, module, name, groups: RowGroups, thet
     module's forward takes vectors of that shape and gives what a run per group gives (checked at its first call,
     `_ROWS_BROADCAST`); else one run per group."""
     groups.check(x, name)
-    if groups.uniform or _ROWS_BROADCAST.get(module) is False:
+    verdict = _ROWS_BROADCAST.get(module)
+    # One scale in the batch would let a forward that gives every row the first row's vectors pass the check.
+    if groups.uniform or verdict is False or (verdict is None and sum(1 for n in groups.sizes if n) < 2):
         return _norm_per_group(original_forward, x, *args, module=module, groups=groups, theta0=theta0, **kwargs)
     values = {}
     for local, param in module.named_parameters(recurse=False):
@@ -273,7 +275,7 @@ def _norm_rows(original_forward, x, *args, module, name, groups: RowGroups, thet
             out = original_forward(x, *args, **kwargs)
     except RuntimeError:  # e.g. F.layer_norm, which wants the vectors' own shape
         out = None
-    if module not in _ROWS_BROADCAST:
+    if verdict is None:
         with torch.no_grad():
             expected = _norm_per_group(original_forward, x, *args, module=module, groups=groups, theta0=theta0, **kwargs)
         _ROWS_BROADCAST[module] = (
