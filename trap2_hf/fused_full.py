@@ -269,7 +269,7 @@ def _norm_rows(original_forward, x, *args, module, name, groups: RowGroups, thet
     values = {}
     for local, param in module.named_parameters(recurse=False):
         row_scales = groups.row_scales.to(device=param.device, dtype=param.dtype).view(-1, *([1] * (x.dim() - 1)))
-        values[local] = torch.lerp(theta0[local].to(param.dtype), param, row_scales)  # exactly theta where s = 1
+        values[local] = lerp_to(theta0[local], param, row_scales)  # exactly theta where s = 1
     try:
         with _parameters_replaced(module, values):
             out = original_forward(x, *args, **kwargs)

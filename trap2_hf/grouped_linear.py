@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 
-def lerp_to(theta0: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.Tensor:
-    """theta0 + s*(theta - theta0), in theta's dtype (theta0 may be kept in another)."""
+def lerp_to(theta0: torch.Tensor, theta: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """theta0 + s*(theta - theta0), in theta's dtype (theta0 may be kept in another); s a number or a tensor."""
     return torch.lerp(theta0.to(theta.dtype), theta, scale)
 
 
@@ -78,7 +78,7 @@ class GroupedLinear(torch.autograd.Function):
 
 
 def _spans(x: torch.Tensor, groups) -> list[tuple[int, slice]]:
-    """(group, slice of _flat(x)) for every group with rows, as `_chunks` splits them."""
+    """(group, slice of _flat(x)) for every group with rows, as `fused_full._chunks` splits them."""
     if groups.uniform:
         return [(1, slice(None))]
     per_row = x[0].numel() // x.shape[-1] if x.shape[0] else 0

@@ -26,8 +26,8 @@ def rows_generator(seed: int, step: int, micro_batch: int) -> torch.Generator:
 
 
 def drawn_rows(args, batch_size: int, step: int, micro_batch: int) -> list[torch.Tensor]:
-    """Per scale, the rows of this rank's micro-batch that it re-scales under the settings `args` (sub_batch and
-    fused): this rank's share of the global micro-batch's draw, a function of (seed, step, micro-batch) only."""
+    """Per scale, the rows of this rank's micro-batch that it re-scales under the settings `args` (sub_batch,
+    fused, split): this rank's share of the global micro-batch's draw, a function of (seed, step, micro-batch) only."""
     return rescaled_rows(
         batch_size, args.trap_rescaled_fraction, args.trap_scales_per_step, rows_generator(args.seed, step, micro_batch),
         rank=args.process_index, world_size=args.world_size,

@@ -130,7 +130,7 @@ class Trap2TrainerMixin:
         return self._trap_modes[name]
 
     def _trap_check_fused(self, mode: str = "fused") -> None:
-        """Refuse trap_mode=`mode` ('fused' or 'split') where this trainer's loss is not the model's own per-row loss."""
+        """Refuse trap_mode=`mode` (fused or split) where this trainer's loss is not the model's own per-row loss."""
         if self.compute_loss_func is not None or self.args.label_smoothing_factor:
             raise ValueError(
                 f"trap_mode={mode!r} weights the model's own per-row losses, which a compute_loss_func or label "
@@ -167,7 +167,7 @@ class Trap2TrainerMixin:
         return scales
 
     def trap_rows(self, batch_size: int, step: int | None = None, micro_batch: int = 0) -> list[torch.Tensor]:
-        """The rows of a micro-batch that each scale re-scales in 'sub_batch' and 'fused' modes (`rows.drawn_rows`)."""
+        """The rows of a micro-batch that each scale re-scales in sub_batch, fused and split (`rows.drawn_rows`)."""
         return drawn_rows(self.args, batch_size, self.state.global_step if step is None else step, micro_batch)
 
     def _trap_next_rows(self, batch_size: int) -> list[torch.Tensor]:
