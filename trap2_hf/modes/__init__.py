@@ -21,7 +21,7 @@ import copy
 import logging
 from typing import NamedTuple
 
-from ..settings import MODE_SHARES, default_rescaled_fraction
+from ..mode_settings import MODE_SHARES, default_rescaled_fraction
 from ..rows import NotExactHere
 from .base import TrapMode, capture_rng_state, restore_rng_state
 from .fused import Fused
