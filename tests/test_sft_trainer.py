@@ -16,12 +16,12 @@ LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_p
 
 def sft_args(config_cls, tmp_out, **overrides):
     make_args = exact_trap_args if issubclass(config_cls, Trap2Settings) else sgd_args
-    return config_cls(output_dir=tmp_out, **make_args(**{"bf16": False, "max_length": 16, "per_device_train_batch_size": 8, **overrides}))
+    return config_cls(output_dir=tmp_out, **make_args(**{"bf16": False, "activation_checkpointing": True, "max_length": 16, "per_device_train_batch_size": 8, **overrides}))
 
 
 def test_sft_step_gradients_equal_direct_computation(tmp_out):
     args = sft_args(Trap2SFTConfig, tmp_out, max_steps=1, trap_lambda=0.4, trap_scales_per_step=2)
-    assert args.gradient_checkpointing  # TRL's default: each backward must run inside its own scale
+    assert args.activation_checkpointing  # TRL's default: each backward must run inside its own scale
     trainer = Trap2SFTTrainer(
         model=tiny_llama(), args=args, train_dataset=text_dataset(8), processing_class=tiny_tokenizer(), peft_config=LORA
     )

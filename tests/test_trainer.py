@@ -76,7 +76,7 @@ def test_dora_two_scales_with_checkpointing_equal_direct_computation(tmp_out):
         trap_lambda=0.2,
         trap_scales_per_step=2,
         trap_scale_sampling="stratified",
-        gradient_checkpointing=True,
+        activation_checkpointing=True,
     )
     scales = trainer.trap_scales(0)
     assert scales[0] < 1 < scales[1]
@@ -96,7 +96,7 @@ def test_full_finetune_step_gradients_equal_direct_computation(tmp_out, checkpoi
         output_dir=tmp_out,
         max_steps=1,
         per_device_train_batch_size=8,
-        **exact_trap_args(trap_target="full", trap_lambda=0.5, trap_weighting="inv_sqrt", gradient_checkpointing=checkpointing),
+        **exact_trap_args(trap_target="full", trap_lambda=0.5, trap_weighting="inv_sqrt", activation_checkpointing=checkpointing),
     )
     trainer = Trap2Trainer(model=model, args=args, train_dataset=dataset, trap_reference=theta0)
     before = trainable_state(model)

@@ -29,8 +29,15 @@ class Trap2SFTConfig(SFTConfig, Trap2Settings):
     """
 
     trap_weighting: str = field(default="inv_sqrt", metadata=Trap2Settings.__dataclass_fields__["trap_weighting"].metadata)
+    # TRL turns activation checkpointing on by default through transformers' deprecated `gradient_checkpointing`,
+    # which warns on every config built; the default moves to the current name (one given by the user still wins).
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata=TrainingArguments.__dataclass_fields__["gradient_checkpointing"].metadata
+    )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         super().__post_init__()
         self.derive_trap_defaults()
         self.validate_trap_settings()

@@ -23,7 +23,7 @@ NUMBER_KINDS = {int: int, float: (int, float), float | None: (int, float, type(N
 
 @dataclass
 class Trap2Settings:
-    """Trap² protection settings (see METHOD.md): J = L(1) - lambda * E_s[w(s) * L(s)]."""
+    """Trap² protection settings (docs/method.md): J = L(1) - lambda * E_s[w(s) * L(s)]."""
 
     trap_lambda: float = field(
         default=0.05,
