@@ -59,6 +59,15 @@ def test_protection_holds_only_when_every_merge_including_the_heldout_partner_st
     assert "ties (held-out)" in table and "0.90/0.90" in table
 
 
+def test_mergekits_naive_merges_count_as_the_average_mode_of_their_method():
+    results = audit(0.25, 0.25)
+    results["mergekit"] = {"methods": [{"method": "sce", "protected": {"topic": 0.6, "region": 1.0}}]}
+    row = summarize("a", {}, {"steps": 10, "seconds": 1.0}, results)
+    assert row["merged"]["mergekit:sce"] == {"average": 0.6}
+    assert not row["holds"] and row["worst"] == 0.6
+    assert "| –/0.60 |" in format_variants([row])
+
+
 @pytest.mark.slow
 def test_compare_variants_end_to_end_writes_the_comparison(tmp_path):
     """A tiny real comparison: the twin, the defaults and an off-ray variant with a known foreign update;
@@ -71,13 +80,15 @@ def test_compare_variants_end_to_end_writes_the_comparison(tmp_path):
     code = main([
         "demo", "--output_dir", str(out), "--steps", "1", "--protected_max_steps", "2", "--curve_every", "1",
         "--train_size", "16", "--validation_size", "8", "--test_size", "8", "--methods", "task_arithmetic",
-        "--foreign_tasks", "object", "--compare_variants", "none", "default", "offray:trap_offray=dare+foreign",
+        "--foreign_tasks", "object", "--mergekit_methods", "linear",
+        "--compare_variants", "none", "default", "offray:trap_offray=dare+foreign",
     ])
     assert code == 0
     audit = json.loads((out / "audit.json").read_text())
     assert audit["audit_of_variant"] == "default"
     assert [row["label"] for row in audit["variants"]] == ["none", "default", "offray"]
     assert audit["heldout_partner"]["partner"] == "region"
+    assert all("mergekit:linear" in row["merged"] for row in audit["variants"])  # the twin's row included
     offray = audit["variants"][2]
     assert offray["settings"]["trap_offray"] == "dare+foreign" and offray["settings"]["trap_foreign_adapters"]
     assert set(offray["merged"]["task_arithmetic"]) == {"average", "best"}

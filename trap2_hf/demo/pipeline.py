@@ -292,9 +292,12 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
     return results
 
 
-def audit_with_mergekit(setup: DemoSetup, demo: DemoArguments, results: dict, log=print) -> dict:
+def audit_with_mergekit(
+    setup: DemoSetup, demo: DemoArguments, results: dict, log=print, protected: str | None = None, unprotected="twin"
+) -> dict:
     """`results` with a `mergekit` section (mergekit's own merges of the same updates) and the attack
-    rows recomputed with it; unchanged when no mergekit method is asked for or mergekit is missing."""
+    rows recomputed with it; unchanged when no mergekit method is asked for or mergekit is missing.
+    `protected` / `unprotected` as in `audit_setup`."""
     from ..audit.summary import attack_rows
 
     methods = [m for m in demo.mergekit_methods if m != "none"]
@@ -304,7 +307,8 @@ def audit_with_mergekit(setup: DemoSetup, demo: DemoArguments, results: dict, lo
 
     try:
         results["mergekit"] = audit_mergekit(
-            setup.model, audit_tasks(setup), setup.protected, setup.unprotected, setup.others, target="adapter",
+            setup.model, audit_tasks(setup), protected or setup.protected,
+            setup.unprotected if unprotected == "twin" else unprotected, setup.others, target="adapter",
             methods=methods, seed=demo.seed, protected_task=setup.protected_task,
             informed_methods=demo.mergekit_informed, informed=InformedSettings(budget=demo.search_budget),
         )
