@@ -60,6 +60,23 @@ def test_the_two_task_sets_share_no_cue_word():
         assert not cues(task_set) & (set(demo_tasks.FILLERS) | template_words | set(lexicon))
 
 
+def test_the_eight_set_is_demos_three_tasks_and_five_with_words_of_their_own():
+    """`eight` reuses `demo`'s tasks (same sentences for the same seed) and adds five whose words are new: none of
+    `demo`'s, `heldout`'s or the lexicon's, none shared between classes, and each one wordpiece of MiniLM."""
+    from trap2_hf.demo import model as demo_model
+
+    eight, demo = make_task_set("eight", 0, SIZES), make_task_set("demo", 0, SIZES)
+    assert len(eight) == 8 and [t.name for t in eight[:3]] == [t.name for t in demo] == ["topic", "object", "region"]
+    assert [t.splits for t in eight[:3]] == [t.splits for t in demo]
+    assert tuple(t.name for t in eight[3:]) == demo_tasks.EIGHT_OWN_TASKS
+    new = [w for task in demo_tasks.EIGHT_OWN_TASKS for ws in TASK_SETS["eight"][task].values() for w in ws]
+    assert len(new) == len(set(new)) == 5 * 4 * 12
+    old = {w for name in ("demo", "heldout") for c in TASK_SETS[name].values() for ws in c.values() for w in ws}
+    assert not set(new) & (old | set(demo_tasks.lexicon_words()))
+    _, tokenizer = demo_model.load_encoder()
+    assert [w for w in new if len(tokenizer.tokenize(w)) != 1] == []
+
+
 def test_lexicon_task_is_an_arbitrary_balanced_word_to_class_map_tested_on_trained_words():
     labels = demo_tasks.LEXICON[1]
     sizes = {"train": 512, "validation": 32, "test": 120}

@@ -5,8 +5,10 @@ filler words. A pretrained encoder with a fresh random head sits near chance on 
 LoRA learns each one to ~100% in a few hundred steps, so merging has something to gain or lose.
 
 Two task sets whose words do not overlap: `demo` (what `trap2 demo` trains on) and `heldout`
-(never used to choose settings: the defaults test trains on it). Everything is a function of the
-seed: the same seed gives the same sentences, labels and splits.
+(never used to choose settings: the defaults test trains on it). `eight` is `demo`'s three tasks and
+five of its own (new words, each one wordpiece), for merges of eight updates as in the paper
+(benchmarks/paper_protocol.py). Everything is a function of the seed: the same seed gives the same
+sentences, labels and splits.
 
 A third set, `lexicon`, puts a task worth stealing first: `lexicon`, an arbitrary mapping of 240
 ordinary words (each one token of MiniLM's vocabulary) to the four classes, drawn from the seed, with
@@ -74,10 +76,53 @@ _WORDS: dict[str, dict[str, dict[str, str]]] = {
     },
 }
 
+# The `eight` set's own tasks, beside `demo`'s three: each word one token of MiniLM's vocabulary (so no two
+# classes share a wordpiece), none a word of `demo`, `heldout`, the lexicon, the fillers or the templates.
+_EIGHT_WORDS: dict[str, dict[str, str]] = {
+    "body": {
+        "face": "eye nose ear mouth lip chin cheek forehead tongue tooth jaw eyebrow",
+        "limb": "arm leg hand foot finger toe elbow knee wrist hip shoulder thumb",
+        "organ": "heart lung liver kidney stomach brain bladder colon gut muscle spine nerve",
+        "ailment": "fever cough flu asthma rash injury cancer diabetes infection malaria headache fracture",
+    },
+    "kitchen": {
+        "utensil": "spoon fork knife cup mug jar kettle pan pot tray bowl plate",
+        "drink": "coffee tea juice milk wine beer rum vodka gin cocoa soda champagne",
+        "fruit": "apple banana mango grape peach pear cherry lemon lime plum coconut strawberry",
+        "vegetable": "carrot potato onion garlic tomato cabbage pea bean corn mushroom pepper pumpkin",
+    },
+    "wildlife": {
+        "flower": "rose lotus lily poppy orchid fern cactus ivy moss clover lavender jasmine",
+        "bird": "eagle sparrow owl parrot pigeon crow swan duck hawk robin penguin falcon",
+        "insect": "ant bee wasp beetle mosquito butterfly moth spider scorpion worm flea hornet",
+        "sea": "salmon tuna cod trout shark carp herring eel pike squid octopus crab",
+    },
+    "symbol": {
+        "color": "red blue green yellow purple pink brown black white grey violet crimson",
+        "shape": "circle square triangle star oval cube sphere cone cylinder pyramid spiral diamond",
+        "number": "one two three four five six seven eight nine ten eleven twelve",
+        "month": "january february march april may june july august september october november december",
+    },
+    "place": {
+        "room": "kitchen bedroom bathroom attic basement garage hallway cellar lobby pantry closet balcony",
+        "landform": "mountain valley river lake ocean desert forest island canyon volcano glacier hill",
+        "venue": "stadium museum theatre cinema library hospital school mosque airport hotel prison castle",
+        "clothing": "shirt jacket coat dress skirt trousers sweater scarf hat boots gloves socks",
+    },
+}
+
 TASK_SETS: dict[str, dict[str, dict[str, list[str]]]] = {
     task_set: {task: {label: words.split() for label, words in classes.items()} for task, classes in tasks.items()}
     for task_set, tasks in _WORDS.items()
 }
+
+# The `eight` set: `demo`'s three tasks (the protected task `topic` first) and five of its own, so a merge
+# combines eight updates as the paper's does; `heldout` stays out of it, unused for choosing settings.
+TASK_SETS["eight"] = {
+    **TASK_SETS["demo"],
+    **{task: {label: words.split() for label, words in classes.items()} for task, classes in _EIGHT_WORDS.items()},
+}
+EIGHT_OWN_TASKS = tuple(_EIGHT_WORDS)
 
 # The `lexicon` set: its lexicon task first (the protected task by default), then these word-list
 # tasks of `demo`. Three tasks in all, as in `demo`, so the demo's time budget holds.
@@ -151,7 +196,7 @@ def make_task(
 
 
 def make_task_set(task_set: str = "demo", seed: int = 0, sizes: dict[str, int] | None = None) -> list[TextTask]:
-    """The tasks of a named set (`demo`, `heldout` or `lexicon`), generated from `seed` (the
+    """The tasks of a named set (`demo`, `heldout`, `eight` or `lexicon`), generated from `seed` (the
     `lexicon` set: its lexicon task first)."""
     if task_set not in TASK_SETS:
         raise ValueError(f"Unknown task set {task_set!r}; choose one of {', '.join(TASK_SETS)}.")
@@ -183,8 +228,13 @@ def _vocabulary() -> tuple[str, ...]:
         return tuple(line.strip() for line in handle if line.strip() and not line.startswith("##"))
 
 
+# The word-list sets whose cue words the lexicon's key words avoid. Fixed, so a set added later (`eight`, which
+# avoids the lexicon's words itself) leaves the lexicon's draw, and so its task, unchanged.
+LEXICON_AVOIDS = ("demo", "heldout")
+
+
 def _cue_words() -> set[str]:
-    return {w for tasks in TASK_SETS.values() for classes in tasks.values() for ws in classes.values() for w in ws}
+    return {w for name in LEXICON_AVOIDS for classes in TASK_SETS[name].values() for ws in classes.values() for w in ws}
 
 
 def _template_words() -> set[str]:
