@@ -226,6 +226,28 @@ def test_full_finetune_audit_restores_frozen_base_weights():
     assert "unprotected" in format_table(results)
 
 
+def test_a_grid_override_replaces_the_named_parameter_of_every_method_for_one_run():
+    """`grids` (the paper's shared-weight search) replaces the weight grid of each method that has one, keeps
+    the densities, is recorded under config.declared, and leaves the registry as it was."""
+    model, tasks = lora_setup()
+    weights = (0.1, 0.2, 0.3)
+    results = run_audit(
+        model, tasks, "t0", "prot", None, {"t1": "other1"}, methods=["task_arithmetic", "ties"], modes=("best",),
+        sweep_scales=(1.0,), seed=0, progress=False, grids={"weight": weights}, benign=(),
+    )
+    for entry in results["methods"]:
+        searched = [row["params"] for row in entry["search"]["protected"]]
+        densities = [{}] if entry["method"] == "task_arithmetic" else [{"density": d} for d in methods.DENSITIES]
+        assert searched == [{"weight": w, **d} for d in densities for w in weights], entry["method"]
+        assert entry["params"]["weight"] in weights
+        assert results["config"]["declared"][entry["method"]]["params"][0]["grid"] == list(weights)
+    assert methods.get("ties").params[0].grid == methods.SPARSE_WEIGHTS
+    for bad in ({"weigth": weights}, {"weight": ()}):
+        with pytest.raises(ValueError, match="grids"):
+            run_audit(model, tasks, "t0", "prot", None, {"t1": "other1"}, methods=["task_arithmetic"],
+                      modes=("best",), progress=False, grids=bad)
+
+
 def test_bad_arguments_name_the_problem():
     model, tasks = lora_setup()
     with pytest.raises(ValueError, match="not one of the tasks"):

@@ -15,6 +15,7 @@ updates) and the grid of the attacker-optimistic `best` mode. Every `best` grid 
 costs one evaluation of every task.
 """
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +114,19 @@ class MergeMethod:
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
+
+
+def with_grids(methods: list[MergeMethod], grids: dict[str, tuple[float, ...]] | None) -> dict[str, MergeMethod]:
+    """{name: method} with the `best`-mode grid of each parameter named in `grids` replaced (for one audit run);
+    a name no method has, or an empty grid, raises."""
+    grids = {name: tuple(float(v) for v in values) for name, values in (grids or {}).items()}
+    known = {p.name for m in methods for p in m.params}
+    bad = [name for name, values in grids.items() if name not in known or not values]
+    if bad:
+        raise ValueError(f"grids {bad}: each must name a parameter of the audited methods ({sorted(known)}) "
+                         "and give at least one value.")
+    return {m.name: dataclasses.replace(m, params=tuple(
+        dataclasses.replace(p, grid=grids[p.name]) if p.name in grids else p for p in m.params)) for m in methods}
 
 
 def register(method: MergeMethod) -> MergeMethod:

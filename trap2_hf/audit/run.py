@@ -75,6 +75,7 @@ def run_audit(
     informed: InformedSettings | None = None,
     repair=None,
     benign: tuple = benign_check.PERTURBATIONS,
+    grids: dict[str, tuple[float, ...]] | None = None,
 ) -> dict:
     """Run the audit and return the content of `audit.json`.
 
@@ -84,9 +85,12 @@ def run_audit(
     `{parameter name: tensor}`. `unprotected` may be None. `methods` defaults to every registered
     method that applies to `target`. `informed` sets the informed attacker's grids and budget (default
     `InformedSettings()`); `repair` (a `RepairSettings`) adds the post-merge repair section; `benign`
-    names the perturbations of the update alone in the `benign` section (empty: no section).
+    names the perturbations of the update alone in the `benign` section (empty: no section). `grids`
+    replaces, for this run, the `best`-mode grid of the named parameters of every method that has them
+    (e.g. `{"weight": (0.1, 0.2, ..., 2.0)}`, the paper's shared-weight search); `config.declared` records it.
     """
     chosen = _check_arguments(model, tasks, protected_task, protected, unprotected, others, target, methods, modes)
+    declared = registry.with_grids([registry.get(name) for name in chosen], grids)
     informed = informed or InformedSettings()
     stray = [m for m in informed.methods or () if m not in chosen]
     if stray:
@@ -101,7 +105,7 @@ def run_audit(
     benign = benign_check.check_perturbations(benign or ())
     total = (
         1 + len(others) + len(variants) * (1 + len(sweep_scales) + len(benign)) + attacked * (1 + len(others))
-        + len(variants) * sum(_evaluations(name, modes, informed) for name in chosen)
+        + len(variants) * sum(_evaluations(declared[name], modes, informed) for name in chosen)
     )
     with auditor.session(total, progress):
         base = auditor.measure(auditor.base, REPORT_SPLIT)
@@ -123,7 +127,7 @@ def run_audit(
         context = _AttackContext(protected_task, list(other_keys.values()), list(others), references, informed)
         entries, skipped = [], []
         for name in chosen:
-            method = registry.get(name)
+            method = declared[name]
             try:
                 for mode in _modes_for(name, modes, informed):
                     start = time.perf_counter()
@@ -132,7 +136,7 @@ def run_audit(
             except _MergeUnsupported as error:
                 entries = [e for e in entries if e["method"] != name]
                 skipped.append({"method": name, "reason": str(error)})
-                auditor.skip(len(variants) * _evaluations(name, modes, informed))
+                auditor.skip(len(variants) * _evaluations(method, modes, informed))
         repaired = None
         if repair is not None:
             repaired = run_repair(auditor, repair, entries, variants, context)
@@ -162,7 +166,7 @@ def run_audit(
                 "unprotected": None if unprotected is None else auditor.kind.describe(unprotected),
                 "others": {t: auditor.kind.describe(u) for t, u in others.items()},
             },
-            "declared": {name: registry.get(name).describe() for name in chosen},
+            "declared": {name: declared[name].describe() for name in chosen},
         },
     }
     if guard is not None:
@@ -239,10 +243,10 @@ def _modes_for(method: str, modes: tuple, informed: InformedSettings) -> list[st
     return [m for m in modes if m not in informed_attack.MODES or informed.attacks(method)]
 
 
-def _evaluations(name: str, modes: tuple, informed: InformedSettings) -> int:
-    """Merges one variant costs for method `name` over `modes` (the progress bar's total)."""
-    method, total = registry.get(name), 0
-    for mode in _modes_for(name, modes, informed):
+def _evaluations(method, modes: tuple, informed: InformedSettings) -> int:
+    """Merges one variant costs for `method` over `modes` (the progress bar's total)."""
+    total = 0
+    for mode in _modes_for(method.name, modes, informed):
         if mode in informed_attack.MODES:
             total += informed_attack.evaluations(method, mode, informed)
         else:
