@@ -69,3 +69,62 @@ def test_draw_seeds_stay_what_earlier_versions_drew():
         assert torch.equal(torch.rand(4, generator=step_generator(seed, step)), torch.rand(4, generator=expected))
     with pytest.raises(ValueError, match="mixes 2 values, got 1"):
         seeding.SCALES.seed(1)
+
+
+# ----------------------------------------------------------------------------- the rim (trap_rim_share)
+def test_without_a_rim_the_draws_are_the_interval_points_of_the_step_uniforms():
+    """trap_rim_share 0 draws what every earlier version drew: side k mod 2 at the step generator's k-th uniform."""
+    for seed, step in [(0, 0), (5, 17)]:
+        u = torch.rand(4, generator=step_generator(seed, step), dtype=torch.float64).tolist()
+        expected = [0.05 + u[0] * 0.90, 1.05 + u[1] * 0.95, 0.05 + u[2] * 0.90, 1.05 + u[3] * 0.95]
+        got = sample_scales(0.05, 2.0, 0.05, 4, "stratified", step_generator(seed, step))
+        assert got == pytest.approx(expected, abs=1e-12)
+        assert sample_scales(0.05, 2.0, 0.05, 4, "stratified", step_generator(seed, step), rim=(0.0, 0.75, 1.3)) == got
+
+
+def test_a_full_rim_share_draws_every_scale_on_the_rim_and_keeps_the_sides_alternating():
+    scales = [
+        s for step in range(2000)
+        for s in sample_scales(0.05, 2.0, 0.05, 2, "stratified", step_generator(1, step), rim=(1.0, 0.75, 1.3))
+    ]
+    low, high = torch.tensor(scales[0::2]), torch.tensor(scales[1::2])
+    assert low.min() >= 0.75 and low.max() <= 0.95 and high.min() >= 1.05 and high.max() <= 1.3
+    assert abs(low.mean().item() - 0.85) < 0.01 and abs(high.mean().item() - 1.175) < 0.01  # uniform on each part
+
+
+def test_a_rim_share_puts_that_share_of_the_draws_on_the_rim_and_the_rest_on_all_of_s():
+    scales = torch.tensor([
+        s for step in range(4000)
+        for s in sample_scales(0.05, 2.0, 0.05, 2, "uniform", step_generator(2, step), rim=(0.5, 0.75, 1.3))
+    ])
+    on_rim = ((scales >= 0.75) & (scales <= 1.3)).float().mean().item()
+    # Half the draws on the rim (0.45 of S's length), half on all of S (of which 0.45 / 1.85 on the rim too).
+    assert abs(on_rim - (0.5 + 0.5 * 0.45 / 1.85)) < 0.02
+    assert not ((scales > 0.95) & (scales < 1.05)).any()
+    again = sample_scales(0.05, 2.0, 0.05, 2, "uniform", step_generator(2, 7), rim=(0.5, 0.75, 1.3))
+    assert again == sample_scales(0.05, 2.0, 0.05, 2, "uniform", step_generator(2, 7), rim=(0.5, 0.75, 1.3))
+
+
+def test_a_side_without_a_rim_part_keeps_its_whole_interval():
+    scales = [
+        sample_scales(0.05, 2.0, 0.05, 2, "stratified", step_generator(3, step), rim=(1.0, 0.8, 0.9))
+        for step in range(500)
+    ]
+    assert all(0.8 <= low <= 0.9 for low, _ in scales)
+    assert max(high for _, high in scales) > 1.5  # the upper side has no rim part: drawn on [1.05, 2.0]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(trap_rim_share=1.5), "trap_rim_share must be in"),
+        (dict(trap_rim_share=0.5, trap_rim_min=1.2, trap_rim_max=1.1), "trap_rim_min"),
+        (dict(trap_rim_share=0.5, trap_rim_min=0.97, trap_rim_max=1.03), "holds no scale that is drawn"),
+    ],
+)
+def test_rim_settings_are_validated_by_name(settings, message):
+    from trap2_hf import Trap2Settings
+
+    with pytest.raises(ValueError, match=message):
+        Trap2Settings(**settings).validate_trap_settings()
+    Trap2Settings(trap_rim_share=0.5).validate_trap_settings()

@@ -39,29 +39,42 @@ def sample_scales(
     num_scales: int,
     sampling: str,
     generator: torch.Generator,
+    rim: tuple[float, float, float] = (0.0, 1.0, 1.0),
 ) -> list[float]:
     """Draw `num_scales` scales from S.
 
     'uniform': each draw is uniform on the union of the intervals (by length).
     'stratified': draw k comes from interval k mod (number of intervals), so a step with two scales
     has one on each side of s = 1.
+    `rim` = (share, low, high): each draw, with probability `share`, comes from the same place cut to
+    [low, high] (its side's part there, for 'stratified'; a side without one keeps its whole interval),
+    so that share of the ascent lands where merges that normalise put the update, near s = 1.
     """
     intervals = trap_scale_intervals(scale_min, scale_max, margin)
     if not intervals:
         raise ValueError(
             f"No scale in [{scale_min}, {scale_max}] lies outside [1 - {margin}, 1 + {margin}]."
         )
+    if sampling not in ("stratified", "uniform"):
+        raise ValueError(f"Unknown trap_scale_sampling {sampling!r}; use 'uniform' or 'stratified'.")
     uniforms = torch.rand(num_scales, generator=generator, dtype=torch.float64).tolist()
-    if sampling == "stratified":
-        return [_point_in(intervals[k % len(intervals)], u) for k, u in enumerate(uniforms)]
-    if sampling == "uniform":
-        return [_point_in_union(intervals, u) for u in uniforms]
-    raise ValueError(f"Unknown trap_scale_sampling {sampling!r}; use 'uniform' or 'stratified'.")
+    on_rim = [False] * num_scales
+    share, low, high = rim
+    if share > 0:  # drawn after the positions, so the draws without a rim stay what they were
+        on_rim = (torch.rand(num_scales, generator=generator, dtype=torch.float64) < share).tolist()
+    scales = []
+    for k, u in enumerate(uniforms):
+        support = [intervals[k % len(intervals)]] if sampling == "stratified" else intervals
+        if on_rim[k]:
+            support = _cut(support, low, high) or support
+        scales.append(_point_in_union(support, u))
+    return scales
 
 
-def _point_in(interval: tuple[float, float], u: float) -> float:
-    lo, hi = interval
-    return lo + u * (hi - lo)
+def _cut(intervals: list[tuple[float, float]], low: float, high: float) -> list[tuple[float, float]]:
+    """The parts of `intervals` inside [low, high]."""
+    cut = [(max(lo, low), min(hi, high)) for lo, hi in intervals]
+    return [(lo, hi) for lo, hi in cut if lo <= hi]
 
 
 def _point_in_union(intervals: list[tuple[float, float]], u: float) -> float:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from .mode_settings import MODE_SHARES, TRAP_MODES, check_mode_settings, default_rescaled_fraction
 from .offray.terms import check_offray_settings, parse_terms
+from .scale_settings import check_rim_settings
 
 WEIGHTINGS = ("inv", "inv_sqrt", "none")
 TARGETS = ("adapter", "full")
@@ -237,6 +238,17 @@ class Trap2Settings:
         },
     )
 
+    # --- Against merges that put the update near its nominal scale (issue #30): off by default.
+    trap_rim_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of the drawn scales taken from the rim of S, its part inside [trap_rim_min, trap_rim_max] "
+            "(each draw with this probability; 0: off): where normalising merges or a tuned shared weight put the update."
+        },
+    )
+    trap_rim_min: float = field(default=0.75, metadata={"help": "Lower end of the rim (trap_rim_share)."})
+    trap_rim_max: float = field(default=1.3, metadata={"help": "Upper end of the rim (trap_rim_share)."})
+
     def __post_init__(self):
         self.derive_trap_defaults()
 
@@ -300,6 +312,7 @@ class Trap2Settings:
             raise ValueError(f"trap_scales_per_step must be an integer >= 1, got {self.trap_scales_per_step!r}.")
         check_mode_settings(self)
         check_offray_settings(self)
+        check_rim_settings(self)
         self._validate_best_response()
 
     def _validate_best_response(self) -> None:

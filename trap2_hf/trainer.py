@@ -162,6 +162,7 @@ class Trap2TrainerMixin:
                 args.trap_scales_per_step,
                 args.trap_scale_sampling,
                 step_generator(args.seed, step),
+                rim=(args.trap_rim_share, args.trap_rim_min, args.trap_rim_max),
             )
             self._trap_scales_cache = (step, scales)
         return scales
