@@ -136,6 +136,127 @@ def test_draws_depend_on_seed_and_step_only_and_cycle_terms():
     assert all(0.3 <= d.weight <= 2.0 and 0.1 <= d.keep <= 0.9 for d in a)
 
 
+def test_della_keeps_entries_by_magnitude_rank_and_restores_the_l1_norm():
+    """mergekit's della_magprune: within each row the largest entries are kept with probability keep + e, the
+    smallest with keep - e (e = 0.15), and the kept ones rescaled so the layer's L1 norm is w times dW's."""
+    model = tiny_lora()
+    delta = nominal_delta(model)
+    ranks = delta.abs().argsort(dim=1).argsort(dim=1)
+    largest, smallest = ranks == delta.shape[1] - 1, ranks == 0
+    kept_largest = kept_smallest = 0.0
+    draws = 400
+    for seed in range(draws):
+        with offray_update(model, OffrayDraw("della", weight=0.8, keep=0.4, seed=seed)):
+            got = effective_delta(model)
+        kept = got != 0
+        torch.testing.assert_close(got.abs().sum(), 0.8 * delta.abs().sum(), rtol=1e-4, atol=1e-6)
+        ratio = got[kept] / delta[kept]
+        torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), rtol=1e-4, atol=1e-6)  # one rescale per layer
+        kept_largest += kept[largest].float().mean().item() / draws
+        kept_smallest += kept[smallest].float().mean().item() / draws
+    assert abs(kept_largest - 0.55) < 0.03 and abs(kept_smallest - 0.25) < 0.03
+    with offray_update(model, OffrayDraw("della", weight=0.8, keep=0.4, seed=3)):
+        first = effective_delta(model)
+    with offray_update(model, OffrayDraw("della", weight=0.8, keep=0.4, seed=3)):
+        torch.testing.assert_close(effective_delta(model), first)  # a function of the draw's seed
+
+
+def layer_deltas(model, draw=None):
+    """{layer name: dW'} of every LoRA layer of the adapter, inside `draw`'s context (None: nominal)."""
+    from contextlib import nullcontext
+
+    deltas = {}
+    for name, layer, _ in offray_layers(model):
+        eye = torch.eye(layer.in_features)
+        with torch.no_grad(), (offray_update(model, draw) if draw is not None else nullcontext()):
+            deltas[name] = (layer(eye) - layer.get_base_layer()(eye)).T
+    return deltas
+
+
+def test_layer_scale_puts_each_layer_at_its_own_weight_from_the_range():
+    model = llama_lora()
+    nominal = layer_deltas(model)
+    draw = draw_offray(["layer_scale"], 1, step=3, seed=0, weight_range=(0.5, 1.5), keep_range=(0.1, 0.9),
+                       coef_range=(0.3, 2.0))[0]
+    assert draw.weight == 1.0 and draw.weight_range == (0.5, 1.5)
+    weights = []
+    for name, got in layer_deltas(model, draw).items():
+        weight = (got * nominal[name]).sum() / (nominal[name] ** 2).sum()
+        torch.testing.assert_close(got, weight * nominal[name], rtol=1e-4, atol=1e-6)
+        weights.append(weight.item())
+    assert all(0.5 <= w <= 1.5 for w in weights) and len(set(round(w, 6) for w in weights)) == len(weights)
+    again = layer_deltas(model, draw)
+    assert all(torch.equal(again[name], got) for name, got in layer_deltas(model, draw).items())
+    other = OffrayDraw("layer_scale", seed=draw.seed + 1, weight_range=(0.5, 1.5))
+    assert not torch.allclose(next(iter(layer_deltas(model, other).values())), next(iter(layer_deltas(model, draw).values())))
+
+
+def test_a_shared_weight_sets_every_partner_coefficient_to_the_own_weight():
+    args = dict(weight_range=(0.3, 1.3), keep_range=(0.1, 0.9), coef_range=(0.3, 2.0), num_foreign=3)
+    own = draw_offray(["foreign", "prune+spectral"], 4, step=2, seed=9, **args)
+    shared = draw_offray(["foreign", "prune+spectral"], 4, step=2, seed=9, shared_weight=True, **args)
+    assert [d.weight for d in shared] == [d.weight for d in own] and [d.seed for d in shared] == [d.seed for d in own]
+    assert [d.coefs for d in shared] == [(d.weight,) * len(d.coefs) for d in own]
+    assert [len(d.coefs) for d in shared] == [3, 1, 3, 1] and own[0].coefs != shared[0].coefs
+
+
+def test_an_offray_pass_takes_the_drawn_share_of_the_rows_with_its_share_of_the_items():
+    from trap2_hf.offray import offray_inputs
+
+    inputs = {"input_ids": torch.arange(40).view(8, 5), "labels": torch.arange(40).view(8, 5), "flag": torch.tensor(1)}
+    draw = OffrayDraw("dare", seed=123)
+    assert offray_inputs(inputs, 30, 1.0, draw) == (inputs, 30)
+    rows, items = offray_inputs(inputs, torch.tensor(30.0), 0.25, draw)
+    assert rows["input_ids"].shape == (2, 5) and torch.equal(rows["input_ids"], rows["labels"])
+    assert torch.equal(rows["flag"], inputs["flag"]) and items.item() == pytest.approx(7.5)
+    again, _ = offray_inputs(inputs, None, 0.25, draw)
+    assert torch.equal(again["input_ids"], rows["input_ids"])  # a function of the pass's seed
+    picks = {tuple(offray_inputs(inputs, None, 0.25, OffrayDraw("dare", seed=s))[0]["input_ids"][:, 0].tolist())
+             for s in range(30)}
+    assert len(picks) > 5
+    assert offray_inputs(inputs, None, 0.01, draw)[0]["input_ids"].shape == (1, 5)  # never an empty pass
+
+
+def test_offray_pass_on_a_share_of_the_rows_equals_direct_autograd(tmp_out, monkeypatch):
+    """Two off-ray passes ('dare', 'layer_scale') over half the rows each: the step's gradient is autograd's on
+    those rows, each pass's token loss divided by half the batch's tokens (num_items_in_batch times the share)."""
+    import trap2_hf.trainer as trainer_module
+    from trap2_hf.offray import offray_inputs
+
+    seen = []  # the micro-batch as the trainer's data loader ordered it
+
+    def spy(inputs, *args):
+        seen.append({k: v.clone() for k, v in inputs.items()})
+        return offray_inputs(inputs, *args)
+
+    monkeypatch.setattr(trainer_module, "offray_inputs", spy)
+
+    dataset = token_dataset(8, ragged=True)
+    model = llama_lora()
+    reference = copy.deepcopy(model)
+    settings = dict(trap_lambda=0.0, trap_offray="dare,layer_scale", trap_offray_lambda=0.2, trap_offray_per_step=2,
+                    trap_offray_fraction=0.5, trap_offray_weight_min=0.6, trap_offray_weight_max=1.4,
+                    trap_mode="two_pass")
+    args = Trap2TrainingArguments(output_dir=tmp_out, max_steps=1, per_device_train_batch_size=8, **sgd_args(**settings))
+    trainer = Trap2Trainer(model=model, args=args, train_dataset=dataset)
+    before = trainable_state(model)
+    trainer.train()
+    grads = step_gradients(before, model)
+
+    batch = {k: seen[0][k] for k in ("input_ids", "attention_mask", "labels")}
+    tokens = (batch["labels"][:, 1:] != -100).sum()
+    params = [p for p in reference.parameters() if p.requires_grad]
+    joint = reference(**batch).loss
+    for draw in trainer.trap_offray_draws(0):
+        rows, _ = offray_inputs(batch, None, 0.5, draw)
+        with offray_update(reference, draw):
+            mean = reference(**rows).loss  # the mean over the pass's own tokens
+        share = (rows["labels"][:, 1:] != -100).sum() / (0.5 * tokens)
+        joint = joint - 0.2 * scale_weight(draw.weight, "inv") * mean * share / 2
+    expected = dict(zip([n for n, p in reference.named_parameters() if p.requires_grad], torch.autograd.grad(joint, params)))
+    assert_grads_close(grads, expected)
+
+
 # ----------------------------------------------------------------------------- the trainer
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
 
@@ -290,6 +411,8 @@ def test_lambda_zero_with_offray_trains_only_the_offray_term(tmp_out):
         (dict(trap_offray="dare", trap_offray_per_step=0), "trap_offray_per_step"),
         (dict(trap_offray_lambda=-1.0), "trap_offray_lambda"),
         (dict(trap_guard_lambda=0.1, trap_target="full"), "trap_target='full'"),
+        (dict(trap_offray="dare", trap_offray_fraction=0.0), "trap_offray_fraction must be in"),
+        (dict(trap_offray="dare", trap_offray_shared_weight=True), "has no partner term"),
     ],
 )
 def test_offray_settings_are_validated_by_name(settings, message):

@@ -48,6 +48,8 @@ ROWS = Stream("rows", (1_000_003, 7_919, 104_729), 99_991)
 OFFRAY = Stream("offray", (1_000_033, 104_729), 99_991)
 # (run seed, optimizer step): the guard pass's seed.
 GUARD = Stream("guard", (7_777_777, 31_337), 17, 2**62)
+# (pass seed,): the rows an off-ray pass takes when trap_offray_fraction < 1.
+OFFRAY_ROWS = Stream("offray_rows", (1,), 271_828)
 # (pass seed, layer index): an off-ray pass's masks and noise in one layer.
 OFFRAY_LAYER = Stream("offray_layer", (1, 1_000_000_007))
 # (run seed, partner index): a pseudo-partner's initialisation, random labels and batches (`offray/pseudo.py`).

@@ -132,7 +132,8 @@ class Trap2Settings:
             "help": "Off-ray terms (beyond the paper; off by default): the loss is also maximised where merges other "
             "than a re-scaling put the update. Comma-separated; each term is at most one own-update transform "
             "('dare': random drop-and-rescale, 'prune': magnitude top-k, 'factor_dare': drop-and-rescale of each "
-            "LoRA factor at weight sqrt(w) each) and at most one partner ('foreign': the trap_foreign_adapters "
+            "LoRA factor at weight sqrt(w) each, 'della': DELLA's magnitude-ranked drop, 'layer_scale': one weight per "
+            "layer from the weight range) and at most one partner ('foreign': the trap_foreign_adapters "
             "added at coefficients c_j, 'synthetic': a random low-rank update of the layer's own dW norm times c, "
             "'spectral': the same inside the span of the top singular directions of the layer's base weight), "
             "joined by '+', e.g. 'dare,synthetic' or 'dare+foreign'. LoRA adapters only; trap_mode 'fused' or 'two_pass'."
@@ -248,6 +249,18 @@ class Trap2Settings:
     )
     trap_rim_min: float = field(default=0.75, metadata={"help": "Lower end of the rim (trap_rim_share)."})
     trap_rim_max: float = field(default=1.3, metadata={"help": "Upper end of the rim (trap_rim_share)."})
+    trap_offray_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of each micro-batch's rows each off-ray pass takes (drawn per pass; the loss stays "
+            "unbiased), in (0, 1]: a pass over a quarter of the rows costs about a quarter of one over all of them."
+        },
+    )
+    trap_offray_shared_weight: bool = field(
+        default=False,
+        metadata={"help": "Partner terms: every partner's coefficient is the own update's weight w, as one shared "
+                  "merge weight gives, instead of a draw from [trap_foreign_coef_min, trap_foreign_coef_max]."},
+    )
 
     def __post_init__(self):
         self.derive_trap_defaults()

@@ -37,7 +37,7 @@ from .hub.mixin import Trap2HubMixin
 from .launchers import refuse_unsupported_launcher
 from .nonfinite import SkipNonFiniteStep
 from .objective import rescaled_loss_coefficient, sample_scales, scale_weight, step_generator
-from .offray import load_foreign_update, matched_foreign_updates, offray_layers, offray_update
+from .offray import load_foreign_update, matched_foreign_updates, offray_inputs, offray_layers, offray_update
 from .offray.draws import draw_offray, draw_ranges, guard_draw
 from .rows import drawn_rows
 from .settings import Trap2Settings
@@ -240,6 +240,7 @@ class Trap2TrainerMixin:
                 args.seed,
                 **draw_ranges(args),
                 num_foreign=len(args.trap_foreign_adapters),
+                shared_weight=args.trap_offray_shared_weight,
             )
         if args.trap_guard_lambda > 0:
             draws.append(guard_draw(step, args.seed, args.trap_guard_noise))
@@ -259,9 +260,8 @@ class Trap2TrainerMixin:
         for k, draw in enumerate(draws):
             coefficient = self.trap_offray_coefficient(draw, num_offray)
             context = offray_update(unwrapped, draw, self._trap_foreign, self._trap_offray_layers)
-            loss = self._trap_side_backward(
-                model, inputs, num_items_in_batch, rng_state, context, coefficient, last=k == len(draws) - 1
-            )
+            rows, items = offray_inputs(inputs, num_items_in_batch, self.args.trap_offray_fraction, draw)
+            loss = self._trap_side_backward(model, rows, items, rng_state, context, coefficient, last=k == len(draws) - 1)
             if draw.is_guard:
                 self._trap_record("guard_loss", loss / coefficient)
             else:

@@ -4,9 +4,12 @@ dW' the draw's transform of its own factors (`transforms.layer_parts`)."""
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+import torch
 from torch import nn
 
 from ..rescale import _patched_forward, adapters_of, replaced_lora_scaling, trained_adapter_names
+from ..rows import batch_size_of, select_rows
+from ..seeding import OFFRAY_ROWS
 from .draws import OffrayDraw
 from .foreign import ForeignUpdate, canonical_path
 from .transforms import apply_parts, layer_parts
@@ -82,3 +85,16 @@ def offray_update(
             stack.enter_context(_patched_forward(lora_b, lambda _original, x: x))
             stack.enter_context(replaced_lora_scaling(layer, adapter, 1.0))
         yield
+
+
+def offray_inputs(inputs: dict, num_items_in_batch, fraction: float, draw: OffrayDraw) -> tuple[dict, object]:
+    """(inputs, num_items_in_batch) of an off-ray pass over `fraction` of the micro-batch's rows (at least one),
+    drawn from the pass's seed; num_items_in_batch shrinks with them, so a loss summed over rows and divided by it
+    stays unbiased (a loss averaged over the rows it sees is unbiased as it is). `fraction` 1: everything, as is."""
+    if fraction >= 1:
+        return inputs, num_items_in_batch
+    batch_size = batch_size_of(inputs)
+    count = max(1, round(fraction * batch_size))
+    rows = torch.randperm(batch_size, generator=OFFRAY_ROWS.generator(draw.seed))[:count].sort().values
+    items = None if num_items_in_batch is None else num_items_in_batch * (count / batch_size)
+    return select_rows(inputs, rows, batch_size), items

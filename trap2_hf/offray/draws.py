@@ -20,6 +20,7 @@ class OffrayDraw:
     coefs: tuple[float, ...] = ()  # c_j per foreign update, or (c,) for 'synthetic'
     seed: int = 0
     noise: float = 0.0  # 'guard': the noise norm relative to ||dW||
+    weight_range: tuple[float, float] = (1.0, 1.0)  # 'layer_scale': each layer's weight is uniform on it
 
     @property
     def spec(self) -> Term:
@@ -48,10 +49,13 @@ def draw_offray(
     keep_range: tuple[float, float],
     coef_range: tuple[float, float],
     num_foreign: int = 0,
+    shared_weight: bool = False,
 ) -> list[OffrayDraw]:
     """The `count` off-ray draws of an optimizer step: a function of (seed, step) only. Terms are taken
     in turn (pass k of step t uses term (t*count + k) mod len(terms)); weights, keep rates and
-    coefficients are uniform on their ranges."""
+    coefficients are uniform on their ranges. `shared_weight`: every partner coefficient is the own
+    weight instead (a merge with one shared weight). A part with per-layer weights ('layer_scale') has
+    weight 1 and carries the range its layers draw from."""
     generator = OFFRAY.generator(seed, step)
     draws = []
     for k in range(count):
@@ -59,13 +63,16 @@ def draw_offray(
         spec = term(name)
         u = torch.rand(3 + max(num_foreign, 1), generator=generator, dtype=torch.float64).tolist()
         pass_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        weight = 1.0 if spec.own.per_layer_weight else _lerp(weight_range, u[0])
+        coefs = tuple(_lerp(coef_range, v) for v in u[3 : 3 + spec.num_coefs(num_foreign)])
         draws.append(
             OffrayDraw(
                 term=name,
-                weight=_lerp(weight_range, u[0]),
+                weight=weight,
                 keep=_lerp(keep_range, u[1]) if spec.draws_keep else 1.0,
-                coefs=tuple(_lerp(coef_range, v) for v in u[3 : 3 + spec.num_coefs(num_foreign)]),
+                coefs=(weight,) * len(coefs) if shared_weight else coefs,
                 seed=pass_seed,
+                weight_range=tuple(weight_range) if spec.own.per_layer_weight else (1.0, 1.0),
             )
         )
     return draws

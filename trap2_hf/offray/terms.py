@@ -36,6 +36,7 @@ class Part:
     name: str
     ranges: tuple[str, ...] = ()
     needs_foreign_adapters: bool = False  # one coefficient per trap_foreign_adapters entry (else one, if a partner)
+    per_layer_weight: bool = False  # each layer draws its own weight from the weight range (the pass's weight is 1)
 
 
 OWN_PARTS = {
@@ -45,6 +46,8 @@ OWN_PARTS = {
         Part("dare", ("weight", "keep")),
         Part("prune", ("weight", "keep")),
         Part("factor_dare", ("weight", "keep")),
+        Part("della", ("weight", "keep")),
+        Part("layer_scale", ("weight",), per_layer_weight=True),
     )
 }
 PARTNER_PARTS = {
@@ -131,6 +134,17 @@ def check_offray_settings(settings) -> None:
         value = getattr(settings, name)
         if not (isinstance(value, (int, float)) and value >= 0):
             raise ValueError(f"{name} must be >= 0, got {value!r}.")
+    fraction = settings.trap_offray_fraction
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ValueError(
+            f"trap_offray_fraction must be in (0, 1], got {fraction!r}; e.g. 0.25 runs each off-ray pass on a quarter "
+            "of the micro-batch's rows, 1 on all of them."
+        )
+    if settings.trap_offray_shared_weight and not any(term(t).partner for t in terms):
+        raise ValueError(
+            f"trap_offray_shared_weight=True sets the partners' coefficients, but trap_offray={settings.trap_offray!r} "
+            "has no partner term; add one (e.g. trap_offray='spectral') or drop trap_offray_shared_weight."
+        )
     if not (isinstance(settings.trap_offray_per_step, int) and settings.trap_offray_per_step >= 1):
         raise ValueError(f"trap_offray_per_step must be an integer >= 1, got {settings.trap_offray_per_step!r}.")
     candidates = settings.trap_offray_candidates

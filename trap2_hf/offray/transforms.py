@@ -42,6 +42,35 @@ def _factor_dare(a, b, scaling, draw, generator):
     return [("lowrank", (draw.weight * scaling / draw.keep**2) * (mask_b * b), mask_a * a)]
 
 
+# mergekit's default epsilon for DELLA: keep probabilities spread over keep +- epsilon by magnitude rank.
+DELLA_EPSILON = 0.15
+
+
+def _della(a, b, scaling, draw, generator):
+    """w times DELLA's magnitude-ranked random drop (mergekit's della_magprune): within each row of dW, entry of
+    magnitude rank r (0 smallest, 1 largest) kept with probability keep - e + 2 e r, e = min(0.15, keep/2,
+    (1 - keep)/2); the kept entries rescaled so the layer's L1 norm stays that of dW (the rescale is not trained)."""
+    delta = scaling * (b @ a)
+    keep = draw.keep
+    if keep >= 1:
+        return [("dense", draw.weight * delta)]
+    epsilon = min(DELLA_EPSILON, keep / 2, (1 - keep) / 2)
+    ranks = delta.detach().abs().argsort(dim=1).argsort(dim=1).to(delta.dtype)
+    probs = keep - epsilon + 2 * epsilon * ranks / max(delta.shape[1] - 1, 1)
+    mask = (torch.rand(delta.shape, generator=generator, device=a.device, dtype=delta.dtype) < probs).to(delta.dtype)
+    kept = mask * delta
+    rescale = delta.detach().abs().sum() / kept.detach().abs().sum().clamp_min(1e-12)
+    return [("dense", (draw.weight * rescale) * kept)]
+
+
+def _layer_scale(a, b, scaling, draw, generator):
+    """dW times the layer's own weight, uniform on draw.weight_range (one per layer, as SCE's per-tensor weights
+    give)."""
+    lo, hi = draw.weight_range
+    weight = lo + (hi - lo) * torch.rand((), generator=generator, device=a.device, dtype=torch.float64).item()
+    return [("lowrank", weight * scaling * b, a)]
+
+
 def _guard(a, b, scaling, draw, generator):
     """dW plus dense noise of norm `draw.noise` * ||dW||."""
     noise = torch.randn(b.shape[0], a.shape[1], generator=generator, device=a.device, dtype=a.dtype)
@@ -49,7 +78,10 @@ def _guard(a, b, scaling, draw, generator):
     return [("lowrank", 1.0 * scaling * b, a), ("dense", noise * (draw.noise * norm / noise.norm().clamp_min(1e-12)))]
 
 
-TRANSFORMS = {"scale": _scale, "dare": _dare, "prune": _prune, "factor_dare": _factor_dare, "guard": _guard}
+TRANSFORMS = {
+    "scale": _scale, "dare": _dare, "prune": _prune, "factor_dare": _factor_dare, "della": _della,
+    "layer_scale": _layer_scale, "guard": _guard,
+}
 
 
 # ----------------------------------------------------------------------------- partners
