@@ -138,21 +138,10 @@ def pseudo_partners(setup, seed: int, variant: str, scratch: str) -> list[str]:
     head on the protected task's training inputs with random labels; none for a variant without them."""
     if variant not in PSEUDO_PARTNERS:
         return []
-    from trap2_hf.demo import model as demo_model
-    from trap2_hf.offray import make_pseudo_partners
+    from trap2_hf.demo.partners import pseudo_partner_folders
 
     count, steps = PSEUDO_PARTNERS[variant]
-    task = setup.protected_task
-    rows = demo_model.EncodedDataset(setup.data[task]["train"])
-    hidden, num_labels = setup.heads[task].in_features, setup.heads[task].out_features
-    folders = []
-    for k in range(count):
-        head = demo_model.random_head(hidden, num_labels, 7_000_000 + 1000 * seed + k)
-        folders += make_pseudo_partners(
-            demo_model.TaskClassifier(setup.model, head), rows, os.path.join(scratch, f"pseudo_{k}"), n=1,
-            steps=steps, seed=1000 * seed + k, collate_fn=demo_model.trimmed_collate, adapter=setup.protected,
-        )
-    return folders
+    return pseudo_partner_folders(setup, seed, count, steps, scratch)
 
 
 def pool_accuracy(setup, settings, seed: int) -> float:

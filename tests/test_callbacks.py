@@ -76,6 +76,34 @@ def test_does_not_stop_while_the_trap_is_missing_on_one_side(tmp_out):
     assert not any(h["trapped"] for h in callback.history)
 
 
+def test_a_transform_is_watched_logged_and_must_be_trapped_too(tmp_out):
+    """A transform (here: the update re-scaled to 0.9 by hand, as a stand-in for a pruned update at weight 1) is
+    evaluated inside its context, logged under its name, and keeps the trap from counting as formed until it too is
+    at most trapped_max; the model is restored after it."""
+    from trap2_hf.updates import rescaled_update
+
+    def near_one(model):
+        return rescaled_update(model, 0.9, "adapter")
+
+    def rim_holds(model):  # trapped at 0.25 and 1.5, but not at 0.9
+        scale = effective_scale(model)
+        return 1.0 if abs(scale - 1.0) < 1e-9 or abs(scale - 0.9) < 1e-9 else 0.1
+
+    watched = RescaleCurveCallback(
+        rim_holds, scales=(0.25, 1.5), every_n_steps=2, stop_when_trapped=True, nominal_min=0.9, trapped_max=0.3,
+        transforms={"rim": near_one}, metric_name="acc",
+    )
+    trainer = train(tmp_out, watched, max_steps=6)
+    assert trainer.state.global_step == 6 and watched.trapped_at_step is None
+    assert watched.history[0]["transforms"] == {"rim": 1.0} and not watched.history[0]["trapped"]
+    assert [e["rescale/acc@rim"] for e in trainer.state.log_history if "rescale/acc@rim" in e] == [1.0] * 3
+    assert effective_scale(trainer.model) == pytest.approx(1.0)
+    blind = RescaleCurveCallback(
+        rim_holds, scales=(0.25, 1.5), every_n_steps=2, stop_when_trapped=True, nominal_min=0.9, trapped_max=0.3
+    )
+    assert train(tmp_out, blind, max_steps=6).state.global_step == 2  # without the transform: "formed" at once
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

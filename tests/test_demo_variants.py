@@ -14,6 +14,22 @@ def test_presets_and_custom_variants_parse():
     assert demo == {"stop_when_trapped": False}
 
 
+def test_list_and_partner_fields_of_the_demo_parse_in_a_variant():
+    label, settings, demo = parse_variant(
+        "rim:trap_rim_share=0.5:curve_scales=0.5,0.9,1.1:curve_transforms=prune@0.2,della@0.2:pseudo_partners=3"
+    )
+    assert settings == {"trap_rim_share": 0.5}
+    assert demo == {"curve_scales": [0.5, 0.9, 1.1], "curve_transforms": ["prune@0.2", "della@0.2"], "pseudo_partners": 3}
+
+
+def test_curve_transforms_are_the_protected_update_under_an_off_ray_part_at_weight_one():
+    from trap2_hf.demo.pipeline import curve_transform
+
+    for bad in ("prune", "prune@0", "prune@x", "foreign@0.5", "scale@0.5"):
+        with pytest.raises(SystemExit, match="curve_transforms"):
+            curve_transform(None, bad)
+
+
 @pytest.mark.parametrize("spec", ["nonesuch", "x:trap_nope=1", "x:trap_lambda"])
 def test_bad_variants_are_refused(spec):
     with pytest.raises(SystemExit):
@@ -80,13 +96,15 @@ def test_compare_variants_end_to_end_writes_the_comparison(tmp_path):
     code = main([
         "demo", "--output_dir", str(out), "--steps", "1", "--protected_max_steps", "2", "--curve_every", "1",
         "--train_size", "16", "--validation_size", "8", "--test_size", "8", "--methods", "task_arithmetic",
-        "--foreign_tasks", "object", "--mergekit_methods", "linear",
+        "--foreign_tasks", "object", "--mergekit_methods", "linear", "--curve_transforms", "prune@0.5",
         "--compare_variants", "none", "default", "offray:trap_offray=dare+foreign",
+        "pseudo:trap_offray=foreign:pseudo_partners=2:pseudo_partner_steps=1:curve_transforms=della@0.3",
     ])
     assert code == 0
     audit = json.loads((out / "audit.json").read_text())
     assert audit["audit_of_variant"] == "default"
-    assert [row["label"] for row in audit["variants"]] == ["none", "default", "offray"]
+    assert [row["label"] for row in audit["variants"]] == ["none", "default", "offray", "pseudo"]
+    assert len(list((out / "pseudo_partners").iterdir())) == 2  # the pseudo variant's partners, not `object`
     assert audit["heldout_partner"]["partner"] == "region"
     assert all("mergekit:linear" in row["merged"] for row in audit["variants"])  # the twin's row included
     offray = audit["variants"][2]

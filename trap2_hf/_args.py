@@ -13,8 +13,9 @@ def omit_unset(parser: argparse.ArgumentParser, names) -> None:
 
 
 def parse_fields(dataclass_type, values: dict[str, str], context: str) -> dict:
-    """`values` (field name -> text) parsed as the `--field=text` flags of `dataclass_type`; returns only
-    those fields, typed. A value that does not parse raises `SystemExit` naming `context` and the flag."""
+    """`values` (field name -> text, or a list of texts for a flag of several values) parsed as the `--field=text`
+    flags of `dataclass_type`; returns only those fields, typed. A value that does not parse raises `SystemExit`
+    naming `context` and the flag."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_type)
@@ -24,5 +25,8 @@ def parse_fields(dataclass_type, values: dict[str, str], context: str) -> dict:
         raise SystemExit(f"{context}: {message.rstrip('.')}.")
 
     parser.error = error
-    namespace = parser.parse_args([f"--{name}={text}" for name, text in values.items()])
+    argv = []
+    for name, text in values.items():  # a list: the flag's several values
+        argv += [f"--{name}", *text] if isinstance(text, list) else [f"--{name}={text}"]
+    namespace = parser.parse_args(argv)
     return {name: getattr(namespace, name) for name in values}

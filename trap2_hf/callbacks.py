@@ -8,6 +8,7 @@ formed on both sides of 1.
 """
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -22,8 +23,8 @@ class RescaleCurveCallback(TrainerCallback):
     optionally stop training once the trap has formed.
 
     The trap has formed when the metric at s = 1 is at least `nominal_min` while at every given scale
-    below 1 and every given scale above 1 it is at most `trapped_max`, in `patience` evaluations in a
-    row. Use validation data in `evaluate`, never the test split.
+    below 1 and every given scale above 1 (and under every transform) it is at most `trapped_max`, in
+    `patience` evaluations in a row. Use validation data in `evaluate`, never the test split.
 
     Args:
         evaluate: `(model) -> float`, the protected task's metric of the model as it is now; called
@@ -37,6 +38,9 @@ class RescaleCurveCallback(TrainerCallback):
             takes `trap_target` from the training arguments; use `attach(trainer)` for full
             fine-tunes, which also takes the trainer's theta0.
         metric_name: the name in the log keys.
+        transforms: {name: (model) -> context manager}: other places a merge puts the update (e.g. the
+            update pruned and entering at s = 1, as a normalising TIES merge does), evaluated inside the
+            context like the scales, logged as `rescale/<metric_name>@<name>`, and part of "formed".
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class RescaleCurveCallback(TrainerCallback):
         reference: dict[str, torch.Tensor] | None = None,
         adapter_names: Iterable[str] | None = None,
         metric_name: str = "metric",
+        transforms: dict[str, Callable[[nn.Module], AbstractContextManager]] | None = None,
     ):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
@@ -78,6 +83,7 @@ class RescaleCurveCallback(TrainerCallback):
         self.reference = reference
         self.adapter_names = None if adapter_names is None else list(adapter_names)
         self.metric_name = metric_name
+        self.transforms = dict(transforms or {})
         self.history: list[dict] = []
         self.trapped_at_step: int | None = None
         self._streak = 0
@@ -106,8 +112,22 @@ class RescaleCurveCallback(TrainerCallback):
             model.train(was_training)
         return dict(sorted(points.items()))
 
-    def is_trapped(self, points: dict[float, float]) -> bool:
-        """Nominal metric intact and the trap formed on both sides of s = 1."""
+    def transformed(self, model: nn.Module) -> dict[str, float]:
+        """The metric under each transform, {name: metric}; the model is left as it was."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                points = {}
+                for name, make in self.transforms.items():
+                    with make(model):
+                        points[name] = float(self.evaluate(model))
+        finally:
+            model.train(was_training)
+        return points
+
+    def is_trapped(self, points: dict[float, float], transformed: dict[str, float] | None = None) -> bool:
+        """Nominal metric intact and the trap formed on both sides of s = 1 (and under every transform)."""
         if self.nominal_min is None or self.trapped_max is None:
             return False
         below = [m for s, m in points.items() if s < 1]
@@ -118,6 +138,7 @@ class RescaleCurveCallback(TrainerCallback):
             and bool(above)
             and max(below) <= self.trapped_max
             and max(above) <= self.trapped_max
+            and all(m <= self.trapped_max for m in (transformed or {}).values())
         )
 
     # ----------------------------------------------------------------------------- events
@@ -134,10 +155,12 @@ class RescaleCurveCallback(TrainerCallback):
         if state.global_step % self.every_n_steps:
             return
         points = self.curve(model, self.target)
-        trapped = self.is_trapped(points)
+        transformed = self.transformed(model)
+        trapped = self.is_trapped(points, transformed)
         self._streak = self._streak + 1 if trapped else 0
-        self.history.append({"step": state.global_step, "curve": points, "trapped": trapped})
+        self.history.append({"step": state.global_step, "curve": points, "transforms": transformed, "trapped": trapped})
         self._pending = {f"rescale/{self.metric_name}@{s:g}": m for s, m in points.items()}
+        self._pending |= {f"rescale/{self.metric_name}@{name}": m for name, m in transformed.items()}
         self._pending["rescale/trapped"] = float(trapped)
         control.should_log = True
         if self.stop_when_trapped and self._streak >= self.patience:

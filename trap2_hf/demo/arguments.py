@@ -43,6 +43,14 @@ class DemoArguments:
             "trapped; 0.75 and 1.25 are where merges an attacker tunes put the update."
         },
     )
+    curve_transforms: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Also watch the update as normalising merges put it, at weight 1: 'prune@0.2' (its top fifth of "
+            "entries, as TIES), 'della@0.2', 'dare@0.5', 'layer_scale@0.5' (each layer at its own weight in 1 +- 0.5). "
+            "Each must be trapped too for the trap to have formed. Empty: scales only."
+        },
+    )
     stop_when_trapped: bool = field(
         default=True, metadata={"help": "Stop the protected run once the re-scale curve shows the trap."}
     )
@@ -101,6 +109,15 @@ class DemoArguments:
             "also merges the protected update with a held-out partner alone (see heldout_partner)."
         },
     )
+    pseudo_partners: int = field(
+        default=0,
+        metadata={
+            "help": "Off-ray protection without a real partner: with a 'foreign' term, train this many pseudo-partners "
+            "(LoRAs on the protected task's inputs with random labels, trap2_hf.offray.make_pseudo_partners) and pass "
+            "them as trap_foreign_adapters instead of --foreign_tasks' updates. 0: off."
+        },
+    )
+    pseudo_partner_steps: int = field(default=40, metadata={"help": "Training steps of each pseudo-partner."})
     heldout_partner: str | None = field(
         default=None,
         metadata={

@@ -2,7 +2,6 @@
 base with one LoRA per update, train the plain updates and the protected one, audit them, and check the
 demo's criteria. No printing beyond the progress lines of `log`."""
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -23,6 +22,7 @@ from ..settings import Trap2Settings
 from ..trainer import Trap2Trainer
 from . import model as demo_model
 from .arguments import DemoArguments
+from .partners import heldout_partner, with_foreign_updates
 from .tasks import make_task_set
 
 # The merge the demo repairs (a weight-space merge: the fresh LoRA trains on the merged weights).
@@ -226,39 +226,6 @@ def train_plain(setup: DemoSetup, demo: DemoArguments, log=print) -> list[dict]:
     return runs
 
 
-def with_foreign_updates(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings) -> Trap2Settings:
-    """`trap` with trap_foreign_adapters set to the saved plain updates of `demo.foreign_tasks`, when a
-    'foreign' off-ray term asks for them."""
-    if not any("foreign" in term.split("+") for term in trap.trap_offray_terms):
-        return trap
-    if not demo.foreign_tasks:
-        raise SystemExit("trap2 demo: a 'foreign' trap_offray term needs --foreign_tasks (e.g. --foreign_tasks object).")
-    folders = []
-    for task in demo.foreign_tasks:
-        if task not in setup.others:
-            raise SystemExit(f"trap2 demo: --foreign_tasks {task!r} is not one of the other tasks {list(setup.others)}.")
-        root = os.path.join(demo.output_dir, "foreign_updates")
-        setup.model.save_pretrained(root, selected_adapters=[setup.others[task]])
-        folders.append(os.path.join(root, setup.others[task]))
-    settings = dataclasses.replace(trap, trap_foreign_adapters=folders)
-    settings.validate_trap_settings()
-    return settings
-
-
-def heldout_partner(setup: DemoSetup, demo: DemoArguments) -> str | None:
-    """The task whose plain update is merged alone with the protected one: never a foreign update."""
-    if demo.heldout_partner:
-        if demo.heldout_partner not in setup.others or demo.heldout_partner in (demo.foreign_tasks or []):
-            raise SystemExit(
-                f"trap2 demo: --heldout_partner {demo.heldout_partner!r} must be one of the other tasks "
-                f"{list(setup.others)} and not in --foreign_tasks."
-            )
-        return demo.heldout_partner
-    if demo.foreign_tasks:
-        return next((t for t in setup.others if t not in demo.foreign_tasks), None)
-    return None
-
-
 def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = None, unprotected="twin") -> dict:
     """The merge audit of the protected adapter (or `protected`), plus, with a held-out partner, a
     `heldout_partner` section: the same methods merging it with that partner's update alone."""
@@ -333,6 +300,7 @@ def train_protected(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings, 
         nominal_min=twin - 0.01,
         trapped_max=floor + demo.trapped_margin,
         metric_name="accuracy",
+        transforms={spec: curve_transform(setup, spec) for spec in demo.curve_transforms},
     )
     run = train_update(
         setup, setup.protected, setup.protected_task, demo.protected_max_steps, trap,
@@ -346,6 +314,25 @@ def train_protected(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings, 
     log(f"[demo] {setup.protected}: {run['steps']} steps in {run['seconds']:.0f}s, {formed}; "
         "validation curve " + ", ".join(f"s={s:g}: {m:.2f}" for s, m in last.items()))
     return {"runs": runs, "twin_validation": twin, "floor_validation": floor}
+
+
+def curve_transform(setup: DemoSetup, spec: str):
+    """`--curve_transforms` entry 'part@value' as a context factory for `RescaleCurveCallback`: the protected update
+    under the off-ray part at weight 1, `value` its keep rate (for 'layer_scale': each layer's weight in 1 +- value)."""
+    from ..offray import OWN_TRANSFORMS, OffrayDraw, offray_layers, offray_update
+
+    part, _, value = spec.partition("@")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if part not in OWN_TRANSFORMS or number is None or not 0 < number <= 1:
+        raise SystemExit(
+            f"trap2 demo: --curve_transforms {spec!r} is not 'part@value' with part one of {', '.join(OWN_TRANSFORMS)} "
+            "and value in (0, 1], e.g. prune@0.2."
+        )
+    draw = OffrayDraw(part, keep=number, weight_range=(1 - number, 1 + number))
+    return lambda model: offray_update(model, draw, layers=offray_layers(model, [setup.protected]))
 
 
 class _CurvePrinter(TrainerCallback):

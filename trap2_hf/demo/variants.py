@@ -33,7 +33,12 @@ PRESETS = {
     "synthetic": {"trap_offray": "synthetic"},
     "foreign": {"trap_offray": "foreign"},
 }
-DEMO_FIELDS = ("protected_max_steps", "stop_when_trapped", "trapped_margin", "learning_rate", "curve_every")
+DEMO_FIELDS = (
+    "protected_max_steps", "stop_when_trapped", "trapped_margin", "learning_rate", "curve_every", "curve_scales",
+    "curve_transforms", "pseudo_partners", "pseudo_partner_steps",
+)
+# Demo fields that take several values: given comma-separated in a variant ('curve_scales=0.5,0.9,1.1,1.5').
+LIST_FIELDS = ("curve_scales", "curve_transforms")
 
 
 def parse_variant(spec: str) -> tuple[str, dict | None, dict]:
@@ -56,7 +61,7 @@ def parse_variant(spec: str) -> tuple[str, dict | None, dict]:
         if key in settings_fields:
             given[key] = value
         elif key in DEMO_FIELDS:
-            demo_given[key] = value
+            demo_given[key] = value.split(",") if key in LIST_FIELDS else value
         else:
             raise SystemExit(
                 f"trap2 demo: variant {spec!r}: unknown field {key!r}; use a Trap2Settings field or one of {DEMO_FIELDS}."
@@ -88,10 +93,11 @@ def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:
         else:
             if "trap_lambda" in overrides and "trap_offray_lambda" not in overrides:
                 overrides["trap_offray_lambda"] = None  # derived again from the variant's trap_lambda
-            variant = with_foreign_updates(setup, demo, dataclasses.replace(trap, **overrides))
+            variant_demo = dataclasses.replace(demo, **demo_overrides)
+            variant = with_foreign_updates(setup, variant_demo, dataclasses.replace(trap, **overrides))
             variant.validate_trap_settings()
             _load_adapter_state(setup.model, initial)
-            run = train_protected(setup, dataclasses.replace(demo, **demo_overrides), variant, log)["runs"][-1]
+            run = train_protected(setup, variant_demo, variant, log)["runs"][-1]
             training = {k: run[k] for k in ("steps", "seconds", "trapped_at_step")}
             settings = {**variant.trap_settings_dict(), **demo_overrides}
             results = audit_setup(setup, demo, unprotected=None)  # the twin's merges: the 'none' variant
