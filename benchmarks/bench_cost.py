@@ -9,6 +9,8 @@ ratios to the plain Trainer / SFTTrainer on the same model and data, alternating
     python benchmarks/bench_cost.py --lora false --modes auto sub_batch@0.125 sub_batch@0.25 fused@0.125 fused@0.25
                                                               # mode@fraction: that trap_rescaled_fraction
     python benchmarks/bench_cost.py --shapes gpt2 t5 --trainers trainer --modes auto two_pass --full_finetuning false
+    python benchmarks/bench_cost.py --trainers trainer --modes auto --full_finetuning false \
+        --variants "della:trap_offray=della:trap_offray_fraction=0.25" "rim:trap_rim_share=0.5"
                                                               # LoRA on GPT-2 (Conv1D) and T5 (encoder-decoder)
 
 Every round runs each variant (plain, then each mode, in an order rotated every round) for
@@ -106,6 +108,13 @@ class BenchArguments:
         metadata={
             "help": "Also full fine-tuning (no LoRA, Trainer only): plain against each of --modes, and on GPU auto and "
             "two_pass with theta0 offloaded (trap_reference_device='cpu'); prints the memory beyond the theta0 copy."
+        },
+    )
+    variants: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "LoRA rows only: protection variants timed beside the modes, each 'label:field=value:...' over "
+            "Trap2Settings fields (trap_mode 'auto' unless given), e.g. 'della:trap_offray=della:trap_offray_fraction=0.25'."
         },
     )
     threads: int = field(default=1, metadata={"help": "torch threads on CPU."})
@@ -242,11 +251,12 @@ def run_variant(
     )
     if kind == "sft":
         common |= dict(max_length=seq_len)
-    mode, _, fraction = variant.partition(OFFLOAD)[0].partition("@")
+    overrides = protection_variants(bench).get(variant)
+    mode, _, fraction = ("auto", "", "") if overrides is not None else variant.partition(OFFLOAD)[0].partition("@")
     trap = dict(
         trap_lambda=bench.trap_lambda, trap_mode=mode, trap_scales_per_step=bench.trap_scales_per_step,
         trap_weighting="inv_sqrt",
-    )
+    ) | (overrides or {})
     if full:
         trap |= dict(trap_target="full", trap_reference_device="cpu" if variant.endswith(OFFLOAD) else "same")
     if mode != "two_pass" and bench.trap_rescaled_fraction is not None:
@@ -279,6 +289,19 @@ def run_variant(
     return clock
 
 
+def protection_variants(bench: BenchArguments) -> dict[str, dict]:
+    """{label: Trap2Settings overrides} of --variants (the demo's variant syntax, protection fields only)."""
+    from trap2_hf.demo.variants import parse_variant
+
+    parsed = {}
+    for spec in bench.variants:
+        label, overrides, demo = parse_variant(spec)
+        if overrides is None or demo or label in MODES or label == "plain":
+            raise SystemExit(f"bench_cost: --variants {spec!r} must be 'label:field=value:...' over Trap2Settings fields.")
+        parsed[label] = overrides
+    return parsed
+
+
 def bench_one(bench: BenchArguments, shape: str, kind: str, device: str, full: bool = False) -> dict:
     _, seq_len, batch = SHAPES[shape]
     model = build_model(shape, bench.lora_rank, device, bench.seed, full=full)
@@ -292,7 +315,7 @@ def bench_one(bench: BenchArguments, shape: str, kind: str, device: str, full: b
         offloaded = offloaded if device == "cuda" else []
         variants = ["plain", *modes, *offloaded]
     else:
-        variants = ["plain", *bench.modes]
+        variants = ["plain", *bench.modes, *protection_variants(bench)]
     seconds = {v: [] for v in variants}
     round_medians = {v: [] for v in variants}
     memory = {}
