@@ -30,9 +30,10 @@ def _prune(a, b, scaling, draw, generator):
     """w times the top-`keep` fraction of dW's entries by magnitude."""
     delta = scaling * (b @ a)
     k = max(1, int(draw.keep * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.topk(delta.detach().abs().reshape(-1), k=k).indices] = 1
-    return [("dense", draw.weight * mask.view_as(delta) * delta)]
+    magnitudes = delta.detach().abs()
+    # The k-th largest magnitude as a threshold: a selection, several times faster than sorting with topk.
+    threshold = magnitudes.reshape(-1).kthvalue(delta.numel() - k + 1).values
+    return [("dense", draw.weight * (magnitudes >= threshold).to(delta.dtype) * delta)]
 
 
 def _factor_dare(a, b, scaling, draw, generator):
