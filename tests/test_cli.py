@@ -44,3 +44,93 @@ def test_public_names_load_on_first_use():
     assert trap2_hf.hub.load_protected_adapter is trap2_hf.load_protected_adapter
     with pytest.raises(AttributeError, match="not_a_name"):
         trap2_hf.not_a_name
+
+
+# ----------------------------------------------------------------------------- errors: one line, exit code 2
+def run_trap2(*argv, env=None):
+    """`trap2 ...` as a user runs it: a new process, so the exit path is the real one."""
+    import os
+
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "trap2_hf.cli", *argv], cwd=ROOT, env=environment,
+                          capture_output=True, text=True)
+
+
+def test_a_wrong_path_is_one_line_naming_the_closest_folder(tmp_path):
+    (tmp_path / "tiny").mkdir()
+    result = run_trap2("card", str(tmp_path / "tinyy"), "--trap_lambda", "0.05")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("trap2 card: error: ") and f"did you mean {str(tmp_path / 'tiny')!r}" in result.stderr
+    debug = run_trap2("card", str(tmp_path / "tinyy"), "--trap_lambda", "0.05", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+    assert "Traceback" in run_trap2("card", str(tmp_path / "tinyy"), env={"TRAP2_DEBUG": "1"}).stderr
+
+
+def test_an_error_of_another_library_names_the_path_given(tmp_path, capsys, monkeypatch):
+    """PEFT's "Can't find 'adapter_config.json' at 'out/tinyy'" for a mistyped adapter folder of `trap2 audit`:
+    reported as the flag, the path and the closest folder."""
+    from trap2_hf.cli_errors import run_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "tiny").mkdir(parents=True)
+
+    def audit(argv):  # loads the adapter folder as `trap2 audit` does
+        from peft import PeftConfig
+
+        PeftConfig.from_pretrained(argv[1])
+
+    assert run_command(audit, ["--protected", "out/tinyy"], prog="trap2 audit") == 2
+    assert capsys.readouterr().err == (
+        "trap2 audit: error: --protected: There is no local file or folder 'out/tinyy' (did you mean 'out/tiny'?).\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["card", "f", "--trap_lamda", "0.1"], "trap2 card: error: unknown flag --trap_lamda (did you mean --trap_lambda?)"),
+        (["card", "f", "--trap_lambda", "abc"], "trap2 card: error: argument --trap_lambda: invalid float value: 'abc'"),
+        (["demo", "--trap_lamda", "0.1"], "trap2 demo: error: unknown flag --trap_lamda (did you mean --trap_lambda?)"),
+        (["demo", "--stpes", "3"], "trap2 demo: error: unknown flag --stpes (did you mean --steps?)"),
+        (["cards", "f"], "trap2: error: unknown command 'cards' (did you mean card?)"),
+    ],
+)
+def test_bad_flags_are_one_line_with_the_closest_field(argv, expected, capsys):
+    from trap2_hf.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own exit, as `trap2` would end
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+    assert "usage:" not in err
+
+
+def test_version():
+    from trap2_hf import __version__
+
+    result = run_trap2("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"trap2_hf {__version__}"
+
+
+def test_a_failed_push_says_how_to_log_in_on_the_command_line(tmp_path, capsys, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_llama
+    from trap2_hf.cli import main
+
+    folder = str(tmp_path / "adapter")
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+    assert main(["card", folder, "--trap_lambda", "0.05", "--push", "me/adapter"]) == 2
+    err = capsys.readouterr().err
+    assert "`hf auth login` or set the HF_TOKEN environment variable" in err
+    assert f"run `trap2 card {folder} --push me/adapter` again" in err
+    assert "hub_token" not in err and "push_to_hub()" not in err and err.count("\n") == 1
+

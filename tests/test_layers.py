@@ -20,7 +20,7 @@ LAYERS = [
     # 0: facts and small helpers, importing nothing of the package above them (settings stay free of training code)
     [
         "trap2_hf", "trap2_hf._lazy", "trap2_hf._warnings", "trap2_hf.settings", "trap2_hf.mode_settings", "trap2_hf.seeding",
-        "trap2_hf.offray", "trap2_hf.offray.terms", "trap2_hf.hub.files",
+        "trap2_hf.offray", "trap2_hf.offray.terms", "trap2_hf.hub.files", "trap2_hf.cli_errors",
     ],
     # 1: the maths and the model surgery: objective, re-scaling, rows, fused steps, update kinds, off-ray terms
     [
