@@ -33,6 +33,7 @@ from .checkpoints import (
     save_reference,
 )
 from .config import Trap2SFTConfig, Trap2TrainingArguments, check_run_arguments
+from .hub.files import removed_if_left_empty
 from .hub.mixin import Trap2HubMixin
 from .launchers import refuse_unsupported_launcher
 from .nonfinite import SkipNonFiniteStep
@@ -68,7 +69,9 @@ class Trap2TrainerMixin:
             args = (args[0], self._with_trap_settings(args[1]), *args[2:])
         else:
             kwargs["args"] = self._with_trap_settings(kwargs.get("args"))
-        with peft_deprecation_silenced():  # TRL's SFTTrainer builds the PeftModel here
+        output_dir = (args[1] if len(args) >= 2 else kwargs["args"]).output_dir
+        # The Trainer makes output_dir; `train` makes it instead, so a trainer that fails leaves no empty folder.
+        with peft_deprecation_silenced(), removed_if_left_empty(output_dir):  # TRL's SFTTrainer builds the PeftModel
             super().__init__(*args, **kwargs)
         self._trap_metrics = defaultdict(list)
         self._trap_steps_logged = set()
@@ -340,7 +343,8 @@ class Trap2TrainerMixin:
         that crashed while saving resumes from the one before and finishes the job."""
         check_run_arguments(self.args)  # also when args were changed after they were built
         resume_from_checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        with removed_if_left_empty(self.args.output_dir if self.args.should_save else None, True, make=True):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- theta0 in checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -161,6 +161,33 @@ def move_into(staging: str, output_dir: str, first_removed: str) -> None:
             os.replace(source, target)
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(path: str | None, only_on_error: bool = False, make: bool = False):
+    """The folders of `path` that are missing now (it and any missing parent; `make`: made now) are removed on exit
+    (`only_on_error`: on an error only) if nothing was written into them. A folder that existed before, or that
+    holds anything, is never removed."""
+    missing = []
+    folder = os.path.abspath(path) if path else None
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder) if os.path.dirname(folder) != folder else None
+    if make and path:
+        os.makedirs(path, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        _remove_empty(missing)
+        raise
+    if not only_on_error:
+        _remove_empty(missing)
+
+
+def _remove_empty(folders: list[str]) -> None:
+    for folder in folders:  # innermost first
+        with contextlib.suppress(OSError):  # not empty, or gone: leave it
+            os.rmdir(folder)
+
+
 def read_text(path: str) -> str | None:
     """The file's text, or None when there is no such file."""
     if not os.path.isfile(path):
