@@ -80,13 +80,11 @@ def test_paper_recipe_has_the_paper_setup():
     assert script_args.dataset_prompt_template.endswith("step by step.\n")
 
 
-FLAGSHIP_RECIPES = [p for p in TRAINING_RECIPES if p.parent.name != "tiny"]  # the GPU recipes
-
-
-@pytest.mark.parametrize("path", FLAGSHIP_RECIPES, ids=rel)
-def test_flagship_recipes_use_settings_measured_to_protect(path):
+@pytest.mark.parametrize("path", TRAINING_RECIPES, ids=rel)
+def test_recipes_use_settings_measured_to_protect(path):
     """The paper's lambda 0.01 with one uniform scale per step left every demo merge at 1.00; lambda 0.05 with two
-    stratified scales brought naive merges to chance (recipes/README.md, "Protection settings")."""
+    stratified scales brought naive merges to chance (recipes/README.md, "Protection settings"). The tiny recipes
+    too: they are the templates users copy first."""
     _, args, _ = parse(["--config", str(path)])
     assert args.trap_lambda >= 0.05 and args.trap_scales_per_step >= 2, (args.trap_lambda, args.trap_scales_per_step)
     assert args.trap_scale_sampling == "stratified" and args.trap_weighting == "inv_sqrt"
@@ -528,3 +526,47 @@ def test_tiny_recipe_two_process_ddp_runs_the_default_full_fine_tuning_step(tmp_
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- the starter tasks file
+STARTER_TASKS = RECIPES / "tiny" / "audit_tasks.py"
+TINY_MODEL = RECIPES / "tiny" / "model"
+
+
+def test_the_starter_audit_tasks_file_runs_through_the_audit(tmp_path, capsys):
+    """recipes/tiny/audit_tasks.py, as `trap2 audit --tasks` loads it, on the tiny model: both tasks measured,
+    the protected one's repair loss differentiable."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trap2_hf.cli import main
+
+    folders = {}
+    for seed, name in enumerate(("object", "relation")):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        folders[name] = str(tmp_path / name)
+        get_peft_model(model, config).save_pretrained(folders[name])
+    out = tmp_path / "audit"
+    code = main([
+        "audit", "--base_model", str(TINY_MODEL), "--tasks", str(STARTER_TASKS), "--protected_task", "object",
+        "--protected", folders["object"], "--other", f"relation={folders['relation']}", "--methods", "task_arithmetic",
+        "--modes", "average", "--sweep_scales", "1", "--device", "cpu", "--output_dir", str(out), "--no_progress",
+    ])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "audit.json").read_text())
+    assert results["protected_task"] == "object"
+    assert set(results["base"]) >= {"object", "relation"} and set(results["chance"]) >= {"object", "relation"}
+    assert results["chance"]["object"] == 1 / 8 and results["chance"]["relation"] == 1 / 4  # 8 objects, 4 verbs
+
+    spec = importlib.util.spec_from_file_location("starter_tasks", STARTER_TASKS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+    tasks = module.get_tasks(base, AutoTokenizer.from_pretrained(TINY_MODEL))
+    protected = tasks[0]
+    assert protected.num_train > 0 and all(0 <= t.evaluate(base, split) <= 1 for t in tasks for split in ("validation", "test"))
+    loss = protected.train_loss(base, torch.arange(4))
+    loss.backward()
+    assert loss.ndim == 0 and base.lm_head.weight.grad is not None
