@@ -134,3 +134,24 @@ def test_a_failed_push_says_how_to_log_in_on_the_command_line(tmp_path, capsys, 
     assert f"run `trap2 card {folder} --push me/adapter` again" in err
     assert "hub_token" not in err and "push_to_hub()" not in err and err.count("\n") == 1
 
+
+def test_importing_trap2_hf_drops_only_peft_s_read_of_a_deprecated_name():
+    """PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` in every `get_peft_model(...)`: after
+    `import trap2_hf` that FutureWarning is gone from the user's own calls (the README's examples); others stay."""
+    code = (
+        "import warnings\n"
+        "from peft import LoraConfig, get_peft_model\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "import trap2_hf\n"
+        "config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,\n"
+        "                     num_attention_heads=4, num_key_value_heads=2)\n"
+        "get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules='all-linear'))\n"
+        "try:\n"
+        "    warnings.warn('another deprecation', FutureWarning)\n"
+        "except FutureWarning:\n"
+        "    print('others still raised')\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], cwd=ROOT,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "others still raised"

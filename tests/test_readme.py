@@ -51,3 +51,16 @@ def test_readme_example_runs_as_written(tmp_path, index):
     for warning in ("is_gradient_checkpointing", "pin_memory", "Warning:"):
         assert warning not in result.stderr, result.stderr[-4000:]
 
+
+def test_install_commands_work_from_the_clone():
+    """The package is not on PyPI: every install command the README shows works in the clone, and `make install`,
+    which the Makefile has, is documented."""
+    text = (ROOT / "README.md").read_text()
+    assert "make install" in text and "pip install -e '.[mergekit]'" in text
+    assert "pip install 'trap2_hf[" not in text and 'pip install "trap2_hf[' not in text
+
+
+def test_make_clean_removes_what_the_examples_write():
+    dry_run = subprocess.run(["make", "-n", "clean"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    removed = dry_run.split()
+    assert removed[:2] == ["rm", "-rf"] and {".venv", "demo_output", "out", ".pytest_cache"} <= set(removed)

@@ -1,6 +1,7 @@
 """trap2_hf: unmergeable fine-tunes (Trap², ICML 2026) for transformers, PEFT and TRL."""
 
 from ._lazy import lazy_exports
+from ._warnings import ignore_peft_deprecation as _ignore_peft_deprecation
 
 __version__ = "0.1.0"
 
@@ -22,3 +23,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
+_ignore_peft_deprecation()  # PEFT's read of a deprecated transformers name (_warnings.py)
