@@ -62,7 +62,8 @@ def error_message(
     library that raised it."""
     text = str(err)
     if parser is not None and isinstance(err, ValueError) and text.startswith(HF_UNUSED):
-        return f"{unknown_flags_message(parser, ast.literal_eval(text[len(HF_UNUSED):]))} {_help_pointer(parser)}"
+        with contextlib.suppress(ValueError, SyntaxError):  # the list as transformers prints it
+            return f"{unknown_flags_message(parser, ast.literal_eval(text[len(HF_UNUSED):]))} {_help_pointer(parser)}"
     message = getattr(err, "cli_message", None) or text or type(err).__name__
     module, filename = _raised_in(err)
     if not (module.startswith("trap2_hf") or (command_file and filename == command_file)):
@@ -142,14 +143,16 @@ def _help_pointer(parser: argparse.ArgumentParser) -> str:
 # ----------------------------------------------------------------------------- paths and origins
 def _missing_path(err: BaseException, argv: list[str]) -> str | None:
     """For an error that names a path that does not exist (a mistyped model or adapter folder): that path, the
-    flag it was given with, and the closest existing folder."""
+    flag it was given with, and the closest existing folder. Only paths with a folder part count (`out/tinyy`):
+    a bare word is as likely a Hub id or any other value."""
     texts = " ".join(str(e) for e in _chain(err))
     quoted = re.findall(r"'([^'\s]+)'", texts)
     flags = {value: flag for flag, value in zip(argv, argv[1:]) if flag.startswith("--")}
     flags.update({a.split("=", 1)[1]: a.split("=", 1)[0] for a in argv if a.startswith("--") and "=" in a})
     values = [a.split("=", 1)[-1] for a in argv if not a.startswith("--") or "=" in a]
     for path in dict.fromkeys([*quoted, *values]):
-        if path in texts and not os.path.exists(path):
+        named = re.search(rf"(?<![\w./-]){re.escape(path)}(?![\w./-])", texts)
+        if named and os.path.dirname(os.path.normpath(path)) and not os.path.exists(path):
             hint = missing_folder_hint(path, files=True)
             if hint:
                 flag = flags.get(path)
