@@ -29,7 +29,7 @@ class Trap2Settings:
         default=0.05,
         metadata={
             "help": "Weight lambda of the off-nominal (re-scaled) loss, which is maximised. 0 is ordinary "
-            "fine-tuning. The paper uses 0.001-0.01; the README's protection measurements use the default."
+            "fine-tuning. The paper uses 0.001-0.01; what the default protects against: docs/threat_model.md."
         },
     )
     trap_scale_min: float = field(
@@ -187,7 +187,7 @@ class Trap2Settings:
         default=0.05, metadata={"help": "Norm of the guard term's noise relative to each layer's ||dW||."}
     )
 
-    # --- The attacker's best response (best_response.py): off by default; benchmarks/README.md measures it.
+    # --- The attacker's best response (best_response.py): off by default; docs/experimental.md has its measurements.
     trap_scale_candidates: int = field(
         default=0,
         metadata={

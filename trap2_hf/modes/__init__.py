@@ -44,11 +44,10 @@ class AutoChoice(NamedTuple):
 AUTO_ORDER: dict[str, tuple[AutoChoice, ...]] = {
     "adapter": (AutoChoice("fused"), AutoChoice("two_pass")),
     # Full fine-tuning: the scales share half of each micro-batch's rows, a re-scaled pass over a quarter of them
-    # per scale (with theta_s in a copy of the weights, `updates.FullUpdate.rescaled`). This protects as two_pass
-    # does on full fine-tunes, where a quarter of the rows in all does not, and skipping passes on whole
-    # micro-batches does not either (benchmarks/README.md). Not 'fused' (fused_full.py): it holds the copies'
-    # activations, several times the weights on small models. Not 'split' (one pass, 1.2-1.6x a plain step): its
-    # nominal loss over half the rows protects 2.5-3.9 points less.
+    # per scale (with theta_s in a copy of the weights, `updates.FullUpdate.rescaled`). That protects as two_pass
+    # does, where a quarter of the rows in all, or passes skipped on whole micro-batches, do not. Not 'fused'
+    # (fused_full.py): it holds the copies' activations, several times the weights on small models. Not 'split':
+    # its nominal loss over half the rows protects less. The measurements: docs/how_a_step_works.md, "Cost".
     "full": (
         AutoChoice("sub_batch", 0.5, "re-scaled passes over half the rows in all keep theta0 the only extra memory"),
         AutoChoice("two_pass"),

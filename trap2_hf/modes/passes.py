@@ -36,8 +36,8 @@ class PassesMode(TrapMode):
             pass_inputs, pass_items, weight = passes[k]
             coefficient = trainer.trap_coefficient(scale, len(scales))
             # A pass over at most a quarter of the rows frees room for a copy of the weights under plain fine-tuning's
-            # peak (measured: +0.00 theta0 at a quarter of the rows, +1.10 at half; benchmarks/README.md). Activation
-            # checkpointing keeps activations small, so there FullUpdate.rescaled takes no copy.
+            # peak; over half of them it does not (benchmarks/results/2026-12-02-full-fine-tuning-default.md).
+            # Activation checkpointing keeps activations small, so there FullUpdate.rescaled takes no copy.
             quarter = 4 * batch_size_of(pass_inputs) <= batch_size_of(inputs)
             context = trainer.trap_rescaled(scale, weight_copy=quarter)
             rescaled = trainer._trap_side_backward(
