@@ -13,7 +13,7 @@ from test_modes import TWO_SCALES, lora_model, train
 from trap_checks import assert_grads_close, lora_effective_weights
 from trap2_hf import Trap2Trainer, Trap2TrainingArguments
 from trap2_hf.objective import rescaled_loss_coefficient
-from trap2_hf.split import SplitPlan
+from trap2_hf.modes.split import SplitPlan
 
 SPLIT = dict(trap_lambda=0.3, trap_mode="split", trap_rescaled_fraction=0.25, **TWO_SCALES)
 
