@@ -92,7 +92,8 @@ class Mode:
         if loss.token_log_probs and kind.copies_form_weights_per_module:
             return (
                 f"trap_mode={self.name!r} on {kind.noun} forms theta0 + s*(theta - theta0) module by module, but TRL's "
-                f"fused LM head reads lm_head.weight directly, so the copies would see theta there. Use trap_mode={others}."
+                "fused LM head reads lm_head.weight directly, so the copies would see theta there. Use "
+                f"trap_mode={others}."
             )
         if loss.token_log_probs and loss.log_probs_inexact:
             return (
@@ -289,7 +290,8 @@ def modes_table() -> str:
         for rank, choice in enumerate(order):
             picked[choice.mode.name].append(f"{kind.name} ({'first' if rank == 0 else 'then'})")
     rows = [
-        "| mode | default share of rows | off-ray / guard passes | θ0 may be offloaded | under TRL SFT | `auto` tries it for |",
+        "| mode | default share of rows | off-ray / guard passes | θ0 may be offloaded | under TRL SFT "
+        "| `auto` tries it for |",
         "|---|---|---|---|---|---|",
     ]
     for m in MODES.values():

@@ -38,7 +38,8 @@ class PassesMode(TrapMode):
             # FullUpdate.rescaled takes no copy.
             quarter = 4 * batch_size_of(pass_inputs) <= batch_size_of(inputs)
             context = step.rescaled(scale, weight_copy=quarter)
-            rescaled = step.side(model, pass_inputs, pass_items, rng_state, context, coefficient * weight, last=k == last)
+            factor = coefficient * weight
+            rescaled = step.side(model, pass_inputs, pass_items, rng_state, context, factor, last=k == last)
             step.record("rescaled_loss", rescaled / coefficient / len(scales))
             step.record_scale(k, scale)
         if offray:

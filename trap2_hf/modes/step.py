@@ -161,7 +161,8 @@ class TrapStep:
         return drawn_rows(self.args, batch_size, step, index)
 
     def drawn_on_any_rank(self, batch_size: int) -> list[bool]:
-        """Per scale, whether any rank re-scales a row of the micro-batch `rows` drew last (`rows.drawn_on_any_rank`)."""
+        """Per scale, whether any rank re-scales a row of the micro-batch `rows` drew last
+        (`rows.drawn_on_any_rank`)."""
         return drawn_on_any_rank(self.args, batch_size, *self._micro_batch)
 
     def rescaled(self, scale: float, weight_copy: bool = False):
