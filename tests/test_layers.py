@@ -53,6 +53,11 @@ KNOWN_CYCLES = {}
 # Modules allowed over MAX_LINES for now, each with why.
 LONG_MODULES = {}
 
+# Modules that still compare a trap_mode or trap_target value by name outside `choices/`, each with why.
+NAME_COMPARES = {
+    "trap2_hf.audit.methods": "the audit's own registry checks a target name; it is to ask choices.target instead",
+}
+
 
 def module_files() -> dict[str, Path]:
     modules = {}
@@ -157,6 +162,33 @@ def test_registries_of_the_same_choices_agree():
     assert {r for part in parts for r in part.ranges} <= set(terms.RANGES)
     fields = set(settings.Trap2Settings.__dataclass_fields__)
     assert {f for r in terms.RANGES.values() for f in (r.low, r.high)} <= fields
+
+
+def test_modes_and_update_kinds_are_compared_by_name_only_where_they_are_declared():
+    """`trap_mode` and `trap_target` values are compared only in `choices/`; everyone else asks the declarations."""
+    from trap2_hf.choices import AUTO, MODES, TARGETS
+
+    names = set(MODES) | set(TARGETS)
+
+    def constants(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.value
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            for element in node.elts:
+                yield from constants(element)
+
+    comparing = {}
+    for name, path in module_files().items():
+        if name.startswith("trap2_hf.choices"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            found = {value for part in [node.left, *node.comparators] for value in constants(part)}
+            if found & names or (AUTO in found and "trap_mode" in ast.unparse(node)):
+                comparing.setdefault(name, []).append(f"line {node.lineno}: {ast.unparse(node)}")
+    assert {name: lines for name, lines in comparing.items() if name not in NAME_COMPARES} == {}
+    assert [name for name in NAME_COMPARES if name not in comparing] == [], "drop them from NAME_COMPARES"
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[frozenset]:
