@@ -1,5 +1,6 @@
-"""trap_mode='split': one pass over the micro-batch, each drawn row at its scale instead of at 1 (modes/split.py), with the
-gradient it claims, on an adapter and on a full fine-tune, under accumulation; and what it refuses."""
+"""trap_mode='split': one pass over the micro-batch, each drawn row at its scale instead of at 1 (modes/split.py),
+with the gradient it claims, on an adapter and on a full fine-tune, under accumulation; the off-ray passes after it;
+and what it refuses."""
 
 import copy
 

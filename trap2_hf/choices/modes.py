@@ -280,31 +280,37 @@ def fraction_help() -> str:
     )
 
 
-def modes_table() -> str:
-    """The modes' facts as a markdown table (docs/modes.md holds it; a test keeps the two equal)."""
+def modes_doc() -> str:
+    """What each mode does and its facts as a markdown table: the generated part of docs/modes.md (a test keeps the
+    two equal)."""
     def yes(flag: bool) -> str:
         return "yes" if flag else "no"
 
-    picked = {m.name: [] for m in MODES.values()}
+    places = {m.name: [] for m in MODES.values()}
     for kind, order in AUTO_ORDER.items():
-        for rank, choice in enumerate(order):
-            picked[choice.mode.name].append(f"{kind.name} ({'first' if rank == 0 else 'then'})")
-    rows = [
+        for rank, choice in enumerate(order, 1):
+            share = f" (share {choice.share:g})" if choice.share is not None else ""
+            ordinal = {1: "1st", 2: "2nd", 3: "3rd"}.get(rank, f"{rank}th")
+            places[choice.mode.name].append(f"{kind.name}: {ordinal}{share}")
+    adapters = " and ".join(k.name for k in TARGETS.values() if not k.copies_form_weights_per_module)
+    lines = ["What a step does in each mode:", ""]
+    lines += [f"- `{m.name}`: {m.does}." for m in MODES.values()]
+    lines += [
+        "",
         "| mode | default share of rows | off-ray / guard passes | θ0 may be offloaded | under TRL SFT "
-        "| `auto` tries it for |",
+        "| `auto`'s order |",
         "|---|---|---|---|---|---|",
     ]
     for m in MODES.values():
         share = "all (whole micro-batches)" if m.share is None else f"{m.share:g}"
         sft = "yes" if not m.weighs_row_losses else "no"
         if m.weighs_row_losses and m.folds_token_log_probs:
-            kinds = " and ".join(k.name for k in TARGETS.values() if not k.copies_form_weights_per_module)
-            sft = f"{kinds} only, `loss_type='nll'` without packing"
-        rows.append(
+            sft = f"{adapters} only, `loss_type='nll'` without packing"
+        lines.append(
             f"| `{m.name}` | {share} | {yes(m.runs_side_terms)} | {yes(not m.reads_theta0_every_step)} | {sft} | "
-            f"{', '.join(picked[m.name]) or '—'} |"
+            f"{'; '.join(places[m.name]) or '—'} |"
         )
-    return "\n".join(rows) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def _auto_choice(choice: AutoChoice) -> str:
