@@ -1,6 +1,6 @@
 """The trap modes as facts (`trap_mode`): one declaration per mode and the order `trap_mode='auto'` tries them in,
 read by the settings (choices, help, validation), by the strategies that run them (`trap2_hf/modes/`), by `auto`
-and by the docs' table (`modes_table`). Each mode's refusals are written here once, from these facts.
+and by the docs (`modes_doc`, docs/modes.md). Each mode's refusals are written here once, from these facts.
 
 Adding a mode: a `Mode` here, in `MODES`, and (for auto to pick it) in `AUTO_ORDER`; its strategy in
 `trap2_hf/modes/`.
@@ -18,7 +18,7 @@ class Mode:
     """One value of `trap_mode`.
 
     name: the value.
-    does: what a step does under it (the settings' help and the docs' table).
+    does: what a step does under it (the settings' help and docs/modes.md).
     share: the share of each micro-batch's rows that the scales of a step re-scale together where
         trap_rescaled_fraction is unset (each scale share / trap_scales_per_step); None: whole micro-batches only.
     one_scale_per_row: each row is drawn for at most one scale, so trap_rescaled_fraction * trap_scales_per_step < 1.
