@@ -88,7 +88,7 @@ def test_a_run_that_trains_nothing_is_refused(config, kwargs, message):
     ],
 )
 def test_values_of_the_wrong_type_name_the_field(kwargs, message):
-    """In Python nothing parses the values; the README promises a ValueError naming the field."""
+    """In Python nothing parses the values; docs/settings.md promises a ValueError naming the field."""
     with pytest.raises(ValueError, match=message):
         make(**kwargs)
     assert make(trap_lambda=1, trap_rescaled_fraction=None).trap_lambda == 1

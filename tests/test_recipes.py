@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from trap2_hf import Trap2SFTConfig
-from trap2_hf.rows import rescaled_rows, rows_generator
+from trap2_hf.modes.rows import rescaled_rows, rows_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -404,7 +404,7 @@ PROBE = textwrap.dedent(
         return rescaled(self, scale, **kwargs)
     Trap2SFTTrainer.trap_rescaled = recording_rescaled
 
-    from trap2_hf.fused import FusedPlan
+    from trap2_hf.modes.fused import FusedPlan
     build = FusedPlan.build.__func__
     def recording_build(cls, batch_size, rows, *args):
         record.setdefault("copies", []).append([r.tolist() for r in rows])

@@ -140,7 +140,7 @@ def rescaled_adapter_per_sample(
                     handles.append(module.register_forward_hook(partial(_scale_rows, row_scales, layer_name)))
                 else:
                     blend = partial(_blend_rows, module.original_module, row_scales, layer_name)
-                    stack.enter_context(_patched_forward(module, blend))
+                    stack.enter_context(patched_forward(module, blend))
             yield
         finally:
             for handle in handles:
@@ -263,7 +263,7 @@ def _rescaled_layer_output(layer, layer_name: str, adapter: str, scale: float) -
             f"{layer_name} has other active adapters {others} besides {adapter!r}; re-scaling one of several "
             "active non-LoRA adapters is not supported yet. Deactivate the others while training."
         )
-    with _patched_forward(layer, lambda adapted, *args, **kwargs: _blend(base, adapted, scale, args, kwargs)):
+    with patched_forward(layer, lambda adapted, *args, **kwargs: _blend(base, adapted, scale, args, kwargs)):
         yield
 
 
@@ -278,7 +278,7 @@ def _rescaled_modules_to_save(wrapper, wrapper_name: str, adapter: str, scale: f
     if adapter not in wrapper.active_adapters:
         yield
         return
-    with _patched_forward(wrapper, lambda adapted, *args, **kwargs: _blend(original, adapted, scale, args, kwargs)):
+    with patched_forward(wrapper, lambda adapted, *args, **kwargs: _blend(original, adapted, scale, args, kwargs)):
         yield
 
 
@@ -289,7 +289,7 @@ def _blend(base: nn.Module, adapted_forward, scale: float, args, kwargs) -> torc
 
 
 @contextmanager
-def _patched_forward(module: nn.Module, forward) -> Iterator[None]:
+def patched_forward(module: nn.Module, forward) -> Iterator[None]:
     """Make `module(...)` call `forward(original_forward, ...)`; restore whatever was there."""
     had_instance_forward = "forward" in module.__dict__
     previous = module.forward

@@ -20,6 +20,7 @@ import torch
 from transformers import HfArgumentParser
 
 from .._lazy import lazy_exports
+from ..choices import target
 from ..settings import Trap2Settings
 from .arguments import DemoArguments
 
@@ -37,7 +38,7 @@ def make_parser() -> HfArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     demo, trap = make_parser().parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     trap.validate_trap_settings()
-    if trap.trap_target != "adapter":
+    if not target(trap.trap_target).is_adapter:
         raise SystemExit(
             f"trap2 demo: the demo's updates are LoRA adapters; trap_target must be 'adapter', not {trap.trap_target!r}."
         )

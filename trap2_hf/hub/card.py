@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_index
 
 from ..audit.report import format_table, format_value, per_task
+from ..choices import card_target
 from ..settings import trap_scale_intervals
 from .files import atomic_write_bytes, atomic_write_text, sha256_files
 from .protection import SETTING_NAMES, protection_block
@@ -51,7 +52,7 @@ def render_card(
     existing_meta, body = split_card(existing or "")
     meta = {**(metadata or {}), **existing_meta}
     update = protection.get("update", "lora")
-    meta["library_name"] = "transformers" if update == "full" else "peft"
+    meta["library_name"] = "peft" if card_target(update).is_adapter else "transformers"
     base_model = base_model or meta.get("base_model") or None
     meta.pop("base_model", None)
     if base_model:
@@ -60,7 +61,7 @@ def render_card(
         meta["license"] = license
     # Tags that name an empty base model ("base_model:adapter:") come from a base without a Hub id.
     tags = [t for t in meta.get("tags") or [] if isinstance(t, str) and not t.endswith(":")]
-    for tag in ("trap2", "unmergeable", "full" if update == "full" else update):
+    for tag in ("trap2", "unmergeable", update):
         if tag not in tags:
             tags.append(tag)
     meta["tags"] = tags
@@ -114,7 +115,8 @@ def protection_section(
 ) -> str:
     """The human part of the card: what the protection means, intended use, how to load."""
     update = protection.get("update", "lora")
-    what = "full fine-tune" if update == "full" else f"{DISPLAY_NAMES.get(update, update.upper())} adapter"
+    adapter = card_target(update).is_adapter
+    what = f"{DISPLAY_NAMES.get(update, update.upper())} adapter" if adapter else "full fine-tune"
     base = f"`{base_model}`" if base_model else "its base model"
     where = repo_id or "<this repo or folder>"
     intervals = trap_scale_intervals(
@@ -144,7 +146,7 @@ def protection_section(
         "",
         "```python",
     ]
-    if update == "full":
+    if not adapter:
         lines += [
             "from transformers import AutoModelForCausalLM",
             f'model = AutoModelForCausalLM.from_pretrained("{where}")',

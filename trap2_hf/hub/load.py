@@ -4,6 +4,7 @@ files checked against the sha256 it recorded at save."""
 import os
 
 from .._warnings import peft_deprecation_silenced
+from ..choices import card_target
 from .card import CARD_NAME
 from .files import (
     ADAPTER_WEIGHTS,
@@ -56,7 +57,7 @@ def load_protected_adapter(base_model, repo_id_or_path: str, *, check_base_model
                                   + _no_card_advice(folder, source))
     with open(path, encoding="utf-8") as f:
         facts = read_protection(f.read(), source)
-    if facts["update"] == "full" or "adapter_config.json" not in facts["sha256"]:
+    if not card_target(facts["update"]).is_adapter or "adapter_config.json" not in facts["sha256"]:
         raise ProtectionCardError(
             f"{source} records a {facts['update']} update without adapter_config.json, not a PEFT adapter. Load a "
             "protected full fine-tune with AutoModel*.from_pretrained."

@@ -6,7 +6,7 @@ from contextlib import ExitStack, contextmanager
 
 from torch import nn
 
-from ..rescale import _patched_forward, adapters_of, replaced_lora_scaling, trained_adapter_names
+from ..rescale import patched_forward, adapters_of, replaced_lora_scaling, trained_adapter_names
 from .draws import OffrayDraw
 from .foreign import ForeignUpdate, canonical_path
 from .transforms import apply_parts, layer_parts
@@ -78,7 +78,7 @@ def offray_update(
                 parts = layer_parts(lora_a.weight, lora_b.weight, scaling, draw, index, pairs, base=base)
                 return apply_parts(parts, x)
 
-            stack.enter_context(_patched_forward(lora_a, delta_forward))
-            stack.enter_context(_patched_forward(lora_b, lambda _original, x: x))
+            stack.enter_context(patched_forward(lora_a, delta_forward))
+            stack.enter_context(patched_forward(lora_b, lambda _original, x: x))
             stack.enter_context(replaced_lora_scaling(layer, adapter, 1.0))
         yield
