@@ -14,8 +14,7 @@ from peft import PeftModel
 from transformers import PrinterCallback, TrainerCallback
 
 from ..audit import methods as methods_registry
-from ..audit.informed import InformedSettings
-from ..audit.repair import RepairSettings
+from ..audit.settings import InformedSettings, PublicSettings, RepairSettings
 from ..audit.summary import HELD_MARGIN, floor
 from ..callbacks import RescaleCurveCallback
 from ..config import Trap2TrainingArguments
@@ -105,10 +104,13 @@ def run_demo(demo: DemoArguments, trap: Trap2Settings) -> tuple[dict, list, dict
     training = train_protected(setup, demo, trap)
     training["runs"] = runs + training["runs"]
     trained = time.perf_counter()
-    results = audit_with_mergekit(setup, demo, audit_setup(setup, demo))
+    if methods_registry.MERGEKIT_MISSING and demo.methods is None:
+        print(f"[demo] mergekit's merges skipped: {methods_registry.MERGEKIT_MISSING}")
+    results = audit_setup(setup, demo)
     paths = write_report(results, demo.output_dir)
     end = time.perf_counter()
-    timings = {"train_s": trained - start, "audit_s": end - trained, "total_s": end - start}
+    timings = {"train_s": trained - start, "audit_s": end - trained, "total_s": end - start,
+               "audit_modes": audit_timings(results)}
     checks = check_criteria(results)
     summary = {
         "demo": asdict(demo),
@@ -271,6 +273,8 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
     audited = demo.methods or methods_registry.names("adapter")
     attacked = tuple(m for m in demo.informed_methods if m in audited)
     informed = InformedSettings(budget=demo.search_budget, methods=attacked)
+    chosen = demo.public_methods
+    public = PublicSettings(methods=None if chosen is None else tuple(m for m in chosen if m in audited))
     repair = None
     ks = tuple(k for k in demo.repair_ks if k <= demo.train_size)  # k labelled examples out of train_size
     if ks:
@@ -281,7 +285,7 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
         ) if repaired else None
     results = run_audit(
         setup.model, audit_tasks(setup), others=setup.others, modes=tuple(demo.modes), informed=informed,
-        repair=repair, **common,
+        public=public, repair=repair, **common,
     )
     partner = heldout_partner(setup, demo)
     if partner is not None:
@@ -292,27 +296,19 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
     return results
 
 
-def audit_with_mergekit(setup: DemoSetup, demo: DemoArguments, results: dict, log=print) -> dict:
-    """`results` with a `mergekit` section (mergekit's own merges of the same updates) and the attack
-    rows recomputed with it; unchanged when no mergekit method is asked for or mergekit is missing."""
-    from ..audit.summary import attack_rows
-
-    methods = [m for m in demo.mergekit_methods if m != "none"]
-    if not methods and not demo.mergekit_informed:
-        return results
-    from ..audit.mergekit_audit import audit_mergekit
-
-    try:
-        results["mergekit"] = audit_mergekit(
-            setup.model, audit_tasks(setup), setup.protected, setup.unprotected, setup.others, target="adapter",
-            methods=methods, seed=demo.seed, protected_task=setup.protected_task,
-            informed_methods=demo.mergekit_informed, informed=InformedSettings(budget=demo.search_budget),
-        )
-    except ImportError as err:  # the mergekit extra is optional
-        log(f"[demo] mergekit merges skipped: {err}")
-        return results
-    results["attacks"] = attack_rows(results)
-    return results
+def audit_timings(results: dict) -> dict:
+    """Per audit mode: the merges evaluated per variant (the informed and public modes count their
+    configurations; average one; best its grid and the test merge) and the seconds it took."""
+    timings = {}
+    for entry in results["methods"]:
+        row = timings.setdefault(entry["mode"], {"methods": 0, "evaluations": 0, "seconds": 0.0})
+        row["methods"] += 1
+        row["seconds"] += entry.get("seconds", 0.0)
+        if "evaluations" in entry:
+            row["evaluations"] += entry["evaluations"]
+        else:
+            row["evaluations"] += 1 + len(entry.get("search", {}).get("protected", []))
+    return timings
 
 
 def train_protected(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings, log=print) -> dict:
