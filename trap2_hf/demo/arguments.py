@@ -5,6 +5,15 @@ from dataclasses import dataclass, field
 
 from .tasks import TASK_SETS
 
+# The demo's share of the audit, trimmed to its time budget: a sparsifying mergekit merge of the demo's LoRAs costs
+# about a second of CPU (mergekit sorts every update's entries again for each merge), so the demo audits every
+# method of the audit's own and PEFT's, and of mergekit's the sign-electing sparsifiers TIES, DELLA and DARE-TIES,
+# SCE, model_stock, karcher, slerp and nuslerp. Left out: mergekit's task_arithmetic and linear (the audit's own
+# task arithmetic to 1e-6), dare_linear, breadcrumbs, breadcrumbs_ties and della_linear. The public grid runs on
+# task arithmetic and those mergekit methods. `trap2 audit` runs every method in every mode by default.
+DEMO_MERGEKIT = ("ties", "della", "dare_ties", "sce", "model_stock", "karcher", "slerp", "nuslerp")
+DEMO_PUBLIC = ("task_arithmetic", *(f"mergekit:{name}" for name in DEMO_MERGEKIT))
+
 # Flags that were removed, and what replaces them.
 REMOVED_FLAGS = {
     "--mergekit_methods": "mergekit's methods are audited like the others (every one by default); pass --methods "
@@ -60,8 +69,9 @@ class DemoArguments:
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
     methods: list[str] | None = field(
         default=None,
-        metadata={"help": "Audit only these merge methods, mergekit's as mergekit:NAME (default: every registered "
-                  "method: the audit's own, PEFT's and, with the mergekit extra, mergekit's)."},
+        metadata={"help": "Audit only these merge methods, mergekit's as mergekit:NAME (default: every method of the "
+                  "audit's own and PEFT's, and with the mergekit extra mergekit's " + ", ".join(DEMO_MERGEKIT)
+                  + ", trimmed to the demo's time budget; `trap2 audit` runs them all)."},
     )
     modes: list[str] = field(
         default_factory=lambda: ["average", "best", "public", "informed", "search"],
@@ -84,10 +94,10 @@ class DemoArguments:
         },
     )
     repair_steps: int = field(default=40, metadata={"help": "Repair: steps of the fresh LoRA."})
-    public_methods: list[str] | None = field(
-        default=None,
-        metadata={"help": "The merge methods whose public points run (default: every audited method that declares "
-                  "them)."},
+    public_methods: list[str] = field(
+        default_factory=lambda: list(DEMO_PUBLIC),
+        metadata={"help": "The merge methods whose public points run, among those audited (default: task arithmetic "
+                  "and the demo's mergekit methods, trimmed to its time budget)."},
     )
     foreign_tasks: list[str] | None = field(
         default=None,

@@ -21,7 +21,7 @@ from ..config import Trap2TrainingArguments
 from ..settings import Trap2Settings
 from ..trainer import Trap2Trainer
 from . import model as demo_model
-from .arguments import DemoArguments
+from .arguments import DEMO_MERGEKIT, DemoArguments
 from .tasks import make_task_set
 
 # The merge the demo repairs (a weight-space merge: the fresh LoRA trains on the merged weights).
@@ -268,13 +268,12 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
 
     protected = protected or setup.protected
     unprotected = setup.unprotected if unprotected == "twin" else unprotected
+    audited = demo_methods(demo)
     common = dict(protected_task=setup.protected_task, protected=protected, unprotected=unprotected,
-                  target="adapter", methods=demo.methods, seed=demo.seed)
-    audited = demo.methods or methods_registry.names("adapter")
+                  target="adapter", methods=audited, seed=demo.seed)
     attacked = tuple(m for m in demo.informed_methods if m in audited)
     informed = InformedSettings(budget=demo.search_budget, methods=attacked)
-    chosen = demo.public_methods
-    public = PublicSettings(methods=None if chosen is None else tuple(m for m in chosen if m in audited))
+    public = PublicSettings(methods=tuple(m for m in demo.public_methods if m in audited))
     repair = None
     ks = tuple(k for k in demo.repair_ks if k <= demo.train_size)  # k labelled examples out of train_size
     if ks:
@@ -294,6 +293,16 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
         section = run_audit(setup.model, tasks, others={partner: setup.others[partner]}, modes=naive, **common)
         results["heldout_partner"] = {"partner": partner, "methods": section["methods"], "skipped": section["skipped"]}
     return results
+
+
+def demo_methods(demo: DemoArguments) -> list[str]:
+    """`demo.methods`, or the demo's default: the audit's own and PEFT's methods, and the demo's share of
+    mergekit's when it is installed."""
+    if demo.methods is not None:
+        return list(demo.methods)
+    registered = methods_registry.names("adapter")
+    own = [name for name in registered if methods_registry.get(name).backend != methods_registry.MERGEKIT]
+    return own + [f"mergekit:{name}" for name in DEMO_MERGEKIT if f"mergekit:{name}" in registered]
 
 
 def audit_timings(results: dict) -> dict:
