@@ -67,8 +67,9 @@ def run_public(auditor, method: MergeMethod, variants: list[str], context, split
             row["twin_gain_kept"] = twin_gain_kept(twin, base, context.twin_alone)
             row["counted"] = row["twin_gain_kept"] >= context.public.twin_gain_kept - 1e-9
         rows.append(row)
-    counted = [row for row in rows if row["counted"]]
-    worst = max(counted, key=lambda row: row["protected"], default=None)
+    counted = [i for i, row in enumerate(rows) if row["counted"]]
+    worst_index = max(counted, key=lambda i: rows[i]["protected"], default=None)
+    worst = None if worst_index is None else rows[worst_index]
     entry = {
         "method": method.name,
         "mode": "public",
@@ -80,8 +81,6 @@ def run_public(auditor, method: MergeMethod, variants: list[str], context, split
         "protected": None if worst is None else {task: worst["protected"]},
         "unprotected": None if worst is None or worst["unprotected"] is None else {task: worst["unprotected"]},
     }
-    twin_config = None
-    if worst is not None and "unprotected" in scores:
-        twin_config = scores["unprotected"][rows.index(worst)][0]
-    entry["unprotected_params"] = twin_config
+    twin = scores.get("unprotected")
+    entry["unprotected_params"] = None if worst is None or twin is None else twin[worst_index][0]
     return entry
