@@ -96,8 +96,13 @@ def test_adapter_audit_json_schema(adapter_audit):
     assert results["rescale_curve"]["scales"] == list(SCALES)
     assert len(results["rescale_curve"]["protected"]) == len(SCALES) == len(results["rescale_curve"]["unprotected"])
     assert results["skipped"] == []
-    expected = {(name, mode) for name in methods.names("adapter") for mode in ("average", "best")}
+    # Every method that applies to three adapters, mergekit's included: `best` where there is a grid to search.
+    expected = {
+        (name, mode) for name in methods.names("adapter") for mode in ("average", "best")
+        if methods.get(name).accepts(3) and (mode == "average" or methods.get(name).searched)
+    }
     assert {(e["method"], e["mode"]) for e in results["methods"]} == expected
+    assert {"mergekit:ties", "mergekit:sce"} <= {e["method"] for e in results["methods"]}
     for entry in results["methods"]:
         assert {"method", "mode", "params", "protected", "unprotected"} <= set(entry)
         for variant in ("protected", "unprotected"):
@@ -121,7 +126,7 @@ def test_adapter_audit_numbers(adapter_audit):
         assert entry["protected"] == entry["unprotected"], (name, mode)
         assert entry["params"] == entry["unprotected_params"], (name, mode)
         if mode == "average":
-            assert entry["params"]["weight"] == pytest.approx(1 / 3)
+            assert entry["params"].get("weight", 1 / 3) == pytest.approx(1 / 3)  # sce & co. take no weights
             assert entry["params"].get("density", methods.DEFAULT_DENSITY) == methods.DEFAULT_DENSITY
     # peft's `cat` is exactly the weight-space weighted sum: same predictions up to float noise.
     for mode in ("average", "best"):
@@ -149,10 +154,11 @@ def test_best_mode_searches_the_whole_grid_on_validation_and_keeps_its_maximum(a
     for entry in results["methods"]:
         if entry["mode"] != "best":
             continue
-        grid = methods.get(entry["method"]).grid()
+        grid = methods.get(entry["method"]).grid(3)
         search = entry["search"]["protected"]
         assert [row["params"] for row in search] == grid
-        assert any(row["params"]["weight"] >= 1.0 for row in search)
+        # the shared coefficient reaches 1: the weight, or mergekit's lambda where the weights are normalised
+        assert any(max(row["params"]["weight"], row["params"].get("lambda", 0)) >= 1.0 for row in search)
         best = max(row["validation"]["average"] for row in search)
         chosen = next(row for row in search if row["params"] == entry["params"])
         assert chosen["validation"]["average"] == best
@@ -282,4 +288,5 @@ def test_cli_lists_methods(capsys):
 
     assert main(["--list_methods"]) == 0
     printed = capsys.readouterr().out
-    assert all(name in printed for name in methods.names())
+    assert all(f"\n{name} " in "\n" + printed for name in methods.names())
+    assert "mergekit:slerp" in printed and "updates: exactly 2; base: first update; weights: t = w2 / (w1 + w2)" in printed

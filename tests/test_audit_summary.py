@@ -107,23 +107,28 @@ def test_tables_plot_and_model_index_carry_the_new_rows(tmp_path):
 
 
 def test_mergekit_merges_are_attack_rows_and_reach_the_tables(tmp_path):
+    """mergekit's methods are ordinary entries of `methods` (one schema): rows, tables, verdict, model-index."""
     results = copy.deepcopy(RESULTS)
-    results["mergekit"] = {
-        "backend": "mergekit", "version": "0.1.5", "split": "test", "seed": 0, "layout": "inferred",
-        "order": ["protected (or twin)", "city"], "skipped": [],
-        "methods": [{"method": "ties", "weights": [0.5, 0.5], "params": {"density": 0.2},
-                     "protected": scores(0.26), "unprotected": scores(0.97)}],
-        "informed": [{"method": "ties", "settings": {}, "searched": {},
-                      "objectives": {"mean": {"protected": pick(0.7), "unprotected": pick(0.96)},
-                                     "constrained": {"protected": pick(0.55), "unprotected": None}}}],
-    }
+    results["methods"] += [
+        {"method": "mergekit:ties", "mode": "average", "params": {"weight": 0.5, "density": 0.2, "lambda": 1.0},
+         "protected": scores(0.26), "unprotected": scores(0.97),
+         "unprotected_params": {"weight": 0.5, "density": 0.2, "lambda": 1.0}},
+        {"method": "mergekit:ties", "mode": "informed", "params": pick(0.7)["config"], "unprotected_params": None,
+         "protected": scores(0.7), "unprotected": scores(0.96),
+         "objectives": {"mean": {"protected": pick(0.7), "unprotected": pick(0.96)},
+                        "constrained": {"protected": pick(0.55), "unprotected": None}},
+         "search": {}, "evaluations": 75},
+    ]
+    assert "mergekit" not in results
     rows = {(r["method"], r["attack"]): r for r in attack_rows(results)}
     assert (rows[("mergekit:ties", "average")]["protected"], rows[("mergekit:ties", "average")]["unprotected"]) == (
         0.26, 0.97)
     assert rows[("mergekit:ties", "informed:constrained")]["protected"] == 0.55
     assert rows[("mergekit:ties", "informed:constrained")]["unprotected"] is None
     assert rows[("mergekit:ties", "informed:mean")]["unprotected"] == 0.96
-    assert "| mergekit:ties | 0.260 / 0.970 | 0.700 / 0.960 | 0.550 / – |" in format_table(results)
+    table = format_table(results)
+    assert "| mergekit:ties | 0.260 / 0.970 | 0.700 / 0.960 | 0.550 / – |" in table
+    assert "| mergekit:ties | average | w=0.5 d=0.2 lambda=1 | 0.260 | 0.970 | ✓ |" in table
     fails = next(line for line in threat_summary(results) if line.startswith("- Does not stop:"))
     assert "mergekit:ties 0.55" in fails
     assert dict(eval_rows(results))["mergekit:ties, informed grid, others keep ≥60% of their gain, protected update"] \

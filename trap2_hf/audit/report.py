@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from .summary import ATTACKS, HELD_MARGIN, attack_rows, held, report_split, threat_summary
+from .summary import ATTACKS, HELD_MARGIN, TWIN_GAIN_KEPT, attack_rows, held, report_split, threat_summary
 
 
 def format_table(results: dict) -> str:
@@ -46,6 +46,8 @@ def format_table(results: dict) -> str:
         f"{_f(_own_average(results, 'unprotected'))} |",
     ]
     for entry in results["methods"]:
+        if entry["mode"] == "public":
+            continue  # the public grid has its own table below
         protected, twin = entry["protected"], entry.get("unprotected")
         mark = "✓" if held(protected[task], results) else "✗"
         lines.append(
@@ -55,6 +57,7 @@ def format_table(results: dict) -> str:
         )
     for skipped in results.get("skipped", []):
         lines.append(f"\nSkipped `{skipped['method']}`: {skipped['reason']}")
+    lines += _public_table(results)
     lines += _benign_table(results)
     lines += _repair_table(results)
     return "\n".join(lines)
@@ -169,6 +172,40 @@ def _repair_table(results: dict) -> list[str]:
     return lines
 
 
+def _public_table(results: dict) -> list[str]:
+    """The public grid, one row per method: its points, the worst counted point with the protected update
+    and the twin's score there, how many counted points hold (full detail: audit.json's `points`)."""
+    entries = [e for e in results["methods"] if e["mode"] == "public"]
+    if not entries:
+        return []
+    task = results["protected_task"]
+    kept = ((results.get("config") or {}).get("public") or {}).get("twin_gain_kept", TWIN_GAIN_KEPT)
+    lines = [
+        "",
+        f"Public merge configs (`{task}`, {report_split(results)} split): each method at the points public merge "
+        f"YAMLs use, none chosen on any task's data. A point counts where the twin, in the protected update's "
+        f"place, keeps ≥ {kept:.0%} of its gain on `{task}`; the worst point is the counted one with the highest "
+        f"`{task}` score.",
+        "",
+        f"| method | points counted / run | twin fails | {task}: worst w/ protected | w/ twin there | points held | "
+        "worst point |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for entry in entries:
+        counted = [p for p in entry["points"] if p["counted"]]
+        holding = sum(held(p["protected"], results) for p in counted)
+        protected, twin = entry["protected"], entry.get("unprotected")
+        lines.append(
+            f"| {entry['method']} | {len(counted)} / {len(entry['points'])} | {entry['twin_fails']} | "
+            f"{_f(protected and protected[task])} | {_f(twin and twin[task])} | {holding} / {len(counted)} | "
+            f"{_format_params(entry['params'])} |"
+        )
+    refused = sum("refused" in p for e in entries for p in e["points"])
+    if refused:
+        lines.append(f"\n{refused} public points were refused by their backend (audit.json: `refused`).")
+    return lines
+
+
 def _benign_table(results: dict) -> list[str]:
     """The `benign` section (the update alone under benign perturbations, see benign.py), or nothing."""
     section = results.get("benign")
@@ -223,7 +260,7 @@ def plot(results: dict, path: str) -> None:
 
     task = results["protected_task"]
     base, chance = results["base"][task], results["chance"][task]
-    entries = results["methods"]
+    entries = [e for e in results["methods"] if e["protected"] is not None]
     grid = _attack_grid(results)
     top = max(4.5, 0.28 * len(entries) + 1.5)
     bottom = 0 if grid is None else 0.45 * len(grid[0]) + 3.0

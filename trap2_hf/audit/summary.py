@@ -1,18 +1,23 @@
 """What an attacker gets: the audit's results as one row per (method, attack), and the plain-words
-verdict (what the protection stops, what it does not) that audit.md and the model card print.
-mergekit's merges (the `mergekit` section, when run) are rows too, their methods named `mergekit:NAME`.
+verdict (what the protection stops, what it does not) that audit.md and the model card print. Every
+backend's methods are rows alike (mergekit's named `mergekit:NAME`).
 
 Every number is the protected task's metric on the report split, merged with the protected update
 and with its unprotected twin; repair rows add the reference (the same repair without the released
-update).
+update). A `public` row is the method's worst public point among those that count (the twin keeps its
+gain there), and the twin's score at that point.
 """
 
 # A merge "held" when the protected task stays within this margin of max(base, chance).
 HELD_MARGIN = 0.05
+# A public point counts where the unprotected twin, in the protected update's place, keeps at least this
+# fraction of its gain on the protected task: a merge that loses the task with the twin too proves nothing.
+TWIN_GAIN_KEPT = 0.6
 
 ATTACKS = {
     "average": "naive merge (weights 1/N)",
     "best": "best shared weight",
+    "public": "public merge configs",
     "informed:mean": "informed grid, best mean",
     "informed:constrained": "informed grid, others keep ≥{kept:.0%} of their gain",
     "search:mean": "random search, best mean",
@@ -33,18 +38,12 @@ def attack_rows(results: dict) -> list[dict]:
                 key = f"{entry['mode']}:{objective}"
                 picks = entry["objectives"][objective]
                 rows.append(_row(entry["method"], key, kept, *(_metric(picks.get(v), task) for v in _VARIANTS)))
+        elif entry["mode"] == "public" and entry["protected"] is None:  # no point counted
+            twins = [p["unprotected"] for p in entry["points"] if p["unprotected"] is not None]
+            rows.append(_row(entry["method"], "public", kept, None, max(twins, default=None)))
         else:
             twin = entry.get("unprotected")
             rows.append(_row(entry["method"], entry["mode"], kept, entry["protected"][task], twin and twin[task]))
-    mergekit = results.get("mergekit") or {}  # mergekit's own merges: naive weights, the informed grid
-    for entry in mergekit.get("methods", []):
-        twin = entry.get("unprotected")
-        rows.append(_row(f"mergekit:{entry['method']}", "average", kept, entry["protected"][task], twin and twin[task]))
-    for entry in mergekit.get("informed", []):
-        for objective in ("mean", "constrained"):
-            picks = entry["objectives"][objective]
-            rows.append(_row(f"mergekit:{entry['method']}", f"informed:{objective}", kept,
-                             *(_metric(picks.get(v), task) for v in _VARIANTS)))
     for repair in (results.get("repair") or {}).get("rows", []):
         for k, after in repair["after"].items():
             row = {
@@ -82,7 +81,7 @@ def threat_summary(results: dict) -> list[str]:
         if len(group) < len(everyone):
             twins = [r["unprotected"] for r in everyone if r["protected"] is None and r["unprotected"] is not None]
             with_twin = f"; with the twin in its place: up to {max(twins):.2f}" if twins else ""
-            impossible.append(f"{everyone[0]['label']} ({len(everyone) - len(group)} methods{with_twin})")
+            impossible.append((attack, f"{everyone[0]['label']} ({len(everyone) - len(group)} methods{with_twin})"))
         if not group:
             continue
         worst = max(group, key=lambda r: r["protected"])
@@ -102,10 +101,18 @@ def threat_summary(results: dict) -> list[str]:
         "- Stops: " + ("; ".join(stops) if stops else "none of the audited attacks") + ".",
         "- Does not stop: " + ("; ".join(fails) if fails else "none of the audited attacks") + ".",
     ]
-    if impossible:
+    searched = [line for attack, line in impossible if attack != "public"]
+    if searched:
         lines.append(
-            f"- No merge with the protected update qualified for: {'; '.join(impossible)} (no configuration "
+            f"- No merge with the protected update qualified for: {'; '.join(searched)} (no configuration "
             "searched kept that much of every other task's gain on validation)."
+        )
+    public = [line for attack, line in impossible if attack == "public"]
+    if public:
+        lines.append(
+            f"- No public merge config counted for: {'; '.join(public)} (the twin kept less than "
+            f"{_twin_gain_kept(results):.0%} of its gain on `{task}` at every point: such a merge breaks the task "
+            "without any protection)."
         )
     for row in (r for r in rows if r["attack"].startswith("repair:")):
         gap = row["protected"] - row["reference"]
@@ -123,6 +130,26 @@ def threat_summary(results: dict) -> list[str]:
             "the repair without the released update."
         )
     return lines
+
+
+def public_summary(results: dict) -> str | None:
+    """One line on the public grid: points run, counted (the twin keeps its gain) and held, the worst point."""
+    entries = [e for e in results["methods"] if e["mode"] == "public"]
+    if not entries:
+        return None
+    task = results["protected_task"]
+    points = [p for e in entries for p in e["points"]]
+    counted = [p for p in points if p["counted"]]
+    holding = sum(held(p["protected"], results) for p in counted)
+    worst = max((e for e in entries if e["protected"] is not None), key=lambda e: e["protected"][task], default=None)
+    line = (
+        f"public merge configs: {len(points)} points over {len(entries)} methods, {len(counted)} counted (the twin "
+        f"keeps ≥{_twin_gain_kept(results):.0%} of its gain on `{task}`), {holding} of them hold"
+    )
+    if worst is not None:
+        twin = (worst.get("unprotected") or {}).get(task)
+        line += f"; worst {worst['method']} {worst['protected'][task]:.2f}" + (f" (twin {twin:.2f})" if twin else "")
+    return line
 
 
 def eval_rows(results: dict) -> list[tuple[str, float]]:
@@ -158,6 +185,10 @@ def _metric(pick, task):
 
 def _min_gain_kept(results: dict) -> float:
     return ((results.get("config") or {}).get("informed") or {}).get("min_gain_kept", 0.6)
+
+
+def _twin_gain_kept(results: dict) -> float:
+    return ((results.get("config") or {}).get("public") or {}).get("twin_gain_kept", TWIN_GAIN_KEPT)
 
 
 def report_split(results: dict) -> str:

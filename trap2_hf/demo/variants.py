@@ -148,7 +148,8 @@ def summarize(label: str, settings: dict, training: dict, results: dict) -> dict
 def _per_method(entries: list[dict], task: str) -> dict:
     table = {}
     for entry in entries:
-        table.setdefault(entry["method"], {})[entry["mode"]] = entry["protected"][task]
+        if entry["protected"] is not None:  # a public grid none of whose points counted
+            table.setdefault(entry["method"], {})[entry["mode"]] = entry["protected"][task]
     return table
 
 
