@@ -57,9 +57,7 @@ KNOWN_CYCLES = {}
 LONG_MODULES = {}
 
 # Modules that still compare a trap_mode or trap_target value by name outside `choices/`, each with why.
-NAME_COMPARES = {
-    "trap2_hf.audit.methods": "the audit's own registry checks a target name; it is to ask choices.target instead",
-}
+NAME_COMPARES: dict[str, str] = {}
 
 
 def module_files() -> dict[str, Path]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._warnings import peft_deprecation_silenced
+from ..choices import per_target
 from ..updates import rescaled_update
 from .task_vectors import TaskVector, adapter_task_vector, applied, full_task_vector
 
@@ -185,7 +186,7 @@ class AuditedFull(AuditedKind):
                 del model.peft_config
 
 
-AUDITED_KINDS: dict[str, AuditedKind] = {kind.name: kind for kind in (AuditedAdapter(), AuditedFull())}
+AUDITED_KINDS: dict[str, AuditedKind] = per_target(AuditedAdapter(), AuditedFull())
 
 
 def audited_kind(target: str) -> AuditedKind:

@@ -18,6 +18,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..choices import TARGETS
+
 WEIGHTS, MERGEKIT, PEFT = "weights", "mergekit", "peft"
 BACKENDS = (WEIGHTS, MERGEKIT, PEFT)
 ONE_OVER_N = "1/N"
@@ -141,7 +143,7 @@ class MergeMethod:
     merge: Callable | None = None
     combination_type: str | None = None
     randomized: bool = False
-    targets: tuple[str, ...] = field(default=("adapter", "full"))
+    targets: tuple[str, ...] = field(default=tuple(TARGETS))
     # merge(taus, w * 1) == w * merge(taus, 1) for a shared weight w (with the same seed): one merge
     # serves every weight of the grid. The audit's own weight-space merges are linear in each update's own
     # weight too, which the informed and public modes use the same way.

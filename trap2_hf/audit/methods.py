@@ -7,6 +7,7 @@ read from mergekit's spec. `get(name)` raises on an unknown name and lists the k
 lists those that apply to a kind of update.
 """
 
+from .. import choices
 from .merge_method import (  # noqa: F401 (the registry's public names)
     BACKENDS,
     DEFAULT_DENSITY,
@@ -50,8 +51,8 @@ def get(name: str) -> MergeMethod:
 def names(target: str | None = None, backend: str | None = None) -> list[str]:
     """Registered method names, in registration order; only those that apply to `target` (and come from
     `backend`) if given."""
-    if target not in (None, "adapter", "full"):
-        raise ValueError(f"Unknown target {target!r}; use 'adapter' or 'full'.")
+    if target is not None:
+        target = choices.target(target).name  # an unknown name raises, listing the declared ones
     if backend not in (None, *BACKENDS):
         raise ValueError(f"Unknown backend {backend!r}; use one of {BACKENDS}.")
     return [
