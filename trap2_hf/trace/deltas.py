@@ -102,7 +102,14 @@ def adapter_vector(base: nn.Module, folder: str, role: str) -> TaskVector:
     with peft_deprecation_silenced():
         model = PeftModel(base, config, adapter_name=_LOADED)
     try:
-        result = model.load_adapter(folder, _LOADED)
+        try:
+            result = model.load_adapter(folder, _LOADED)
+        except RuntimeError as err:  # torch's "size mismatch for ..."
+            raise ValueError(
+                f"The {role} {folder!r} does not fit the base model: its weights have other shapes than the base's "
+                f"({str(err).strip().splitlines()[-1].strip()}). It was trained on another base; pass the base model "
+                "its adapter_config.json names."
+            ) from err
         unloaded = sorted(set(result.unexpected_keys) | set(result.missing_keys))
         if unloaded:
             raise ValueError(
