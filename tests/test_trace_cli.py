@@ -175,3 +175,17 @@ def test_help_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "--reference" in out and "--shared_directions" in out
     assert out.strip().endswith("loaded: []"), out
+
+
+def test_the_model_card_gives_a_trace_command_that_parses():
+    import re
+
+    from trap2_hf.hub.card import protection_section
+    from trap2_hf.trace.cli import make_parser
+
+    settings = {"trap_scale_min": 0.05, "trap_scale_max": 2.0, "trap_margin": 0.05, "update": "lora"}
+    text = protection_section(settings, base_model="org/base", repo_id="me/adapter")
+    (command,) = re.findall(r"`(trap2 trace [^`]+)`", text)
+    assert command == "trap2 trace MERGED_MODEL --base_model org/base --release me/adapter"
+    arguments, _, rest = make_parser().parse_args_into_dataclasses(args=command.split()[2:])
+    assert (arguments.base_model, arguments.release, rest.suspect) == ("org/base", "me/adapter", ["MERGED_MODEL"])
