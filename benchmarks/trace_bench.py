@@ -51,7 +51,7 @@ def train_updates(threads_note: str, seed: int = 0) -> tuple:
             torch.manual_seed(7000 + 100 * s + len(task))  # another initialisation per update
             setup.model.add_adapter(name, config)
             pipeline.train_update(setup, name, task, 60, seed=s)
-    print(f"[trace_bench] trained {3 + sum(map(len, SEEDS.values()))} updates in "
+    print(f"[trace_bench] trained {2 + sum(map(len, SEEDS.values()))} updates in "
           f"{time.perf_counter() - start:.0f}s ({threads_note})", flush=True)
     names = [setup.protected, setup.unprotected] + [f"{t}_s{s}" for t, seeds in SEEDS.items() for s in seeds]
     return setup, {n: {k: v.clone() for k, v in adapter_task_vector(setup.model, n).items()} for n in names}

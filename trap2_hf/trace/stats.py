@@ -2,30 +2,29 @@
 
 Every weight-space merge leaves the release's delta R in the merged model's delta D = M - W0 (task arithmetic,
 TIES, DARE, SCE, slerp, PEFT's combinations: D = a*R + other updates, up to sparsification). The test runs block by
-block, a block being one weight matrix the release changes.
+block, a block being one weight matrix the release changes. docs/trace.md has the measurements behind each choice.
 
 Score. Per block, R = U S V^T (its singular directions). Its `shared_directions` strongest directions are left out:
-updates of one base trained on unrelated tasks lean the same way there (measured on the demo: three times the
-decoys' spread on the strongest, a tenth of it from the fifth on), so they say little about this release. On the
-next ones (at most `max_directions`), the score is <D, R_scored> = sum_k s_k u_k^T D v_k, and the release's weight
-in the suspect is estimated as that score over ||R_scored||^2 (a*R scores a exactly).
+updates of one base trained on unrelated tasks lean the same way there, so they say little about this release. On
+the next ones (at most `max_directions`), the score is <D, R_scored> = sum_k s_k u_k^T D v_k, and the release's
+weight in the suspect is estimated as that score over ||R_scored||^2 (a*R scores a exactly). Before scoring, the
+suspect's own strongest directions outside the scored block are projected out (`suspect_directions`): the other
+updates of a merge and what all updates of the base share.
 
 Decoys (no references). A decoy is the release with its scored directions re-paired at random: U S Q V^T, Q a
 uniformly random rotation. It has the release's singular values and directions, so a suspect that merely shares
 the release's directions (the base's) scores the same on both; only one that holds the release's own pairing of
 left and right directions, a copy of it, scores above its decoys. A block matches when the release outscores all
 but `match_level` of its decoys. Matches are counted over the blocks; the p-value is the binomial tail of that
-count with a per-block rate of `null_match_rate`, a margin above `match_level` for the alignment updates of one
-base share beyond their directions (between the demo's unrelated tasks, blocks matched at up to 4x match_level).
-The null is "the suspect was made without this release": an independent re-training of the same task on the same
-data is not that (it converges towards the same solution) and is flagged; references tell them apart.
+count at a per-block rate of `null_match_rate`: a margin above `match_level` for the alignment unrelated updates
+of one base still share. The null is "the suspect was made without this release".
 
 References. Independent trainings of the release with its recipe and other seeds, which only its author can make.
 Release and references are then exchangeable draws of one training process: under the null that the suspect
 contains none of them, the release's score ranks uniformly among theirs in each block, whatever the suspect shares
 with all of them (task, data, base). Per block, each candidate's score is how far it stands above its own decoys
-(its z-score); the p-value is the exact tail of the release's rank sum over the blocks, taken as independent
-(measured on the demo: 120 suspects without the release, 6 below p = 0.05).
+(its z-score); the p-value is the exact tail of the release's rank sum over the blocks, the blocks taken as
+independent.
 """
 
 import math
