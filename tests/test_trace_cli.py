@@ -87,6 +87,7 @@ def test_command_traces_a_mergekit_output_and_a_peft_combination_and_writes_json
     assert abs(records[1]["weight"] - 0.3) < 0.05  # PEFT's cat is exactly sum_i w_i dW_i
     assert set(records[0]["layers"]) == {"model.layers.0", "model.layers.1"}
     assert all(r["null"] == "decoys" and r["release"] == folders["release"] and r["blocks"] == 14 for r in records)
+    assert all(r["reference_folders"] == [] and r["references"] == 0 for r in records)
     assert f"{merged}: contains the release (weight ~" in printed
     assert f"{unrelated}: no evidence of the release" in printed
 
@@ -140,6 +141,29 @@ def test_references_are_read_and_change_the_null(folders, tmp_path):
     (result,) = trace_release(folders["base"], folders["release"], [suspect], references)
     assert result.null == "references" and result.references == 2 and result.contains
     assert result.p_value == pytest.approx(3.0**-14) and result.wins == 14
+
+
+def test_an_adapter_trained_without_a_module_the_base_has_is_read_on_the_modules_it_trained(tmp_path):
+    """The demo's case: MiniLM's checkpoint has a pooler, the adapters were trained without it, and "dense" matches
+    the pooler's layer too. The pooler's untrained LoRA is left out, not called a mismatch."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(tmp_path / "base")
+    trained_on = BertModel.from_pretrained(tmp_path / "base", add_pooling_layer=False)
+    torch.manual_seed(1)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "dense"], init_lora_weights=False)
+    get_peft_model(trained_on, lora).save_pretrained(tmp_path / "release")
+    suspect = BertModel.from_pretrained(tmp_path / "base")
+    merged = get_peft_model(suspect, lora)
+    merged.load_adapter(str(tmp_path / "release"), "default")
+    merged.merge_and_unload().save_pretrained(tmp_path / "merged")
+    (result,) = trace_release(str(tmp_path / "base"), str(tmp_path / "release"), [str(tmp_path / "merged")])
+    assert result.contains and abs(result.weight - 1.0) < 0.01
+    assert result.blocks == 2 * 4 and "pooler" not in result.layers  # query + 3 dense per layer
 
 
 def test_suspects_that_are_not_models_of_the_base_are_refused_by_name(folders, tmp_path, capsys):

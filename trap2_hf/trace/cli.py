@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(result.verdict())
         print("  per layer: " + ", ".join(f"{layer} {weight:.2f}" for layer, weight in result.layers.items()))
     if arguments.output_json:
-        records = [{"release": arguments.release, "references": arguments.reference, **r.to_dict()} for r in results]
+        records = [{"release": arguments.release, "reference_folders": arguments.reference, **r.to_dict()}
+                   for r in results]
         with open(arguments.output_json, "w", encoding="utf-8") as handle:
             json.dump(records, handle, indent=2)
         print(f"Wrote {arguments.output_json} ({null} null)")

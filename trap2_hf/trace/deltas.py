@@ -110,18 +110,31 @@ def adapter_vector(base: nn.Module, folder: str, role: str) -> TaskVector:
                 f"({str(err).strip().splitlines()[-1].strip()}). It was trained on another base; pass the base model "
                 "its adapter_config.json names."
             ) from err
-        unloaded = sorted(set(result.unexpected_keys) | set(result.missing_keys))
-        if unloaded:
+        # Weights the model cannot place mean another base or model class. Modules the adapter has no weights for
+        # (a base with a module the training model lacked, as a pooler matched by "dense") keep their initial,
+        # untrained state and are left out.
+        missing = {key.split(f".{_LOADED}")[0].rsplit(".", 1)[0] for key in result.missing_keys}
+        vector = adapter_task_vector(model, _LOADED)
+        vector = {name: delta for name, delta in vector.items() if _module_of(name) not in missing}
+        if result.unexpected_keys or not vector:
+            unloaded = sorted(result.unexpected_keys) or sorted(result.missing_keys)
             raise ValueError(
                 f"The {role} {folder!r} does not fit the base model: its weights name modules the base does not "
-                f"have, or shapes it does not have ({unloaded[:3]}). It was trained on another base or model "
-                "class; pass the base model its adapter_config.json names."
+                f"have ({unloaded[:3]}). It was trained on another base or model class; pass the base model its "
+                "adapter_config.json names."
             )
-        vector = adapter_task_vector(model, _LOADED)
     finally:
         model.base_model.unload()
     plain = audited_kind("adapter").plain_name
     return {plain(name): delta for name, delta in vector.items()}
+
+
+def _module_of(name: str) -> str:
+    """The PEFT module a task-vector entry belongs to (`....dense.base_layer.weight` -> `....dense`)."""
+    for wrapped in (".base_layer.", ".original_module."):
+        if wrapped in name:
+            return name.split(wrapped)[0]
+    return name.rsplit(".", 1)[0]
 
 
 def model_vector(base: nn.Module, folder: str, role: str, names: Iterable[str] | None = None) -> TaskVector:
