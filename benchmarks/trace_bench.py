@@ -179,8 +179,10 @@ def robustness(setup, vectors, base, tracer, partners) -> dict:
             "8-bit (per-row absmax)": int8_rounded(base, merged),
             "repair: LoRA, 256 examples, 40 steps": further_trained(setup, merged, "topic", 256, 40, "lora"),
             "LoRA on another task, 600 steps": further_trained(setup, merged, "object", 512, 600, "lora"),
-            "its weight matrices on another task, 150 steps": further_trained(setup, merged, "object", 512, 150, "full"),
-            "FFN hidden units permuted": permuted_ffn(base, merged),
+            "its weight matrices on another task, 150 steps": further_trained(
+                setup, merged, "object", 512, 150, "full"),
+            "FFN hidden units permuted": permuted_units(setup, base, merged, everything=False),
+            "every hidden unit permuted": permuted_units(setup, base, merged, everything=True),
         }
         rows[label] = {name: summary(tracer.trace(vector)) for name, vector in variants.items()}
     return rows
@@ -199,18 +201,33 @@ def int8_rounded(base, merged) -> dict:
     return out
 
 
-def permuted_ffn(base, merged) -> dict:
-    """The merged model with each layer's feed-forward hidden units permuted (the function is unchanged: the rows
-    of intermediate.dense and the columns of output.dense move together). Biases are not in the task vectors."""
-    out = dict(merged)
+def permuted_units(setup, base, merged, everything: bool) -> dict:
+    """The merged model with hidden units permuted, which leaves its function unchanged when the biases and norms
+    move with them (they are not in the task vectors): each layer's feed-forward units (the rows of
+    intermediate.dense and the columns of output.dense), and with `everything` also the residual stream (one
+    permutation for the whole model) and each layer's attention heads."""
+    config = setup.model.get_base_model().config
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    size = hidden // heads
     generator = torch.Generator().manual_seed(0)
-    for key in merged:
-        if ".intermediate.dense." in key:
-            down = key.replace(".intermediate.dense.", ".output.dense.")
-            perm = torch.randperm(merged[key].shape[0], generator=generator)
-            out[key] = (base[key] + merged[key])[perm] - base[key]
-            if down in merged:
-                out[down] = (base[down] + merged[down])[:, perm] - base[down]
+    stream = torch.randperm(hidden, generator=generator) if everything else torch.arange(hidden)
+    full = {k: base[k] + merged[k] for k in merged}
+    out = {}
+    for key, weights in full.items():
+        layer = key.split(".layer.")[1].split(".")[0]
+        generator.manual_seed(1000 + int(layer))
+        units = torch.randperm(config.intermediate_size, generator=generator)
+        order = torch.randperm(heads, generator=generator) if everything else torch.arange(heads)
+        head_rows = (order[:, None] * size + torch.arange(size)).reshape(-1)
+        if ".attention.self." in key:
+            weights = weights[head_rows][:, stream]
+        elif ".attention.output.dense." in key:
+            weights = weights[stream][:, head_rows]
+        elif ".intermediate.dense." in key:
+            weights = weights[units][:, stream]
+        elif ".output.dense." in key:
+            weights = weights[stream][:, units]
+        out[key] = weights - base[key]
     return out
 
 
@@ -295,7 +312,8 @@ def combined(vectors, weights) -> dict:
 
 
 def print_tables(results) -> None:
-    print("\n## Smallest weight traced (p < 1e-6), partners at 0.5\n\n| method | floor | p at 0.1 | weight est. at 0.1 |")
+    print("\n## Smallest weight traced (p < 1e-6), partners at 0.5\n")
+    print("| method | floor | p at 0.1 | weight est. at 0.1 |")
     print("|---|---|---|---|")
     for name, row in results["floor"].items():
         traced = [float(w) for w, r in row.items() if r["p"] < TRACED]

@@ -8,6 +8,7 @@ mergekit output, a `merge_and_unload`ed model; its delta is theta - theta0). Eve
 import json
 import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -185,20 +186,17 @@ def _check_same_architecture(base: nn.Module, folder: str, role: str) -> None:
         )
 
 
-class _quiet_transformers:
-    """transformers' loading report and progress bars off while inside (missing keys are checked here instead)."""
+@contextmanager
+def _quiet_transformers():
+    """transformers' loading report and progress bars off while inside (missing weights are checked here)."""
+    from transformers.utils import logging as hf_logging
 
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._logging = hf_logging
-        self._verbosity, self._bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        return self
-
-    def __exit__(self, *exc):
-        self._logging.set_verbosity(self._verbosity)
-        if self._bars:
-            self._logging.enable_progress_bar()
-        return False
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

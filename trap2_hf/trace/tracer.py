@@ -64,8 +64,9 @@ class ReleaseTracer:
         self.blocks = scored_blocks(release, self.settings)
         if not self.blocks:
             raise ValueError(
-                f"The release changes no weight matrix of rank above shared_directions={self.settings.shared_directions}"
-                " (it may be all zeros, or hold only biases and norms): there is nothing to trace."
+                "The release changes no weight matrix of rank above shared_directions="
+                f"{self.settings.shared_directions} (it may be all zeros, or hold only biases and norms): there is "
+                "nothing to trace."
             )
         self.references = [{b.name: b for b in scored_blocks(ref, self.settings)} for ref in references]
         for index, ref in enumerate(self.references):
