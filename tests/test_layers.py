@@ -38,10 +38,11 @@ LAYERS = [
     ],
     # 4: the trainer and what it is built from
     ["trap2_hf.config", "trap2_hf._args", "trap2_hf.trainer", "trap2_hf.callbacks", "trap2_hf.checkpoints", "trap2_hf.hub.mixin"],
-    # 5: the Hub, the audit (its engine, settings and command line, mergekit's backend in audit/mergekit/), the demo
+    # 5: the Hub, the audit (its engine, settings and command line, mergekit's backend in audit/mergekit/), the demo,
+    # tracing a release in merges
     [
         "trap2_hf.hub", "trap2_hf.hub.*", "trap2_hf.audit", "trap2_hf.audit.*", "trap2_hf.audit.mergekit",
-        "trap2_hf.audit.mergekit.*", "trap2_hf.demo", "trap2_hf.demo.*",
+        "trap2_hf.audit.mergekit.*", "trap2_hf.demo", "trap2_hf.demo.*", "trap2_hf.trace", "trap2_hf.trace.*",
     ],
     # 6: the commands
     ["trap2_hf.cli"],

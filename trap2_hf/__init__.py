@@ -11,6 +11,7 @@ _EXPORTS = {
     "Trap2SFTTrainer": ".trainer",
     "Trap2Trainer": ".trainer",
     "Trap2TrainingArguments": ".config",
+    "ReleaseTracer": ".trace",
     "load_protected_adapter": ".hub",
     "rescaled_adapter": ".rescale",
     "rescaled_loss_coefficient": ".objective",
@@ -19,6 +20,7 @@ _EXPORTS = {
     "sample_scales": ".objective",
     "scale_weight": ".objective",
     "snapshot_parameters": ".rescale_full",
+    "trace_release": ".trace",
     "trap_objective": ".objective",
 }
 __all__ = list(_EXPORTS)

@@ -15,6 +15,7 @@ COMMANDS = {
     "audit": ("trap2_hf.audit.cli", "Merge-attack audit of a protected update (table, json, plot)."),
     "demo": ("trap2_hf.demo.run", "The embedded demo: train protected/unprotected/other updates, then audit."),
     "card": ("trap2_hf.hub.cli", "Write or refresh the protection model card of an adapter folder; optionally push."),
+    "trace": ("trap2_hf.trace.cli", "Find a released update inside merged models: its weight and a p-value."),
 }
 
 

@@ -137,6 +137,8 @@ def protection_section(
         f"- Merged with other updates or re-scaled: {measured_protection(audit)}",
         "- A deterrent, not a guarantee: stronger attacks (distillation, fine-tuning after merging) can recover "
         "part of the skill.",
+        f"- Merges can be traced: `trap2 trace MERGED_MODEL --base_model {base_model or 'BASE_MODEL'} --release "
+        f"{where}` estimates this update's weight inside a merged model, with a p-value.",
         "",
         "**Intended use**: inference or further fine-tuning of this update on "
         f"{base}, loaded as released. Not intended: merging it with other models or updates, re-scaling it, or "
