@@ -112,10 +112,11 @@ def merges(setup, vectors, base, weight, partners) -> dict:
     names = [setup.protected, *partners]
     weights = [weight] + [PARTNER_WEIGHT] * len(partners)
     out = {}
-    for name in registry.names("adapter"):
+    # mergekit's methods are merged below on the full weights (mergekit_merges), as a merged checkpoint holds them
+    for name in registry.names("adapter", backend=registry.WEIGHTS) + registry.names("adapter", backend=registry.PEFT):
         method = registry.get(name)
         params = {"density": registry.DEFAULT_DENSITY} if any(p.name == "density" for p in method.params) else {}
-        if method.kind == registry.WEIGHTS:
+        if method.backend == registry.WEIGHTS:
             out[f"ours:{name}"] = merge_task_vectors(method, [vectors[n] for n in names], params, weights=weights)
         else:
             registry.combine_adapters(setup.model, method, names, params, "trace_bench", weights=weights)

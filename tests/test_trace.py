@@ -115,9 +115,9 @@ def test_every_merge_method_traces_the_release(trained, tracer):
     combinations at 1/3 each."""
     model, vectors, base_weights = trained
     results = {f"ours:{n}": tracer.trace(ours(vectors, n)) for n in registry.names("adapter")
-               if registry.get(n).kind == registry.WEIGHTS}
+               if registry.get(n).backend == registry.WEIGHTS}
     results.update({n: tracer.trace(peft_combination(model, n)) for n in registry.names("adapter")
-                    if registry.get(n).kind == registry.PEFT})
+                    if registry.get(n).backend == registry.PEFT})
     pytest.importorskip("mergekit")
     for method, params, inputs in MERGEKIT:
         results[f"mergekit:{method}"] = tracer.trace(mergekit_merged(vectors, base_weights, method, params, inputs))

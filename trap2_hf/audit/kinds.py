@@ -12,6 +12,8 @@ An audited kind owns, for its kind of update:
   alone and re-scaled along its ray (`vector()` gives its task vector, computed once by the caller);
 - `task_vector(model, update)`: what the update adds to the base weights, keyed by the model's parameter names;
 - `describe(update)`: how audit.json names it;
+- `plain_name(name)`: a parameter of the audited model in the namespace of the plain base model (what a merged
+  checkpoint or a suspect of `trap2 trace` names it);
 - `repair_targets(model, update)` and `fresh_lora(model, config, name, seed)`: the repair attacker's fresh LoRA.
 
 Adding a kind: one class here and its entry in `AUDITED_KINDS`, under the name of its `UpdateKind`.
@@ -60,6 +62,9 @@ class AuditedKind:
 
     def describe(self, update):
         raise NotImplementedError
+
+    def plain_name(self, name: str) -> str:
+        return name
 
     def repair_targets(self, model: nn.Module, update):
         raise NotImplementedError
@@ -118,6 +123,11 @@ class AuditedAdapter(AuditedKind):
 
     def describe(self, update):
         return update
+
+    def plain_name(self, name):
+        """A PEFT model's base weight in the plain model's namespace (adapter weights map to names the plain
+        model does not have, and are skipped)."""
+        return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
 
     def repair_targets(self, model, update):
         """The released adapter's own target modules."""
