@@ -63,6 +63,9 @@ def test_install_commands_work_from_the_clone():
 
 
 def test_make_clean_removes_what_the_examples_write():
-    dry_run = subprocess.run(["make", "-n", "clean"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    # Run inside `make test`, a nested make prints "Entering directory" unless told not to.
+    dry_run = subprocess.run(
+        ["make", "--no-print-directory", "-n", "clean"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     removed = dry_run.split()
     assert removed[:2] == ["rm", "-rf"] and {".venv", "demo_output", "out", ".pytest_cache"} <= set(removed)
