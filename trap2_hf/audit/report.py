@@ -6,7 +6,8 @@ import json
 import math
 import os
 
-from .summary import ATTACKS, HELD_MARGIN, TWIN_GAIN_KEPT, attack_rows, held, report_split, threat_summary
+from .summary import ATTACKS, HELD_MARGIN, TWIN_GAIN_KEPT, attack_rows, held, per_task, report_split, threat_summary
+from .summary import verdict
 
 
 def format_table(results: dict) -> str:
@@ -91,11 +92,6 @@ def _short_params(params) -> str:
     if not params:
         return ""
     return ", ".join(f"{k}={format_value(v)}" for k, v in params.items()) if isinstance(params, dict) else str(params)
-
-
-def per_task(value, task):
-    """`base` and `chance` are per-task mappings in `trap2 audit` reports, plain numbers in short ones."""
-    return value.get(task) if isinstance(value, dict) else value
 
 
 def format_value(value) -> str:
@@ -293,6 +289,9 @@ def plot(results: dict, path: str) -> None:
     right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, fontsize=8)  # below: never over a bar
     if grid is not None:
         _plot_attacks(fig.add_subplot(layout[1, :]), grid, task)
+    judged = verdict(results)
+    if not judged["given"]:
+        fig.suptitle(judged["reason"], color="tab:red", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -38,7 +38,7 @@ from .kinds import audited_kind
 from .merge_method import MergeUnsupported
 from .repair import run_repair
 from .settings import DEFAULT_SCALES, MODES, InformedSettings, PublicSettings
-from .summary import attack_rows
+from .summary import attack_rows, verdict
 
 
 @dataclass
@@ -175,6 +175,10 @@ def run_audit(
                 "others": {t: auditor.kind.describe(u) for t, u in others.items()},
             },
             "declared": {name: registry.get(name).describe() for name in chosen},
+            "not_audited": {
+                "methods": [name for name in registry.names(target) if name not in chosen],
+                "modes": [mode for mode in MODES if mode not in modes],
+            },
         },
     }
     if guard is not None:
@@ -182,6 +186,7 @@ def run_audit(
     if repaired is not None:
         results["repair"] = repaired
     results["attacks"] = attack_rows(results)
+    results["verdict"] = verdict(results)
     return results
 
 
