@@ -186,7 +186,10 @@ def test_report_files_and_table(adapter_audit, tmp_path):
         assert table in f.read()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     benign = 1 + len(results["benign"]["perturbations"])  # the guard's table: header and one row per perturbation
-    assert len(rows) == 1 + 2 + len(results["methods"]) + benign
+    # the transforms' tables: a header per parameter (density, spread), a row per sparsifier, the worst and the mean
+    # per-tensor draw
+    transforms = 2 + sum(k in results["transforms"]["curves"] for k in ("trim", "dare", "della")) + 2
+    assert len(rows) == 1 + 2 + len(results["methods"]) + benign + transforms
     ta = next(e for e in results["methods"] if e["method"] == "task_arithmetic" and e["mode"] == "average")
     assert f"| task_arithmetic | average | w=0.333 | {ta['protected']['t0']:.3f} |" in table
 

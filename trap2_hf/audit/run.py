@@ -12,6 +12,8 @@ and the updates of other tasks on the same base, the audit measures every task o
   attacker's `informed` (per-update weights around the released update's nominal scale) and `search` (a
   budgeted random search), see `informed.py`. Each merge is run once with the protected update and once
   with the twin in its place;
+- what merges do to each update alone before a partner enters (`transforms.py`): magnitude trim at s = 1, DARE's
+  and DELLA's rescaled drops, per-tensor scales, as curves;
 - the guard (`benign.py`): the update alone folded into the base under benign perturbations (half-precision
   casts, 8-bit weights), against its twin under the same perturbation;
 - optionally, post-merge repair (`repair.py`): a fresh LoRA fine-tuned on k labelled examples of the
@@ -37,8 +39,9 @@ from .auditor import MERGED_ADAPTER, REPORT_SPLIT, SEARCH_SPLIT, AttackContext, 
 from .kinds import audited_kind
 from .merge_method import MergeUnsupported
 from .repair import run_repair
-from .settings import DEFAULT_SCALES, MODES, InformedSettings, PublicSettings
+from .settings import DEFAULT_SCALES, MODES, InformedSettings, PublicSettings, TransformSettings
 from .summary import attack_rows, verdict
+from .transforms import run_transforms, sparsifier
 
 
 @dataclass
@@ -78,6 +81,7 @@ def run_audit(
     repair=None,
     benign: tuple = benign_check.PERTURBATIONS,
     public: PublicSettings | None = None,
+    transforms: TransformSettings | None = None,
 ) -> dict:
     """Run the audit and return the content of `audit.json`.
 
@@ -89,9 +93,12 @@ def run_audit(
     this many updates. `informed` sets the informed attacker's grids and budget (default
     `InformedSettings()`); `public` which methods the public grid runs and when a point counts (default
     `PublicSettings()`); `repair` (a `RepairSettings`) adds the post-merge repair section; `benign` names
-    the perturbations of the update alone in the `benign` section (empty: no section).
+    the perturbations of the update alone in the `benign` section (empty: no section); `transforms` (a
+    `TransformSettings`, default one) what merges do to each update alone before a partner enters, the `transforms`
+    section (`TransformSettings(kinds=())`: no section).
     """
     informed, public = informed or InformedSettings(), public or PublicSettings()
+    transforms = TransformSettings() if transforms is None else transforms
     chosen = _check_arguments(
         model, tasks, protected_task, protected, unprotected, others, target, methods, modes, informed, public
     )
@@ -106,6 +113,7 @@ def run_audit(
     benign = benign_check.check_perturbations(benign or ())
     total = (
         1 + len(others) + len(variants) * (1 + len(sweep_scales) + len(benign)) + attacked * (1 + len(others))
+        + len(variants) * transforms.evaluations(sparsifier() == "mergekit")
         + len(variants) * sum(_evaluations(registry.get(n), plan[n], informed, len(others)) for n in chosen)
     )
     with auditor.session(total, progress):
@@ -117,6 +125,7 @@ def run_audit(
             for v in variants
         }
         guard = benign_check.run_benign(auditor, variants, protected_task, benign) if benign else None
+        transformed = run_transforms(auditor, variants, protected_task, transforms) if transforms.kinds else None
         references = {REPORT_SPLIT: {"base": base, "finetuned": finetuned}}
         if attacked:
             references[SEARCH_SPLIT] = {
@@ -183,6 +192,8 @@ def run_audit(
     }
     if guard is not None:
         results["benign"] = guard
+    if transformed is not None:
+        results["transforms"] = transformed
     if repaired is not None:
         results["repair"] = repaired
     results["attacks"] = attack_rows(results)

@@ -64,6 +64,24 @@ def attack_rows(results: dict) -> list[dict]:
     return rows
 
 
+def attack_grid(results: dict):
+    """(methods, attack columns, column labels, {(method, attack): row}), or None when only the
+    average and best modes ran (nothing beyond the per-mode table)."""
+    rows = attack_rows(results)
+    attacks = [a for a in ATTACKS if any(r["attack"] == a for r in rows)]
+    repairs = sorted({r["attack"] for r in rows if r["attack"].startswith("repair:")}, key=_repair_order)
+    if not any(a not in ("average", "best") for a in attacks) and not repairs:
+        return None
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    labels = {r["attack"]: r["label"] for r in rows}
+    return methods, attacks + repairs, labels, {(r["method"], r["attack"]): r for r in rows}
+
+
+def _repair_order(attack: str):
+    _, stage, k = attack.split(":")
+    return (stage != "average", int(k))
+
+
 def floor(results: dict) -> float:
     """max(base, chance) on the protected task: what a merge that gained the attacker nothing scores."""
     task = results["protected_task"]
