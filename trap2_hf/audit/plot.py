@@ -3,7 +3,8 @@ every attack per method, drawn from audit.json's content."""
 
 import math
 
-from .summary import attack_grid, verdict
+from .summary import attack_grid
+from .verdict import verdict
 
 
 def _f(value) -> str:

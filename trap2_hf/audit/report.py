@@ -6,7 +6,8 @@ import json
 import os
 
 from .plot import plot
-from .summary import HELD_MARGIN, TWIN_GAIN_KEPT, attack_grid, held, per_task, report_split, threat_summary
+from .summary import HELD_MARGIN, TWIN_GAIN_KEPT, attack_grid, held, report_split, threat_summary
+from .verdict import per_task
 
 
 def format_table(results: dict) -> str:
@@ -20,6 +21,8 @@ def format_table(results: dict) -> str:
     floor = max(base[task], chance[task])
     standalone = results["standalone"]
     curve = results["rescale_curve"]
+    traced = "trace" in results  # the traced columns: the release's estimated weight in each merge and its p-value
+    extra = (" traced w/ protected | traced w/ twin |", "---:|---:|", " – | – |") if traced else ("", "", "")
     lines = [
         *threat_summary(results),
         "",
@@ -37,23 +40,29 @@ def format_table(results: dict) -> str:
         ),
         "",
         f"| method | mode | params | {task}: merged w/ protected | {task}: merged w/ twin | held | "
-        "avg all tasks: w/ protected | avg all tasks: w/ twin |",
-        "|---|---|---|---:|---:|:---:|---:|---:|",
+        "avg all tasks: w/ protected | avg all tasks: w/ twin |" + extra[0],
+        "|---|---|---|---:|---:|:---:|---:|---:|" + extra[1],
         f"| base model (no update) | – | – | {_f(base[task])} | {_f(base[task])} | – | "
-        f"{_f(_mean(base.values()))} | {_f(_mean(base.values()))} |",
+        f"{_f(_mean(base.values()))} | {_f(_mean(base.values()))} |" + extra[2],
         f"| each task's own update, unmerged | – | – | {_f(standalone['protected'])} | "
         f"{_f(standalone['unprotected'])} | – | {_f(_own_average(results, 'protected'))} | "
-        f"{_f(_own_average(results, 'unprotected'))} |",
+        f"{_f(_own_average(results, 'unprotected'))} |" + extra[2],
     ]
     for entry in results["methods"]:
         if entry["mode"] == "public":
             continue  # the public grid has its own table below
         protected, twin = entry["protected"], entry.get("unprotected")
         mark = "✓" if held(protected[task], results) else "✗"
+        cells = "".join(f" {_traced(entry, v)} |" for v in ("protected", "unprotected")) if traced else ""
         lines.append(
             f"| {entry['method']} | {entry['mode']} | {_params(entry)} | {_f(protected[task])} | "
             f"{_f(twin[task] if twin else None)} | {mark} | {_f(protected['average'])} | "
-            f"{_f(twin['average'] if twin else None)} |"
+            f"{_f(twin['average'] if twin else None)} |" + cells
+        )
+    if traced:
+        lines.append(
+            "\nTraced: the release's estimated weight in the merge and the p-value of \"the merge does not contain it\" "
+            "(`trap2 trace`; the twin's merges traced against the twin)."
         )
     for skipped in results.get("skipped", []):
         lines.append(f"\nSkipped `{skipped['method']}`: {skipped['reason']}")
@@ -62,6 +71,15 @@ def format_table(results: dict) -> str:
     lines += _benign_table(results)
     lines += _repair_table(results)
     return "\n".join(lines)
+
+
+def _traced(entry: dict, variant: str) -> str:
+    cell = (entry.get("traced") or {}).get(variant)
+    return "–" if cell is None else f"{cell['weight']:.2f} (p {_p(cell['p_value'])})"
+
+
+def _p(value: float) -> str:
+    return f"{value:.2g}" if value >= 1e-3 else f"{value:.0e}"
 
 
 def _short_table(audit: dict) -> str:
@@ -171,8 +189,8 @@ def _public_table(results: dict) -> list[str]:
         f"`{task}` score.",
         "",
         f"| method | points counted / run | twin fails | {task}: worst w/ protected | w/ twin there | points held | "
-        "worst point |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "worst point |" + (" traced there: w/ protected / w/ twin |" if "trace" in results else ""),
+        "|---|---:|---:|---:|---:|---:|---|" + ("---|" if "trace" in results else ""),
     ]
     for entry in entries:
         counted = [p for p in entry["points"] if p["counted"]]
@@ -182,6 +200,7 @@ def _public_table(results: dict) -> list[str]:
             f"| {entry['method']} | {len(counted)} / {len(entry['points'])} | {entry['twin_fails']} | "
             f"{_f(protected and protected[task])} | {_f(twin and twin[task])} | {holding} / {len(counted)} | "
             f"{_format_params(entry['params'])} |"
+            + (f" {_traced(entry, 'protected')} / {_traced(entry, 'unprotected')} |" if "trace" in results else "")
         )
     refused = sum("refused" in p for e in entries for p in e["points"])
     if refused:

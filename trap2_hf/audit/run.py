@@ -41,6 +41,7 @@ from .merge_method import MergeUnsupported
 from .repair import run_repair
 from .settings import DEFAULT_SCALES, MODES, InformedSettings, PublicSettings, TransformSettings
 from .summary import attack_rows, verdict
+from .traced import MergeTracer
 from .transforms import run_transforms, sparsifier
 
 
@@ -82,6 +83,7 @@ def run_audit(
     benign: tuple = benign_check.PERTURBATIONS,
     public: PublicSettings | None = None,
     transforms: TransformSettings | None = None,
+    trace: bool = True,
 ) -> dict:
     """Run the audit and return the content of `audit.json`.
 
@@ -95,7 +97,8 @@ def run_audit(
     `PublicSettings()`); `repair` (a `RepairSettings`) adds the post-merge repair section; `benign` names
     the perturbations of the update alone in the `benign` section (empty: no section); `transforms` (a
     `TransformSettings`, default one) what merges do to each update alone before a partner enters, the `transforms`
-    section (`TransformSettings(kinds=())`: no section).
+    section (`TransformSettings(kinds=())`: no section). `trace` adds the traced column (traced.py): each reported
+    merge traced for the released update in it, and the false-positive check, the `trace` section.
     """
     informed, public = informed or InformedSettings(), public or PublicSettings()
     transforms = TransformSettings() if transforms is None else transforms
@@ -134,9 +137,10 @@ def run_audit(
                     t: auditor.score(lambda k=k: auditor.alone(k), t, SEARCH_SPLIT) for t, k in other_keys.items()
                 },
             }
+        tracer = MergeTracer(auditor, variants) if trace else None
         context = AttackContext(
             protected_task, list(other_keys.values()), list(others), references, informed, public,
-            standalone.get("unprotected"),
+            standalone.get("unprotected"), tracer,
         )
         entries, skipped = [], []
         for name in chosen:
@@ -148,6 +152,8 @@ def run_audit(
                 for mode in plan[name]:
                     start = time.perf_counter()
                     entries.append(_audit_method(auditor, method, mode, variants, context))
+                    if tracer is not None and mode not in ("average", "best"):
+                        tracer.trace_entry(auditor, method, entries[-1])
                     entries[-1]["seconds"] = time.perf_counter() - start
             except MergeUnsupported as error:
                 entries = [e for e in entries if e["method"] != name]
@@ -155,7 +161,10 @@ def run_audit(
                 auditor.skip(len(variants) * _evaluations(method, plan[name], informed, len(others)))
         repaired = None
         if repair is not None:
-            repaired = run_repair(auditor, repair, entries, variants, context)
+            repaired = run_repair(auditor, repair, entries, variants, context, tracer)
+        if tracer is not None:
+            false_positives = tracer.false_positives(auditor, entries, context.other_keys, repaired)
+            traced = tracer.describe() | {"false_positives": false_positives}
     task_names = [t.name for t in tasks]
     results = {
         "protected_task": protected_task,
@@ -194,6 +203,8 @@ def run_audit(
         results["benign"] = guard
     if transformed is not None:
         results["transforms"] = transformed
+    if tracer is not None:
+        results["trace"] = traced
     if repaired is not None:
         results["repair"] = repaired
     results["attacks"] = attack_rows(results)
@@ -220,6 +231,10 @@ def _audit_method(auditor: Auditor, method, mode: str, variants: list[str], cont
         scores = auditor.measure(lambda: auditor.merged(method, keys, params), REPORT_SPLIT)
         entry["params" if variant == "protected" else "unprotected_params"] = params
         entry[variant] = scores
+        if context.tracer is not None:  # the merge just measured is still at hand
+            entry.setdefault("traced", {})[variant] = context.tracer.trace(
+                variant, auditor.merged_delta(method, keys, params)
+            )
         if search is not None:
             entry.setdefault("search", {})[variant] = search
     entry.setdefault("unprotected", None)

@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_index
 
 from ..audit.report import format_table, format_value
-from ..audit.summary import not_measured, per_task, verdict
+from ..audit.verdict import not_measured, per_task, verdict
 from ..choices import card_target
 from ..settings import trap_scale_intervals
 from .files import atomic_write_bytes, atomic_write_text, sha256_files
