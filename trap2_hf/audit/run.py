@@ -123,12 +123,17 @@ def run_audit(
         base = auditor.measure(auditor.base, REPORT_SPLIT)
         standalone = {v: auditor.score(lambda v=v: auditor.alone(v), protected_task) for v in variants}
         finetuned = {t: auditor.score(lambda k=k: auditor.alone(k), t) for t, k in other_keys.items()}
+        start = time.perf_counter()
         curve = {
             v: [auditor.score(lambda v=v, s=s: auditor.rescaled(v, s), protected_task) for s in sweep_scales]
             for v in variants
         }
+        curve_seconds = time.perf_counter() - start
         guard = benign_check.run_benign(auditor, variants, protected_task, benign) if benign else None
+        start = time.perf_counter()
         transformed = run_transforms(auditor, variants, protected_task, transforms) if transforms.kinds else None
+        if transformed is not None:
+            transformed["seconds"] = time.perf_counter() - start
         references = {REPORT_SPLIT: {"base": base, "finetuned": finetuned}}
         if attacked:
             references[SEARCH_SPLIT] = {
@@ -178,6 +183,7 @@ def run_audit(
             "scales": [float(s) for s in sweep_scales],
             "protected": curve["protected"],
             "unprotected": curve.get("unprotected"),
+            "seconds": curve_seconds,
         },
         "methods": entries,
         "skipped": skipped,
@@ -233,7 +239,7 @@ def _audit_method(auditor: Auditor, method, mode: str, variants: list[str], cont
         entry[variant] = scores
         if context.tracer is not None:  # the merge just measured is still at hand
             entry.setdefault("traced", {})[variant] = context.tracer.trace(
-                variant, auditor.merged_delta(method, keys, params)
+                variant, lambda: auditor.merged_delta(method, keys, params)
             )
         if search is not None:
             entry.setdefault("search", {})[variant] = search

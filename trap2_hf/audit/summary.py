@@ -286,6 +286,26 @@ def trace_lines(results: dict) -> list[str]:
     return lines
 
 
+def cost_lines(results: dict) -> list[str]:
+    """What the update-alone curves and the traced column cost in this audit (evaluations, seconds)."""
+    lines = []
+    curve = results.get("rescale_curve") or {}
+    if "seconds" in curve:
+        points = len(curve["scales"]) * (1 + (curve.get("unprotected") is not None))
+        lines.append(f"re-scale curve: {points} evaluations in {curve['seconds']:.0f}s")
+    section = results.get("transforms")
+    if section and "seconds" in section:
+        lines.append(f"transforms of the update alone: {section['evaluations']} evaluations in {section['seconds']:.0f}s")
+    trace = results.get("trace")
+    if trace and isinstance(trace.get("seconds"), dict):
+        seconds = trace["seconds"]
+        lines.append(
+            f"tracing: {trace['traces']} traces in {seconds['traces']:.0f}s ({trace['seconds_per_trace'] or 0:.2f}s "
+            f"each), {seconds['build']:.0f}s to prepare the tracers, {seconds['deltas']:.0f}s making merges again"
+        )
+    return lines
+
+
 def _p(value: float) -> str:
     return f"{value:.2g}" if value >= 1e-3 else f"{value:.0e}"
 

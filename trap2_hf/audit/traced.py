@@ -27,7 +27,7 @@ class MergeTracer:
     def __init__(self, auditor, variants: list[str], settings: TraceSettings | None = None, alpha=DEFAULT_ALPHA):
         self.settings, self.alpha, self.variants = settings or TraceSettings(), alpha, list(variants)
         self.tracers, self.errors = {}, {}
-        self.seconds, self.count = 0.0, 0
+        self.seconds, self.delta_seconds, self.count = 0.0, 0.0, 0
         start = time.perf_counter()
         for variant in variants:
             try:
@@ -36,13 +36,18 @@ class MergeTracer:
                 self.errors[variant] = str(error)
         self.build_seconds = time.perf_counter() - start
 
-    def trace(self, variant: str, vector: dict | None, against: str | None = None) -> dict | None:
-        """{"weight", "p_value", "contains", "matches", "blocks"} of `vector` traced against `against` (default:
-        `variant`, the update the merge holds); None without a vector or a tracer."""
+    def trace(self, variant: str, vector, against: str | None = None) -> dict | None:
+        """{"weight", "p_value", "contains", "matches", "blocks"} of `vector` (a task vector, or a function making
+        it: its seconds are counted as `delta_seconds`) traced against `against` (default: `variant`, the update the
+        merge holds); None without a vector or a tracer."""
         tracer = self.tracers.get(against or variant)
         if vector is None or tracer is None:
             return None
         start = time.perf_counter()
+        if callable(vector):
+            vector = vector()
+            self.delta_seconds += time.perf_counter() - start
+            start = time.perf_counter()
         result = tracer.trace(vector, alpha=self.alpha)
         self.seconds += time.perf_counter() - start
         self.count += 1
@@ -57,13 +62,15 @@ class MergeTracer:
             for picks in entry["objectives"].values():
                 for variant, pick in picks.items():
                     if pick is not None:
-                        pick["traced"] = self.trace(variant, self._config_delta(auditor, method, pick["config"]))
+                        pick["traced"] = self.trace(
+                            variant, lambda c=pick["config"]: self._config_delta(auditor, method, c)
+                        )
             mean = entry["objectives"]["mean"]
             entry["traced"] = {v: (mean.get(v) or {}).get("traced") for v in self.variants}
             return
         configs = {"protected": entry.get("params"), "unprotected": entry.get("unprotected_params")}
         entry["traced"] = {
-            v: None if configs[v] is None else self.trace(v, self._config_delta(auditor, method, configs[v]))
+            v: None if configs[v] is None else self.trace(v, lambda c=configs[v]: self._config_delta(auditor, method, c))
             for v in self.variants
         }
 
@@ -76,10 +83,13 @@ class MergeTracer:
             method = registry.get(name)
             if len(others) < 2 or not method.accepts(len(others)):
                 continue
+            start = time.perf_counter()
             try:
                 vector = auditor.merged_delta(method, others, method.average_params(len(others)))
             except MergeUnsupported:
                 continue
+            finally:
+                self.delta_seconds += time.perf_counter() - start
             suspects.append((f"{name} of the others alone (naive)", vector))
         if "protected" not in self.tracers:
             return {"against": "protected", "error": self.errors.get("protected")}
@@ -110,7 +120,9 @@ class MergeTracer:
             "tracers": {v: {"blocks": len(t.blocks)} for v, t in self.tracers.items()}
             | {v: {"error": e} for v, e in self.errors.items()},
             "traces": self.count,
-            "seconds": self.seconds + self.build_seconds,
+            # building the tracers, the traces, and the merges' task vectors made again for them (PEFT's combined
+            # adapters, public and informed picks; the naive merges of the others)
+            "seconds": {"build": self.build_seconds, "traces": self.seconds, "deltas": self.delta_seconds},
             "seconds_per_trace": self.seconds / self.count if self.count else None,
         }
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if demo.threads:
         torch.set_num_threads(demo.threads)
     from ..audit.report import format_table
-    from ..audit.summary import public_summary, trace_lines
+    from ..audit.summary import cost_lines, public_summary, trace_lines
     from .pipeline import build_for, run_demo
     from .variants import compare_variants, format_heldout
 
@@ -69,10 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{mode} {row['evaluations']} over {row['methods']} methods in {row['seconds']:.0f}s"
         for mode, row in timings["audit_modes"].items()
     ))
-    if "trace" in results:
-        trace = results["trace"]
-        print(f"[demo] tracing: {trace['traces']} traces in {trace['seconds']:.0f}s (the merges themselves are counted "
-              "in each mode's seconds)")
+    for line in cost_lines(results):
+        print(f"[demo] {line}")
     print(f"[demo] trained in {timings['train_s']:.0f}s, audited in {timings['audit_s']:.0f}s; wrote "
           + ", ".join(sorted(paths.values())))
     return 0
