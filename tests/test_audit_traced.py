@@ -154,3 +154,16 @@ def test_no_traced_column_when_asked_and_none_for_an_update_with_nothing_to_trac
     assert "nothing to trace" in results["trace"]["tracers"]["protected"]["error"]
     assert results["methods"][0]["traced"] == {"protected": None}
     assert "not traced: protected: " in format_table(results)
+
+
+def test_the_card_says_how_many_audited_merges_were_traced(audited):
+    from huggingface_hub import ModelCard
+
+    from trap2_hf.hub.card import render_card
+
+    _, results = audited
+    protection = {"update": "lora", "library_version": "0", "trap_lambda": 0.05, "trap_scale_min": 0.05,
+                  "trap_scale_max": 2.0, "trap_margin": 0.05, "sha256": {"adapter_config.json": "0" * 64}}
+    text = ModelCard(render_card(None, protection, audit=results)).text
+    assert "Traced in the merges it audited (`trap2 trace`, p < 0.001): 14 of 14 merges with the protected update" \
+        in text

@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_index
 
 from ..audit.report import format_table, format_value
+from ..audit.summary import trace_summary
 from ..audit.verdict import not_measured, per_task, verdict
 from ..choices import card_target
 from ..settings import trap_scale_intervals
@@ -235,6 +236,9 @@ def measured_protection(audit: dict | None) -> str:
         sentences.append(f"Re-scaled by s = {scales}, it scored {values} (unprotected: {twin}).")
     if not sentences:
         return "the merge audit recorded no merge results for this update, so what merging does has not been measured."
+    traced = trace_summary(audit) if audit.get("methods") else None
+    if traced:
+        sentences.append(f"Traced in the merges it audited (`trap2 trace`, p < {audit['trace']['alpha']:g}): {traced}.")
     if alone is not None and (audit.get("standalone") or {}).get("unprotected") is None:
         sentences.append("No unprotected twin was audited, so the same merges with an unprotected update were not "
                          "measured.")
