@@ -69,3 +69,15 @@ def test_every_field_has_help_and_no_default_is_written_twice():
                 for f in fields}
     assert defaults["other_weights"] == list(InformedSettings().other_weights)
     assert defaults["repair_methods"] == list(RepairSettings().methods)
+
+
+def test_transform_flags_build_the_transform_settings():
+    from trap2_hf.audit.settings import TransformSettings
+
+    base = ["--base_model", "b", "--tasks", "t.py", "--protected_task", "x", "--protected", "p", "--other", "y=q"]
+    args, _ = parse_args(base)
+    assert args.transform_settings() == TransformSettings()
+    args, _ = parse_args(base + ["--transforms", "--tensor_draws", "2"])
+    assert args.transform_settings().kinds == () and args.transform_settings().tensor_draws == 2
+    args, _ = parse_args(base + ["--transforms", "trim", "--transform_densities", "0.5"])
+    assert args.transform_settings() == TransformSettings(kinds=("trim",), densities=(0.5,))

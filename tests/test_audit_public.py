@@ -121,6 +121,7 @@ def test_a_point_counts_only_where_the_twin_keeps_its_gain_and_the_worst_counted
     assert entry["params"]["density"] == 0.5 and entry["unprotected_params"]["weights"]["unprotected"] == 1.0
     results = {
         "protected_task": "topic", "base": {"topic": 0.25}, "chance": {"topic": 0.25}, "methods": [entry],
+        "standalone": {"protected": 1.0, "unprotected": 1.0},
         "config": {"public": {"twin_gain_kept": 0.6}},
     }
     (row,) = attack_rows(results)
@@ -148,7 +149,8 @@ def test_when_the_twin_fails_at_every_point_the_verdict_says_so_instead_of_count
     entry = run_public(FakeAuditor(table), methods.get("mergekit:ties"), ["protected", "unprotected"], context(),
                        "test")
     assert entry["counted"] == 0 and entry["protected"] is None and entry["twin_fails"] == 6
-    results = {"protected_task": "topic", "base": {"topic": 0.25}, "chance": {"topic": 0.25}, "methods": [entry]}
+    results = {"protected_task": "topic", "base": {"topic": 0.25}, "chance": {"topic": 0.25}, "methods": [entry],
+        "standalone": {"protected": 1.0, "unprotected": 1.0}}
     (row,) = attack_rows(results)
     assert row["protected"] is None and row["unprotected"] == 0.3
     assert "- No public merge config counted for: public merge configs (1 methods; with the twin in its place: " \

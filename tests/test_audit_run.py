@@ -186,7 +186,10 @@ def test_report_files_and_table(adapter_audit, tmp_path):
         assert table in f.read()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     benign = 1 + len(results["benign"]["perturbations"])  # the guard's table: header and one row per perturbation
-    assert len(rows) == 1 + 2 + len(results["methods"]) + benign
+    # the transforms' tables: a header per parameter (density, spread), a row per sparsifier, the worst and the mean
+    # per-tensor draw
+    transforms = 2 + sum(k in results["transforms"]["curves"] for k in ("trim", "dare", "della")) + 2
+    assert len(rows) == 1 + 2 + len(results["methods"]) + benign + transforms
     ta = next(e for e in results["methods"] if e["method"] == "task_arithmetic" and e["mode"] == "average")
     assert f"| task_arithmetic | average | w=0.333 | {ta['protected']['t0']:.3f} |" in table
 
@@ -290,3 +293,28 @@ def test_cli_lists_methods(capsys):
     printed = capsys.readouterr().out
     assert all(f"\n{name} " in "\n" + printed for name in methods.names())
     assert "mergekit:slerp" in printed and "updates: exactly 2; base: first update; weights: t = w2 / (w1 + w2)" in printed
+
+
+def test_an_untrained_adapter_gets_no_verdict_and_the_report_says_what_did_not_run():
+    """A LoRA that learned nothing (B = 0: alone it computes the base) audited with two methods and no twin
+    (issue 32): audit.json holds no verdict and why, the methods and modes not run, and the table says so."""
+    from peft import LoraConfig
+
+    model, tasks = lora_setup()
+    model.add_adapter("blank", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    results = run_audit(
+        model, tasks, "t0", "blank", None, {"t1": "other1"}, methods=["task_arithmetic", "ties"],
+        modes=("average",), sweep_scales=(0.5, 1.0), progress=False, benign=(),
+    )
+    assert results["standalone"]["protected"] == results["base"]["t0"]
+    verdict = results["verdict"]
+    assert verdict["given"] is False and verdict["margin"] == 0.05
+    assert verdict["needed"] == pytest.approx(max(results["base"]["t0"], 1 / VOCAB) + 0.05)
+    assert "the update alone does not beat the base" in verdict["reason"]
+    not_run = results["config"]["not_audited"]
+    assert "task_arithmetic" not in not_run["methods"] and "ties" not in not_run["methods"]
+    assert {"dare_ties", "tsv", "peft_cat"} <= set(not_run["methods"])
+    assert not_run["modes"] == ["best", "public", "informed", "search"]
+    table = format_table(results)
+    assert table.startswith("**No verdict**") and "- Stops:" not in table
+    assert "- No unprotected twin" in table and "- Not measured:" in table

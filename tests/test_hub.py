@@ -707,3 +707,28 @@ def test_card_refuses_to_change_a_recorded_training_setting_unless_forced(traine
     assert trap2_main(["card", out, "--trap_offray_lambda", "0.1", "--force"]) == 0
     assert trap2_main(["card", out, "--trap_lambda", "0.03", "--force"]) == 0
     assert (block()["trap_lambda"], block()["trap_offray_lambda"]) == (0.03, 0.1)
+
+
+def test_the_card_makes_no_protection_claim_for_an_update_the_audit_cannot_judge():
+    """An audit whose update alone does not beat the base (issue 32): no "works as released", no protection
+    claim, the reason instead; the merges not measured are the ones that did not run."""
+    protection = {"update": "lora", "library_version": "0", "trap_lambda": 0.05, "trap_scale_min": 0.05,
+                  "trap_scale_max": 2.0, "trap_margin": 0.05, "sha256": {"adapter_config.json": "0" * 64}}
+    naive = {"method": "task_arithmetic", "mode": "average", "params": {"weight": 0.5},
+             "protected": {"copy": 0.0, "average": 0.0}, "unprotected": None}
+    audit = {**AUDIT, "base": {"copy": 0.0, "reverse": 0.0}, "chance": {"copy": 0.125, "reverse": 0.125},
+             "standalone": {"protected": 0.0, "unprotected": None}, "methods": [naive]}
+    text = ModelCard(render_card(None, protection, audit=audit)).text
+    assert "It works as released" not in text and "behaves like an ordinary fine-tune" not in text
+    assert "no verdict: the update alone does not beat the base" in text
+    assert "fell from" not in text and "Stops:" not in text
+
+    # A verdict it can give: the merges not measured are named from what ran, not "other merges".
+    judged = {**AUDIT, "standalone": {"protected": 0.91, "unprotected": None}, "methods": [naive | {"protected": {"copy": 0.03, "average": 0.3}},
+                                   {**naive, "method": "ties", "params": {"weight": 0.5, "density": 0.2}}],
+              "config": {"modes": ["average"], "not_audited": {"methods": ["dare_ties", "tsv"], "modes": ["best"]}}}
+    text = ModelCard(render_card(None, protection, audit=judged)).text
+    assert "It works as released" in text
+    assert "Other merges were not measured" not in text
+    assert "Not measured: the modes best; the methods dare_ties, tsv." in text
+    assert "No unprotected twin was audited" in text

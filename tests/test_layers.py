@@ -31,10 +31,10 @@ LAYERS = [
     # 2: the trap modes: their strategies, plans, row draws and the step object they drive
     ["trap2_hf.modes", "trap2_hf.modes.*"],
     # 3: what a release records, which the trainer writes and the audit reads: the card, its protection block, the
-    # upload policy, the audit's report (tables and verdict)
+    # upload policy, the audit's report (tables, verdict and plot)
     [
         "trap2_hf.hub.protection", "trap2_hf.hub.card", "trap2_hf.hub.upload", "trap2_hf.audit.report",
-        "trap2_hf.audit.summary",
+        "trap2_hf.audit.plot", "trap2_hf.audit.summary", "trap2_hf.audit.verdict",
     ],
     # 4: the trainer and what it is built from
     ["trap2_hf.config", "trap2_hf._args", "trap2_hf.trainer", "trap2_hf.callbacks", "trap2_hf.checkpoints", "trap2_hf.hub.mixin"],

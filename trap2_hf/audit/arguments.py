@@ -7,9 +7,18 @@ the informed attacker, the public grid and repair are read from their settings c
 from dataclasses import dataclass, field
 
 from ..settings import TARGETS
-from .settings import DEFAULT_SCALES, MODES, PERTURBATIONS, InformedSettings, PublicSettings, RepairSettings
+from .settings import (
+    DEFAULT_SCALES,
+    MODES,
+    PERTURBATIONS,
+    TRANSFORMS,
+    InformedSettings,
+    PublicSettings,
+    RepairSettings,
+    TransformSettings,
+)
 
-_INFORMED, _REPAIR = InformedSettings(), RepairSettings()
+_INFORMED, _REPAIR, _TRANSFORMS = InformedSettings(), RepairSettings(), TransformSettings()
 # Flags that were removed, and what replaces them.
 REMOVED_FLAGS = {
     "--mergekit_methods": "mergekit's methods are in the one registry: pass --methods mergekit:ties mergekit:della "
@@ -91,6 +100,20 @@ class AuditArguments:
                   "(float32), cast to bfloat16 / float16, or 8-bit (int8) quantised, against its twin under each; "
                   "the flag with no name: no check.", "choices": list(PERTURBATIONS)},
     )
+    transforms: list[str] = field(
+        default_factory=lambda: list(TRANSFORMS),
+        metadata={"help": "What merges do to each update alone before a partner enters, as curves: magnitude trim at "
+                  "s = 1 (trim), DARE's and DELLA's rescaled drops (dare, della), per-tensor scales (tensor_scales); the "
+                  "flag with no name: none.", "choices": list(TRANSFORMS)},
+    )
+    transform_densities: list[float] = field(
+        default_factory=lambda: list(_TRANSFORMS.densities), metadata={"help": "Densities of trim, dare and della."}
+    )
+    tensor_spreads: list[float] = field(
+        default_factory=lambda: list(_TRANSFORMS.tensor_spreads),
+        metadata={"help": "tensor_scales: each tensor's scale drawn from [1 - spread, 1 + spread], per spread."},
+    )
+    tensor_draws: int = field(default=_TRANSFORMS.tensor_draws, metadata={"help": "tensor_scales: draws per spread."})
     seed: int = field(default=0, metadata={"help": "Seed of the randomised merges (DARE, DELLA) and the search."})
     device: str = field(default="auto", metadata={"help": "Model device: auto (cuda if available), cpu, cuda, ..."})
     output_dir: str = field(default="audit", metadata={"help": "Folder for audit.json, audit.md and audit.png."})
@@ -121,6 +144,12 @@ class AuditArguments:
 
     def public_settings(self) -> PublicSettings:
         return PublicSettings(methods=None if self.public_methods is None else tuple(self.public_methods))
+
+    def transform_settings(self) -> TransformSettings:
+        return TransformSettings(
+            kinds=tuple(self.transforms), densities=tuple(self.transform_densities),
+            tensor_spreads=tuple(self.tensor_spreads), tensor_draws=self.tensor_draws,
+        )
 
     def repair_settings(self) -> RepairSettings | None:
         if not self.repair_ks:

@@ -29,7 +29,8 @@ MERGED_ADAPTER = "trap2_audit_merge"
 class AttackContext:
     """What every attack beyond the naive merge needs besides the method: the tasks, the update keys, the
     per-split base and own-update metrics that define each task's gain, the twin alone on the protected
-    task (report split; None without a twin), the settings."""
+    task (report split; None without a twin), the settings, and the `MergeTracer` that traces each reported merge
+    (None: no traced column)."""
 
     protected_task: str
     other_keys: list[str]
@@ -38,6 +39,7 @@ class AttackContext:
     settings: InformedSettings
     public: PublicSettings
     twin_alone: float | None = None
+    tracer: object | None = None
 
 
 class Auditor:
@@ -171,17 +173,34 @@ class Auditor:
             params["density"] = [float(params["density"][k]) for k in keys]
         return keys, weights, params
 
+    def merged_delta(self, method, keys: list[str], params: dict) -> TaskVector:
+        """The task vector of the merge `merged(method, keys, params)` holds (for a PEFT combination, the delta of the
+        adapter PEFT builds): what `trap2 trace` reads from a merged model. The last weight-space merge is kept, so
+        the merge just evaluated is not made again."""
+        if not method.on_task_vectors:
+            with self._combined_adapter(method, [self.updates[k] for k in keys], params):
+                return self.kind.task_vector(self.model, MERGED_ADAPTER)
+        delta, scale = self._merged_vector(method, keys, params)
+        return delta if scale == 1.0 else {name: scale * tensor for name, tensor in delta.items()}
+
+    def config_delta(self, method, config: dict) -> TaskVector:
+        """The task vector of the merge `merged_config(method, config)` holds (see `merged_delta`)."""
+        if method.on_task_vectors:
+            return self.config_vector(method, config)
+        with self.merged_config(method, config):
+            return self.kind.task_vector(self.model, MERGED_ADAPTER)
+
     def _merged_vector(self, method, keys: list[str], params: dict) -> tuple[TaskVector, float]:
         """The merged task vector and the scale to apply it at; for a method linear in its shared
-        weight, the merge at weight 1 is kept and re-used along the weight grid."""
-        if not method.linear_in_weight:
-            return self.merge_vector(method, keys, params), 1.0
-        rest = {k: v for k, v in params.items() if k != "weight"}
-        cache_key = (method.name, tuple(keys), tuple(sorted(rest.items())))
+        weight, the merge at weight 1 is kept and re-used along the weight grid (another method's last merge is kept
+        for the next call with the same parameters)."""
+        linear = method.linear_in_weight
+        rest = {k: v for k, v in params.items() if k != "weight" or not linear}
+        cache_key = (method.name, tuple(keys), repr(sorted(rest.items())))
         if self._unit_merge[0] != cache_key:
             self._unit_merge = (cache_key, None)
-            self._unit_merge = (cache_key, self.merge_vector(method, keys, {**rest, "weight": 1.0}))
-        return self._unit_merge[1], float(params["weight"])
+            self._unit_merge = (cache_key, self.merge_vector(method, keys, {**rest, "weight": 1.0} if linear else rest))
+        return self._unit_merge[1], float(params["weight"]) if linear else 1.0
 
     @contextmanager
     def _combined_adapter(self, method, adapters: list[str], params: dict, weights=None) -> Iterator[None]:

@@ -39,8 +39,8 @@ def make_parser():
         AuditArguments, prog="trap2 audit", description=__doc__.split("\n\n", 1)[1], formatter_class=_HelpFormatter
     )
     for action in parser._actions:
-        if action.dest == "benign":
-            action.nargs = "*"  # the flag alone: no guard
+        if action.dest in ("benign", "transforms"):
+            action.nargs = "*"  # the flag alone: no guard, no transforms
     return parser
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         target=args.target, methods=args.methods, modes=tuple(args.modes),
         sweep_scales=tuple(args.sweep_scales), seed=args.seed, progress=not args.no_progress,
         informed=args.informed_settings(), public=args.public_settings(), benign=tuple(args.benign),
-        repair=args.repair_settings(),
+        repair=args.repair_settings(), transforms=args.transform_settings(),
     )
     paths = write_report(results, args.output_dir)
     print(format_table(results))

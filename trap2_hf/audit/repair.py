@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from . import methods as registry
-from .auditor import MERGED_ADAPTER, AttackContext, Auditor
+from .auditor import AttackContext, Auditor
 from .settings import RepairSettings
 from .task_vectors import adapter_task_vector, applied
 
@@ -31,10 +31,13 @@ STAGES = ("average", "informed")
 
 
 def run_repair(
-    auditor: Auditor, settings: RepairSettings, entries: list[dict], variants: list[str], context: AttackContext
+    auditor: Auditor, settings: RepairSettings, entries: list[dict], variants: list[str], context: AttackContext,
+    tracer=None,
 ) -> dict:
     """The `repair` section of audit.json: per method and stage, the protected-task metric on the
-    test split before and after repair with each k, for each variant and for the reference."""
+    test split before and after repair with each k, for each variant and for the reference. With a `tracer`
+    (traced.py), each merge before and after repair is traced too: a variant's against itself, the reference (without
+    the released update) against the protected update."""
     task = next(t for t in auditor.tasks if t.name == context.protected_task)
     rows = []
     for name in settings.methods:
@@ -52,36 +55,50 @@ def run_repair(
             runs = {**configs, "reference": reference}
             start = time.perf_counter()
             row = {"method": name, "stage": stage, "configs": runs, "before": {}, "after": {}, "training": {}}
+            traced = {"before": {}, "after": {}}
             for run, config in runs.items():
-                vector = merged_vector(auditor, method, config)
+                vector = auditor.config_delta(method, config)
                 row["before"][run] = auditor.score(lambda v=vector: _holding(auditor, v), task.name)
+                against = "protected" if run == "reference" else run
+                if tracer is not None:
+                    traced["before"][run] = tracer.trace(run, vector, against)
                 for k in settings.ks:
-                    score, log = fine_tune_and_score(auditor, task, vector, k, settings)
+                    score, log, repaired = fine_tune_and_score(auditor, task, vector, k, settings, tracer is not None)
                     row["after"].setdefault(str(k), {})[run] = score
                     row["training"].setdefault(str(k), {})[run] = log
+                    if tracer is not None:
+                        traced["after"].setdefault(str(k), {})[run] = tracer.trace(run, repaired, against)
+            if tracer is not None:
+                row["traced"] = traced
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
     return {"settings": settings.describe(), "rows": rows}
 
 
-def fine_tune_and_score(auditor: Auditor, task, vector: dict, k: int, settings: RepairSettings):
+def fine_tune_and_score(auditor: Auditor, task, vector: dict, k: int, settings: RepairSettings, delta: bool = False):
     """Fine-tune a fresh LoRA on base + `vector` with the first k examples of the seeded pool; return
-    the task's test metric with it and the training log. The model is left as it was."""
+    the task's test metric with it, the training log and (with `delta`) the repaired model's task vector, `vector`
+    plus the fresh LoRA's delta (else None). The model is left as it was."""
     model = auditor.model
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    repaired = None
     with applied(model, vector), _fresh_lora(auditor, settings) as trainable:
         log = _train(model, task, trainable, k, settings)
         model.eval()
         score = float(task.evaluate(model, "test"))
-    return score, log
+        if delta:
+            repaired = _plus_repair(model, vector, names)
+    return score, log, repaired
 
 
-def merged_vector(auditor: Auditor, method, config: dict) -> dict:
-    """The merge of `config` as a task vector on the base weights: the weight-space merge itself, or
-    for a PEFT combination the delta weight of the adapter PEFT combines (folded in)."""
-    if method.on_task_vectors:
-        return auditor.config_vector(method, config)
-    with auditor.merged_config(method, config):
-        return adapter_task_vector(auditor.model, MERGED_ADAPTER)
+def _plus_repair(model, vector: dict, names: dict) -> dict:
+    """`vector` plus the fresh LoRA's delta, keyed as `vector` is (the LoRA's layers renamed the base weights)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    total = dict(vector)
+    for name, delta in adapter_task_vector(model, REPAIR_ADAPTER).items():
+        key = names.get(id(params[name]), name)
+        total[key] = total[key] + delta if key in total else delta
+    return total
 
 
 @contextmanager

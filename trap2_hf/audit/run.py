@@ -12,6 +12,8 @@ and the updates of other tasks on the same base, the audit measures every task o
   attacker's `informed` (per-update weights around the released update's nominal scale) and `search` (a
   budgeted random search), see `informed.py`. Each merge is run once with the protected update and once
   with the twin in its place;
+- what merges do to each update alone before a partner enters (`transforms.py`): magnitude trim at s = 1, DARE's
+  and DELLA's rescaled drops, per-tensor scales, as curves;
 - the guard (`benign.py`): the update alone folded into the base under benign perturbations (half-precision
   casts, 8-bit weights), against its twin under the same perturbation;
 - optionally, post-merge repair (`repair.py`): a fresh LoRA fine-tuned on k labelled examples of the
@@ -37,8 +39,10 @@ from .auditor import MERGED_ADAPTER, REPORT_SPLIT, SEARCH_SPLIT, AttackContext, 
 from .kinds import audited_kind
 from .merge_method import MergeUnsupported
 from .repair import run_repair
-from .settings import DEFAULT_SCALES, MODES, InformedSettings, PublicSettings
-from .summary import attack_rows
+from .settings import DEFAULT_SCALES, MODES, InformedSettings, PublicSettings, TransformSettings
+from .summary import attack_rows, verdict
+from .traced import MergeTracer
+from .transforms import run_transforms, sparsifier
 
 
 @dataclass
@@ -78,6 +82,8 @@ def run_audit(
     repair=None,
     benign: tuple = benign_check.PERTURBATIONS,
     public: PublicSettings | None = None,
+    transforms: TransformSettings | None = None,
+    trace: bool = True,
 ) -> dict:
     """Run the audit and return the content of `audit.json`.
 
@@ -89,9 +95,13 @@ def run_audit(
     this many updates. `informed` sets the informed attacker's grids and budget (default
     `InformedSettings()`); `public` which methods the public grid runs and when a point counts (default
     `PublicSettings()`); `repair` (a `RepairSettings`) adds the post-merge repair section; `benign` names
-    the perturbations of the update alone in the `benign` section (empty: no section).
+    the perturbations of the update alone in the `benign` section (empty: no section); `transforms` (a
+    `TransformSettings`, default one) what merges do to each update alone before a partner enters, the `transforms`
+    section (`TransformSettings(kinds=())`: no section). `trace` adds the traced column (traced.py): each reported
+    merge traced for the released update in it, and the false-positive check, the `trace` section.
     """
     informed, public = informed or InformedSettings(), public or PublicSettings()
+    transforms = TransformSettings() if transforms is None else transforms
     chosen = _check_arguments(
         model, tasks, protected_task, protected, unprotected, others, target, methods, modes, informed, public
     )
@@ -106,17 +116,24 @@ def run_audit(
     benign = benign_check.check_perturbations(benign or ())
     total = (
         1 + len(others) + len(variants) * (1 + len(sweep_scales) + len(benign)) + attacked * (1 + len(others))
+        + len(variants) * transforms.evaluations(sparsifier() == "mergekit")
         + len(variants) * sum(_evaluations(registry.get(n), plan[n], informed, len(others)) for n in chosen)
     )
     with auditor.session(total, progress):
         base = auditor.measure(auditor.base, REPORT_SPLIT)
         standalone = {v: auditor.score(lambda v=v: auditor.alone(v), protected_task) for v in variants}
         finetuned = {t: auditor.score(lambda k=k: auditor.alone(k), t) for t, k in other_keys.items()}
+        start = time.perf_counter()
         curve = {
             v: [auditor.score(lambda v=v, s=s: auditor.rescaled(v, s), protected_task) for s in sweep_scales]
             for v in variants
         }
+        curve_seconds = time.perf_counter() - start
         guard = benign_check.run_benign(auditor, variants, protected_task, benign) if benign else None
+        start = time.perf_counter()
+        transformed = run_transforms(auditor, variants, protected_task, transforms) if transforms.kinds else None
+        if transformed is not None:
+            transformed["seconds"] = time.perf_counter() - start
         references = {REPORT_SPLIT: {"base": base, "finetuned": finetuned}}
         if attacked:
             references[SEARCH_SPLIT] = {
@@ -125,9 +142,10 @@ def run_audit(
                     t: auditor.score(lambda k=k: auditor.alone(k), t, SEARCH_SPLIT) for t, k in other_keys.items()
                 },
             }
+        tracer = MergeTracer(auditor, variants) if trace else None
         context = AttackContext(
             protected_task, list(other_keys.values()), list(others), references, informed, public,
-            standalone.get("unprotected"),
+            standalone.get("unprotected"), tracer,
         )
         entries, skipped = [], []
         for name in chosen:
@@ -139,6 +157,8 @@ def run_audit(
                 for mode in plan[name]:
                     start = time.perf_counter()
                     entries.append(_audit_method(auditor, method, mode, variants, context))
+                    if tracer is not None and mode not in ("average", "best"):
+                        tracer.trace_entry(auditor, method, entries[-1])
                     entries[-1]["seconds"] = time.perf_counter() - start
             except MergeUnsupported as error:
                 entries = [e for e in entries if e["method"] != name]
@@ -146,7 +166,10 @@ def run_audit(
                 auditor.skip(len(variants) * _evaluations(method, plan[name], informed, len(others)))
         repaired = None
         if repair is not None:
-            repaired = run_repair(auditor, repair, entries, variants, context)
+            repaired = run_repair(auditor, repair, entries, variants, context, tracer)
+        if tracer is not None:
+            false_positives = tracer.false_positives(auditor, entries, context.other_keys, repaired)
+            traced = tracer.describe() | {"false_positives": false_positives}
     task_names = [t.name for t in tasks]
     results = {
         "protected_task": protected_task,
@@ -160,6 +183,7 @@ def run_audit(
             "scales": [float(s) for s in sweep_scales],
             "protected": curve["protected"],
             "unprotected": curve.get("unprotected"),
+            "seconds": curve_seconds,
         },
         "methods": entries,
         "skipped": skipped,
@@ -175,13 +199,22 @@ def run_audit(
                 "others": {t: auditor.kind.describe(u) for t, u in others.items()},
             },
             "declared": {name: registry.get(name).describe() for name in chosen},
+            "not_audited": {
+                "methods": [name for name in registry.names(target) if name not in chosen],
+                "modes": [mode for mode in MODES if mode not in modes],
+            },
         },
     }
     if guard is not None:
         results["benign"] = guard
+    if transformed is not None:
+        results["transforms"] = transformed
+    if tracer is not None:
+        results["trace"] = traced
     if repaired is not None:
         results["repair"] = repaired
     results["attacks"] = attack_rows(results)
+    results["verdict"] = verdict(results)
     return results
 
 
@@ -204,6 +237,10 @@ def _audit_method(auditor: Auditor, method, mode: str, variants: list[str], cont
         scores = auditor.measure(lambda: auditor.merged(method, keys, params), REPORT_SPLIT)
         entry["params" if variant == "protected" else "unprotected_params"] = params
         entry[variant] = scores
+        if context.tracer is not None:  # the merge just measured is still at hand
+            entry.setdefault("traced", {})[variant] = context.tracer.trace(
+                variant, lambda: auditor.merged_delta(method, keys, params)
+            )
         if search is not None:
             entry.setdefault("search", {})[variant] = search
     entry.setdefault("unprotected", None)

@@ -12,9 +12,12 @@ from .summary import TWIN_GAIN_KEPT
 # grid and its budgeted random search.
 MODES = ("average", "best", "public", "informed", "search")
 INFORMED_MODES = ("informed", "search")
-DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+# The re-scale curve of each update alone; 0.8-1.2 is the rim, where the merges that normalise or rescale put it.
+DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.5, 1.75, 2.0)
 # The guard's benign perturbations of the update alone (benign.py).
 PERTURBATIONS = ("float32", "bfloat16", "float16", "int8")
+# What merges do to an update alone before any partner enters (transforms.py).
+TRANSFORMS = ("trim", "dare", "della", "tensor_scales")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,44 @@ class PublicSettings:
 
     def describe(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TransformSettings:
+    """The partner-independent transforms of the update alone (transforms.py): which run, at which points."""
+
+    kinds: tuple[str, ...] = TRANSFORMS
+    # The densities of trim, dare and della (public merge configs use 0.3-0.7; 0.9 is a light touch).
+    densities: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    # DELLA's keep-probability spread around the density (mergekit's default), narrowed near 0 and 1.
+    della_epsilon: float = 0.15
+    # Per-tensor scales drawn uniformly from [1 - spread, 1 + spread], `tensor_draws` draws per spread.
+    tensor_spreads: tuple[float, ...] = (0.1, 0.25)
+    tensor_draws: int = 4
+
+    def __post_init__(self):
+        unknown = [k for k in self.kinds if k not in TRANSFORMS]
+        if unknown:
+            raise ValueError(f"Unknown transform(s) {unknown}; choose among {list(TRANSFORMS)}.")
+        if any(not 0.0 < d <= 1.0 for d in self.densities):
+            raise ValueError(f"densities {self.densities} must each be in (0, 1], e.g. 0.3 0.5 0.7 0.9.")
+        if any(not 0.0 <= s < 1.0 for s in self.tensor_spreads) or self.tensor_draws < 1:
+            raise ValueError(
+                f"tensor_spreads {self.tensor_spreads} must each be in [0, 1) and tensor_draws ({self.tensor_draws}) "
+                "at least 1."
+            )
+        if not 0.0 <= self.della_epsilon < 0.5:
+            raise ValueError(f"della_epsilon={self.della_epsilon} must be in [0, 0.5), e.g. 0.15 (mergekit's default).")
+
+    def evaluations(self, della: bool = True) -> int:
+        """Evaluations per variant."""
+        sparse = sum(k in self.kinds for k in ("trim", "dare")) + (della and "della" in self.kinds)
+        scales = len(self.tensor_spreads) * self.tensor_draws if "tensor_scales" in self.kinds else 0
+        return sparse * len(self.densities) + scales
+
+    def describe(self) -> dict:
+        """As audit.json holds it (lists, not tuples)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)

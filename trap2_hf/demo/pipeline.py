@@ -14,7 +14,7 @@ from peft import PeftModel
 from transformers import PrinterCallback, TrainerCallback
 
 from ..audit import methods as methods_registry
-from ..audit.settings import InformedSettings, PublicSettings, RepairSettings
+from ..audit.settings import InformedSettings, PublicSettings, RepairSettings, TransformSettings
 from ..audit.summary import HELD_MARGIN, floor
 from ..callbacks import RescaleCurveCallback
 from ..config import Trap2TrainingArguments
@@ -290,7 +290,8 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
     if partner is not None:
         tasks = [t for t in audit_tasks(setup) if t.name in (setup.protected_task, partner)]
         naive = tuple(m for m in demo.modes if m in ("average", "best"))
-        section = run_audit(setup.model, tasks, others={partner: setup.others[partner]}, modes=naive, **common)
+        section = run_audit(setup.model, tasks, others={partner: setup.others[partner]}, modes=naive,
+                            transforms=TransformSettings(kinds=()), **common)  # the update alone: measured above
         results["heldout_partner"] = {"partner": partner, "methods": section["methods"], "skipped": section["skipped"]}
     return results
 

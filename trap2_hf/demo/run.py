@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if demo.threads:
         torch.set_num_threads(demo.threads)
     from ..audit.report import format_table
-    from ..audit.summary import public_summary
+    from ..audit.summary import cost_lines, public_summary, trace_lines
     from .pipeline import build_for, run_demo
     from .variants import compare_variants, format_heldout
 
@@ -63,10 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}")
     if public_summary(results):
         print(f"[demo] {public_summary(results)}")
+    for line in trace_lines(results):
+        print(f"[demo] {line}")
     print("[demo] audit per mode (merges evaluated per variant, seconds): " + ", ".join(
         f"{mode} {row['evaluations']} over {row['methods']} methods in {row['seconds']:.0f}s"
         for mode, row in timings["audit_modes"].items()
     ))
+    for line in cost_lines(results):
+        print(f"[demo] {line}")
     print(f"[demo] trained in {timings['train_s']:.0f}s, audited in {timings['audit_s']:.0f}s; wrote "
           + ", ".join(sorted(paths.values())))
     return 0

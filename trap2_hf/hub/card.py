@@ -16,7 +16,9 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_index
 
-from ..audit.report import format_table, format_value, per_task
+from ..audit.report import format_table, format_value
+from ..audit.summary import trace_summary
+from ..audit.verdict import not_measured, per_task, verdict
 from ..choices import card_target
 from ..settings import trap_scale_intervals
 from .files import atomic_write_bytes, atomic_write_text, sha256_files
@@ -123,20 +125,29 @@ def protection_section(
         protection["trap_scale_min"], protection["trap_scale_max"], protection["trap_margin"]
     )
     penalised = " ∪ ".join(f"[{lo:g}, {hi:g}]" for lo, hi in intervals)
+    # An audit whose update alone does not beat the base judges nothing: the card then makes no claim for it.
+    unjudged = bool(audit) and not verdict(audit)["given"]
+    works = "" if unjudged else f"It works as released: added to {base} at its nominal scale (s = 1). It was also"
     lines = [
         BEGIN_MARKER,
         "## Protected update: Trap² (unmergeable)",
         "",
         f"This {what} was trained with **Trap²** ([{PAPER_TITLE}](https://arxiv.org/abs/2601.21898), ICML 2026) "
-        f"using `trap2_hf` {protection.get('library_version', '')}. It works as released: added to {base} at "
-        "its nominal scale (s = 1). It was also trained so that its task loss rises when the update is "
-        f"re-scaled, for every scale s in {penalised}, and model merging re-scales every update it combines.",
+        f"using `trap2_hf` {protection.get('library_version', '')}. {works or 'It was'} trained so that its task "
+        f"loss rises when the update is re-scaled, for every scale s in {penalised}, and model merging re-scales "
+        "every update it combines.",
         "",
         "**What this means**",
-        f"- Used alone, at full strength, on {base}: it behaves like an ordinary fine-tune.",
+        f"- Used alone, at full strength, on {base}: "
+        + (_measured_alone(audit) if unjudged else "it behaves like an ordinary fine-tune."),
         f"- Merged with other updates or re-scaled: {measured_protection(audit)}",
-        "- A deterrent, not a guarantee: stronger attacks (distillation, fine-tuning after merging) can recover "
-        "part of the skill.",
+    ]
+    if not unjudged:
+        lines.append(
+            "- A deterrent, not a guarantee: stronger attacks (distillation, fine-tuning after merging) can recover "
+            "part of the skill."
+        )
+    lines += [
         f"- Merges can be traced: `trap2 trace MERGED_MODEL --base_model {base_model or 'BASE_MODEL'} --release "
         f"{where}` estimates this update's weight inside a merged model, with a p-value.",
         "",
@@ -185,6 +196,13 @@ def measured_protection(audit: dict | None) -> str:
             "**no merge audit was run for this update**, so what merging or re-scaling does to its skill has not "
             "been measured. Run `trap2 audit` (and refresh this card with `trap2 card --audit`) before relying on it."
         )
+    judged = verdict(audit)
+    if not judged["given"]:
+        return (
+            f"**no protection claim**: its merge audit gives {judged['reason']}, so what merging does to it says "
+            "nothing about a protection. Train it until it learns its task, audit it again with `trap2 audit`, and "
+            "refresh this card with `trap2 card --audit`."
+        )
     task = audit["protected_task"]
     metric = audit.get("metric", "accuracy")
     alone = (audit.get("standalone") or {}).get("protected")
@@ -218,7 +236,26 @@ def measured_protection(audit: dict | None) -> str:
         sentences.append(f"Re-scaled by s = {scales}, it scored {values} (unprotected: {twin}).")
     if not sentences:
         return "the merge audit recorded no merge results for this update, so what merging does has not been measured."
-    return "measured by its merge audit (table below). " + " ".join(sentences) + " Other merges were not measured."
+    traced = trace_summary(audit) if audit.get("methods") else None
+    if traced:
+        sentences.append(f"Traced in the merges it audited (`trap2 trace`, p < {audit['trace']['alpha']:g}): {traced}.")
+    if alone is not None and (audit.get("standalone") or {}).get("unprotected") is None:
+        sentences.append("No unprotected twin was audited, so the same merges with an unprotected update were not "
+                         "measured.")
+    left_out = not_measured(audit)
+    if left_out:
+        sentences.append(f"Not measured: {left_out}.")
+    elif left_out is None and (audit.get("config") or {}).get("not_audited") is None:
+        sentences.append("Merges other than those in the table were not measured.")
+    return "measured by its merge audit (table below). " + " ".join(sentences)
+
+
+def _measured_alone(audit: dict) -> str:
+    task = audit["protected_task"]
+    alone = (audit.get("standalone") or {}).get("protected")
+    base, chance = per_task(audit.get("base"), task), per_task(audit.get("chance"), task)
+    return (f"its merge audit measured `{task}` at {format_value(alone)} (base model {format_value(base)}, chance "
+            f"{format_value(chance)}).")
 
 
 def audit_table(audit: dict) -> str:
