@@ -35,5 +35,6 @@ test-fast: install
 demo: install
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/trap2 demo --output_dir $(DEMO_DIR)
 
+# out/: where the recipes and the README's examples write their runs (git-ignored).
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) out .pytest_cache

@@ -9,7 +9,7 @@ it also runs every adapter method's `best` mode on the plain update, the demo's 
 (unprotected merges keep >= 60 % of each task's gain). No protected update is trained, so one seed
 takes a few minutes of CPU.
 
-    python benchmarks/lexicon_task.py --seeds 0 1 2        # the README table ("A task worth stealing")
+    python benchmarks/lexicon_task.py --seeds 0 1 2        # the table of benchmarks/README.md, "lexicon_task.py"
     # the same with the demo's first criterion, for updates trained longer on more sentences:
     python benchmarks/lexicon_task.py --seeds 0 --repair_ks 256 --best --demo_args --twin_steps 300 --train_size 1024
 """

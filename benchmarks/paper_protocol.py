@@ -12,8 +12,9 @@ Per seed: the task set's tasks, heads and adapter initialisations are built (`tr
 twin and the seven other tasks' plain updates trained once (the demo's plain budget: 60 steps), and each variant
 trains the protected update from the same initialisation as `trap2 demo` does (until its validation re-scale curve
 shows the trap, at most --protected_max_steps steps), then `run_audit(..., modes=("best",), grids={"weight": ...})`
-over the registry's adapter methods (ours and PEFT's; mergekit's once they join the registry), the guard (the update
-alone under bf16 / fp16 / int8) included. No real partner is used in training: a 'foreign' variant needs
+over the registry's adapter methods (ours, PEFT's and, when installed, mergekit's as mergekit:NAME; those that
+merge two updates only are reported as skipped), the guard (the update alone under bf16 / fp16 / int8) included; the
+audit's transforms section and traced column are left out (the protocol reads the best mode only). No real partner is used in training: a 'foreign' variant needs
 `pseudo_partners=N`. A seed's results go to OUTPUT_DIR/<task set>_seed<seed>.json after each variant; a variant
 already there is not run again (everything is seeded, so the set-up is the same).
 
@@ -41,6 +42,7 @@ def run_seed(seed: int, args, log) -> dict:
 
     from trap2_hf.audit import methods as registry
     from trap2_hf.audit.run import run_audit
+    from trap2_hf.audit.settings import TransformSettings
     from trap2_hf.demo.arguments import DemoArguments
     from trap2_hf.demo.pipeline import audit_tasks, build_for, train_plain, train_protected, with_foreign_updates
     from trap2_hf.demo.variants import _adapter_state, _load_adapter_state, parse_variant
@@ -79,6 +81,7 @@ def run_seed(seed: int, args, log) -> dict:
             setup.model, audit_tasks(setup), setup.protected_task, setup.protected,
             setup.unprotected if first else None, setup.others, target="adapter", methods=methods, modes=("best",),
             seed=seed, grids={"weight": tuple(args.weights)}, progress=args.progress,
+            transforms=TransformSettings(kinds=()), trace=False,
         )
         if first:
             result.update(twin_cells(audit))

@@ -1,11 +1,12 @@
 """Screening tables from `trap2 demo --compare_variants` runs: per variant, the protected task under every method's
-best shared weight and mergekit's naive merges, the update alone against its twin, steps and training seconds; and,
+best shared weight and mergekit's methods (mergekit:NAME) at naive weights too, the update alone against its twin, steps and training seconds; and,
 over several runs (seeds) of the same variants, each variant's change against `default`, paired by run.
 
     python benchmarks/variants_table.py runs/screen_s0 runs/screen_s1      # folders holding variants.json
 
 A cell is the protected task's test accuracy with the protected update (the twin's row is 'none'). 'best max' and
-'best mean' summarise the best-mode column over the methods; 'naive max' the average-mode and mergekit columns.
+'best mean' summarise the best-mode columns over the methods; 'naive max' every method's average mode ('mergekit:NAME
+naive' columns show mergekit's).
 """
 
 import json
@@ -21,11 +22,10 @@ def load(folder: str) -> dict:
 
 
 def cells(row: dict) -> dict:
-    """{column: value}: best per method, mergekit's naive per method, and the summaries."""
+    """{column: value}: best per method, mergekit's methods at naive weights, and the summaries."""
     best = {m: v["best"] for m, v in row["merged"].items() if "best" in v}
     naive = {m: v["average"] for m, v in row["merged"].items() if "average" in v}
-    mergekit = {m: v for m, v in naive.items() if m.startswith("mergekit:")}
-    out = {f"{m}": v for m, v in best.items()} | mergekit
+    out = dict(best) | {f"{m} naive": v for m, v in naive.items() if m.startswith("mergekit:")}
     out["best max"] = max(best.values(), default=None)
     out["best mean"] = statistics.mean(best.values()) if best else None
     out["naive max"] = max(naive.values(), default=None)
@@ -38,7 +38,7 @@ def table(run: dict) -> str:
     columns = list(dict.fromkeys(c for r in rows.values() for c in cells(r)))
     head = ["variant", "alone", "twin", "steps", "train s", *columns]
     lines = [f"seed {run['seed']} ({run['folder']}): protected-task test accuracy, best shared weight per method; "
-             "mergekit:* naive weights", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "mergekit:* naive: at naive weights", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in rows.items():
         values = cells(row)
         lines.append("| " + " | ".join([

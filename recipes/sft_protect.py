@@ -46,14 +46,21 @@ python recipes/sft_protect.py --config recipes/tiny/config_lora.yaml \
     --audit_other city=out/city-lora kind=out/kind-lora --audit_unprotected out/topic-plain \
     --push_to_hub --hub_model_id me/tiny-trap2
 ```
-The audit tasks file defines `get_tasks(model, tokenizer) -> list[trap2_hf.audit.AuditTask]` (see
-`trap2 audit --help`); its report lands in `<output_dir>/_audit/` and in the model card.
+The audit tasks file defines `get_tasks(model, tokenizer) -> list[trap2_hf.audit.AuditTask]` (start from
+`recipes/tiny/audit_tasks.py`; `trap2 audit --help`); its report lands in `<output_dir>/_audit/` and in the model
+card.
+
+Errors in the settings, a mistyped model path and the like end in one line, `sft_protect.py: error: ...`, exit
+code 2; `--debug` (or TRAP2_DEBUG=1) shows the traceback.
 """
 
 import os
 import string
 import sys
 from dataclasses import dataclass, field
+
+from trap2_hf.cli_errors import one_line_error, run_command, unknown_names_message
+from trap2_hf.hub.files import missing_folder_hint
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -169,8 +176,7 @@ def main(script_args, training_args, model_args, callbacks=None):
 
     from trap2_hf import Trap2SFTTrainer
 
-    if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path is required: a local model folder or a Hub repo id.")
+    check_model(training_args, model_args)
     # The trainer loads the model (AutoModelForCausalLM.from_pretrained) after seeding, so LoRA starts the same
     # on every rank and in every run with this seed.
     training_args.model_init_kwargs = {
@@ -212,6 +218,41 @@ def main(script_args, training_args, model_args, callbacks=None):
     return trainer
 
 
+def check_model(training_args, model_args) -> None:
+    """Refuse, in the recipe's own words (flags and keys), a model path that is a mistyped local folder and an
+    update kind the model settings do not make, before anything is loaded."""
+    path = model_args.model_name_or_path
+    if not path:
+        raise ValueError("model_name_or_path is required: a local model folder or a Hub repo id.")
+    if not os.path.isdir(path) and not _is_hub_id(path):
+        hint = missing_folder_hint(path) or f"There is no local folder {path!r}. "
+        raise FileNotFoundError(f"model_name_or_path: {hint}Pass a model folder or a Hub repo id (namespace/name).")
+    if training_args.trap_target == "adapter" and not model_args.use_peft:
+        raise ValueError(
+            "trap_target is 'adapter' (the default), which protects a PEFT adapter, but use_peft is false, so none is "
+            "trained: pass --use_peft true (with --lora_r, --lora_alpha, --lora_target_modules) to train a protected "
+            "LoRA adapter, or --trap_target full to protect a full fine-tune."
+        )
+    if training_args.trap_target == "full" and model_args.use_peft:
+        raise ValueError(
+            "trap_target is 'full', which protects every parameter of a full fine-tune, but use_peft is true, so a "
+            "LoRA adapter is trained: pass --trap_target adapter to protect the adapter, or --use_peft false for a "
+            "full fine-tune."
+        )
+
+
+def _is_hub_id(path: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if path.startswith((".", "/", "~")) or os.sep + os.sep in path:
+        return False
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
 def run_audit(script_args, training_args, model_args, trainer) -> str:
     """The merge-attack audit of the saved update (main process; the others wait): `trap2 audit`."""
     from trap2_hf.audit import cli
@@ -243,38 +284,31 @@ def make_parser():
 
     class RecipeParser(TrlParser):
         """TRL's parser, refusing an unknown YAML key or flag before any argument is checked or model loaded,
-        with the closest known name (TRL's own message only says to set fail_with_unknown_args=False)."""
+        with the closest known name (TRL's own message only says to set fail_with_unknown_args=False); a value
+        that does not parse or an unknown flag is one line (`cli_errors.one_line_error`), not the whole usage."""
+
+        help_command = "python recipes/sft_protect.py --help"
+        error = one_line_error
 
         def set_defaults_with_config(self, **kwargs) -> list[str]:
             remaining = super().set_defaults_with_config(**kwargs)
-            refuse_unknown(self, remaining[0::2], "key in the config file")
+            if remaining:
+                known = {action.dest for action in self._actions if action.dest != "help"}
+                raise ValueError(
+                    unknown_names_message([k.lstrip("-") for k in remaining[0::2]], known, "config key") + ". Every key is a "
+                    f"field of Trap2ScriptArguments, Trap2SFTConfig or TRL's ModelConfig (`{self.help_command}`)."
+                )
             return remaining
 
         def parse_args_into_dataclasses(self, args=None, **kwargs):
             flags = [arg.split("=", 1)[0] for arg in (args or []) if arg.startswith("--")]
             # argparse accepts unambiguous prefixes of a flag, so a prefix is not unknown.
-            refuse_unknown(self, [f for f in flags if not any(o.startswith(f) for o in self._option_string_actions)], "flag")
+            unknown = [f for f in flags if not any(o.startswith(f) for o in self._option_string_actions)]
+            if unknown:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
             return super().parse_args_into_dataclasses(args, **kwargs)
 
     return RecipeParser((Trap2ScriptArguments, Trap2SFTConfig, ModelConfig), prog="sft_protect.py")
-
-
-def refuse_unknown(parser, names: list[str], what: str) -> None:
-    """Raise a ValueError naming each unknown option and the known one it most likely meant."""
-    if not names:
-        return
-    import difflib
-
-    known = sorted({action.dest for action in parser._actions if action.dest != "help"})
-    lines = []
-    for name in names:
-        bare = name.lstrip("-")
-        close = difflib.get_close_matches(bare, known, n=1)
-        lines.append(f"unknown {what} {bare!r}" + (f"; did you mean {close[0]!r}?" if close else "."))
-    raise ValueError(
-        "; ".join(lines) + " Every key and flag is a field of Trap2ScriptArguments, Trap2SFTConfig or TRL's "
-        "ModelConfig: see `python recipes/sft_protect.py --help`."
-    )
 
 
 def parse_args(argv: list[str] | None = None):
@@ -282,5 +316,11 @@ def parse_args(argv: list[str] | None = None):
     return make_parser().parse_args_and_config(args=argv, fail_with_unknown_args=True)
 
 
+def command(argv: list[str]) -> int:
+    """The command line: parse, train; an error of ours is one line and exit code 2 (`--debug`: the traceback)."""
+    main(*parse_args(argv))
+    return 0
+
+
 if __name__ == "__main__":
-    main(*parse_args(sys.argv[1:]))
+    sys.exit(run_command(command, sys.argv[1:], prog="sft_protect.py"))

@@ -1,6 +1,7 @@
 """The architecture matrix: model families x release formats, from tiny random configs (no download).
 
-One table (`FAMILIES` x `FORMATS`) drives tests/test_architectures.py and the README's table:
+One table (`FAMILIES` x `FORMATS`) drives tests/test_architectures.py and docs/architectures.md's table
+(`python docs/generate.py` pastes it there):
 
     PYTHONPATH=. python -m tests.arch_table
 
@@ -219,7 +220,7 @@ def dataset(fam: Family, num: int = ROWS, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- what each cell does
-@lru_cache(maxsize=None)  # the cell tests and the README check ask once each
+@lru_cache(maxsize=None)  # the cell tests and the docs check ask once each
 def auto_choice(fam: Family, fmt: str) -> tuple[str, str]:
     """(cell, reason): 'refused by PEFT', or the mode trap_mode='auto' resolves to and, where it does not fuse,
     why (the first sentence of the reason it logs)."""

@@ -3,8 +3,9 @@
 Per cell: one real Trainer step in two_pass and in the mode trap_mode='auto' picks (at f = 1, where fused and
 sub_batch are exact) equals the direct gradient of L(1) - lambda * mean_k w(s_k) L(s_k), computed here from the
 weights W0 + s*dW (adapters: peft's own delta weights; full: theta0 + s*(theta - theta0)) without trap2_hf's
-re-scaling code; auto picks what `python -m tests.arch_table` prints (the README's table); an adapter goes through
-save -> card -> load_protected_adapter unchanged. Per family: the audit runs one merge method on the trained adapter.
+re-scaling code; auto picks what `python -m tests.arch_table` prints (docs/architectures.md's table); an adapter
+goes through save -> card -> load_protected_adapter unchanged. Per family: the audit runs one merge method on the
+trained adapter.
 """
 
 import copy
@@ -204,12 +205,12 @@ def test_fused_checks_its_row_losses_against_the_models_own_loss(tmp_path, caplo
         one_step(model(), str(tmp_path / "fused"), fam, "fused", "LoRA")
 
 
-def test_readme_table_is_the_generated_one():
-    """The README's architecture table is `python -m tests.arch_table`'s output, pasted."""
+def test_docs_table_is_the_generated_one():
+    """docs/architectures.md's table is `markdown_table()`, as `python docs/generate.py` writes it."""
     from arch_table import markdown_table
 
-    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read()
-    assert markdown_table() in readme
+    page = open(os.path.join(os.path.dirname(__file__), os.pardir, "docs", "architectures.md"), encoding="utf-8").read()
+    assert markdown_table() in page, "docs/architectures.md is not current: run PYTHONPATH=. python docs/generate.py"
 
 
 @pytest.mark.parametrize("name, scales", [("GPT-2", 2), ("T5", 2), ("ViT classifier", 2), ("ViT classifier", 1)])

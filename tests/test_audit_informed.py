@@ -16,7 +16,7 @@ from trap2_hf.audit.informed import (
     is_merge,
     search_configs,
 )
-from trap2_hf.audit.auditor import _Auditor
+from trap2_hf.audit.auditor import Auditor
 from trap2_hf.audit.task_vectors import applied, merge_task_vectors
 
 
@@ -29,7 +29,7 @@ def test_per_update_weights_give_exactly_w0_plus_the_weighted_sum():
     w0 = model.weight.detach().clone()
     deltas = {"p": t([[1, 0, 2], [0, -1, 0]]), "o1": t([[0, 4, 0], [1, 0, 0]]), "o2": t([[2, 2, 2], [2, 2, 2]])}
     updates = {k: {"weight": w0 + d} for k, d in deltas.items()}
-    auditor = _Auditor(model, [], "full", updates, seed=0)
+    auditor = Auditor(model, [], "full", updates, seed=0)
     method = methods.get("task_arithmetic")
     config = {"weights": {"p": 1.1, "o1": 0.5, "o2": 0.0}}  # o2 switched off: it leaves the merge
     for reuse in (False, True):

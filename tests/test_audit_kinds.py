@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from trap2_hf.audit.kinds import AUDITED_KINDS, audited_kind
-from trap2_hf.audit.mergekit_audit import audit_mergekit
+from trap2_hf.audit.auditor import Auditor
 from trap2_hf.audit.run import run_audit
 from trap2_hf.audit.task_vectors import full_task_vector
 
@@ -17,7 +17,7 @@ def test_an_unknown_target_is_refused_by_name_with_the_kinds_that_exist():
     with pytest.raises(ValueError, match=message):
         run_audit(nn.Linear(2, 2), [], "t", {}, None, {"u": {}}, target="lora")
     with pytest.raises(ValueError, match=message):
-        audit_mergekit(nn.Linear(2, 2), [], {}, None, {"u": {}}, target="lora")
+        Auditor(nn.Linear(2, 2), [], "lora", {}, seed=0)
     assert list(AUDITED_KINDS) == ["adapter", "full"]
 
 

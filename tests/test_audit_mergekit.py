@@ -1,4 +1,6 @@
-"""mergekit as a merge backend: its merges of tiny models against the audit's own and the plain formula."""
+"""mergekit as a backend of the audit: its file-based merges of tiny models against the plain formula and the
+audit's own, its in-memory merges (what the audit runs) against the file-based ones, and its methods audited
+through `run_audit` like every other method."""
 
 import json
 import os
@@ -10,7 +12,7 @@ import yaml
 from conftest import audit_cli_inputs, tiny_llama
 
 from trap2_hf.audit import methods
-from trap2_hf.audit import mergekit_backend as mk
+from trap2_hf.audit import mergekit as mk
 from trap2_hf.audit.task_vectors import adapter_task_vector, full_task_vector, merge_task_vectors
 
 ISSUE_METHODS = (
@@ -112,17 +114,16 @@ def test_the_table_matches_mergekits_registry():
 
     for name, method in mk.METHODS.items():
         declared = {p.name for p in registry.get(name).spec.parameters}
-        assert set(method.naive) <= declared, name
+        assert set(method.naive()) <= declared, name
     assert mk.get("slerp").update_range() == (2, 2) and mk.get("slerp").base_role == mk.FIRST_UPDATE
     assert mk.get("nuslerp").update_range() == (2, 2) and mk.get("nuslerp").base_role == mk.BASE
     assert mk.get("model_stock").update_range() == (2, None) and not mk.get("model_stock").weighted
     assert mk.get("linear").base_role == mk.NO_BASE and mk.get("karcher").base_role == mk.NO_BASE
-    assert mk.get("ties").naive == {"density": methods.DEFAULT_DENSITY}
+    assert mk.get("ties").naive() == {"density": methods.DEFAULT_DENSITY}
     assert mk.applicable(3) == [n for n in mk.METHODS if n not in ("slerp", "nuslerp")]
     assert mk.naive_weights("ties", 4) == [0.25] * 4 and mk.naive_weights("sce", 4) is None
     assert mk.informed_weights(3, others=0.6, protected_index=1) == [0.6, 1.0, 0.6]
-    table = mk.method_table()
-    assert all(f"| {name} |" in table for name in ISSUE_METHODS)
+    assert mk.get("mergekit:ties") is mk.get("ties")
 
 
 def test_yaml_is_written_with_per_model_weights_and_densities(three_updates, tmp_path):
@@ -295,7 +296,232 @@ def test_errors_name_the_value_and_the_fix(three_updates, monkeypatch):
         mk.mergekit_merge(base, updates, "task_arithmetic")
 
 
-# ---- the audit's section: mergekit merges measured by the audit's tasks -------------------------
+# ---- mergekit in the one engine: its methods in the registry, merged in memory, audited like the others ------
+
+def test_the_registry_lists_mergekits_methods_with_the_parameters_mergekit_declares():
+    from mergekit.merge_methods import registry
+
+    assert methods.names(backend="mergekit") == [f"mergekit:{name}" for name in mk.METHODS]
+    for name in mk.METHODS:
+        method = methods.get(f"mergekit:{name}")
+        spec = {p.name: p for p in registry.get(name).spec.parameters}
+        assert method.backend == "mergekit" and method.needs_base and method.targets == ("adapter", "full")
+        assert {p.name for p in method.params} <= set(spec) | {"weight"}, name
+        for key, value in method.backend_defaults.items():  # read from mergekit's spec, not copied
+            assert value == (None if spec[key].required else spec[key].default), (name, key)
+        assert "int8_mask" not in method.backend_defaults
+    ties = methods.get("mergekit:ties")
+    assert [p.name for p in ties.params] == ["weight", "density", "lambda"]
+    assert ties.params[2].default == registry.get("ties").spec.parameters[3].default == 1.0
+    assert ties.params[0].grid == () and ties.searched  # normalised: the shared coefficient is lambda
+    assert ties.backend_defaults == {"normalize": True, "rescale": False}
+    assert methods.get("mergekit:della").backend_defaults["epsilon"] == 0.15
+    assert methods.get("mergekit:della").params[1].grid == (0.3, 0.6, 0.8)  # density + epsilon < 1
+    assert methods.get("mergekit:dare_ties").params[0].grid == methods.SPARSE_WEIGHTS
+    sce = methods.get("mergekit:sce")
+    assert sce.params == () and sce.backend_defaults == {"select_topk": 1.0} and not sce.per_update_weights
+    assert methods.get("mergekit:slerp").updates == (2, 2) and not methods.get("mergekit:slerp").per_update_weights
+    assert methods.get("mergekit:model_stock").updates == (2, None)
+    assert [n for n in methods.names() if methods.get(n).combines_linearly][-2:] == [
+        "mergekit:linear", "mergekit:task_arithmetic"
+    ]
+    with pytest.raises(KeyError, match="Unknown merge method 'mergekit:tiez'; known methods: .*mergekit:ties"):
+        methods.get("mergekit:tiez")
+
+
+def test_the_registry_says_how_to_install_mergekit_when_it_is_missing():
+    code = (
+        "import sys\nsys.modules['mergekit'] = None\n"
+        "from trap2_hf.audit import methods\nfrom trap2_hf.audit.cli import list_methods\n"
+        "assert methods.names(backend='mergekit') == [] and 'task_arithmetic' in methods.names()\n"
+        "try:\n    methods.get('mergekit:ties')\nexcept KeyError as error:\n    print(error)\n"
+        "print(list_methods().splitlines()[-1])\n"
+    )
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "Unknown merge method 'mergekit:ties' (The mergekit backend needs mergekit==0.1.5" in out
+    assert "mergekit's methods are not listed: The mergekit backend needs mergekit==0.1.5: pip install " \
+           "'trap2_hf[mergekit]'" in out
+
+
+IN_MEMORY_CASES = [
+    ("ties", {"density": 0.5}, [0.5, 1.2, 0.7], 0),
+    ("della", {"density": 0.5}, [1 / 3] * 3, 3),
+    ("della_linear", {"density": 0.4, "epsilon": 0.1}, [1.0, 0.5, 0.5], 7),
+    ("dare_ties", {"density": 0.3}, [1 / 3] * 3, 1),
+    ("breadcrumbs_ties", {"density": 0.6}, [1.0, 1.0, 1.0], 0),
+    ("sce", {"select_topk": 0.5}, None, 0),
+    ("karcher", {}, None, 0),
+    ("model_stock", {}, None, 0),
+    ("linear", {}, [1.0, 2.0, 1.0], 0),
+    ("slerp", {}, [0.3, 0.7], 0),
+    ("nuslerp", {}, [0.6, 0.4], 0),
+]
+
+
+@pytest.mark.parametrize("name, params, weights, seed", IN_MEMORY_CASES, ids=[c[0] for c in IN_MEMORY_CASES])
+def test_in_memory_merges_equal_mergekits_file_based_run_merge(three_updates, name, params, weights, seed):
+    """The audit's in-memory merge of task vectors (mergekit's merge_tensors on W0 and W0 + tau_i) and
+    mergekit's file-based `run_merge` give the same weights; randomised methods draw the same masks for the
+    same seed (both merge the tensors in sorted order of their names from one seeded generator)."""
+    base, updates = three_updates
+    count = 2 if name in ("slerp", "nuslerp") else 3
+    states = [params_of(u) for u in updates[:count]]
+    by_file = params_of(mk.mergekit_merge(base, updates[:count], name, weights=weights, params=params, seed=seed))
+    theta0 = params_of(base)
+    vectors = [full_task_vector(base, s) for s in states]
+    in_memory = merge_task_vectors(methods.get(f"mergekit:{name}"), vectors, params, seed, weights, base=theta0)
+    assert set(in_memory) == set(theta0)
+    for key, delta in in_memory.items():
+        torch.testing.assert_close(theta0[key] + delta, by_file[key], atol=1e-6, rtol=0, msg=f"{name} {key}")
+    if methods.get(f"mergekit:{name}").randomized:
+        other = merge_task_vectors(methods.get(f"mergekit:{name}"), vectors, params, seed + 1, weights, base=theta0)
+        assert any(not torch.equal(other[k], in_memory[k]) for k in other)
+
+
+def test_in_memory_merges_need_the_base_weights_and_name_mergekits_parameters(three_updates):
+    base, updates = three_updates
+    vectors = [full_task_vector(base, params_of(u)) for u in updates]
+    with pytest.raises(ValueError, match="'mergekit:ties' merges from the base weights W0: pass base="):
+        merge_task_vectors(methods.get("mergekit:ties"), vectors, {"weight": 0.5})
+    with pytest.raises(ValueError, match=r"\['densty'\] are not parameters of mergekit's 'ties'.*'density'"):
+        merge_task_vectors(methods.get("mergekit:ties"), vectors, {"weight": 0.5, "densty": 0.5}, base=params_of(base))
+
+
+def adapter_model():
+    """Adapters prot, twin (its exact copy), other1, other2 on the tiny Llama, with next-token tasks."""
+    from test_audit_run import lora_setup
+
+    return lora_setup()
+
+
+def test_a_mergekit_method_runs_in_every_mode_through_run_audit_into_the_common_schema(tmp_path):
+    from trap2_hf.audit import PublicSettings, format_table, run_audit, write_report
+    from trap2_hf.audit.informed import InformedSettings
+
+    model, tasks = adapter_model()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    others = {"t1": "other1", "t2": "other2"}
+    settings = InformedSettings(protected_weights=(1.0,), other_weights=(0.5,), budget=2)
+    results = run_audit(
+        model, tasks, "t0", "prot", "twin", others, methods=["task_arithmetic", "mergekit:task_arithmetic",
+        "mergekit:ties", "mergekit:sce"], sweep_scales=(1.0,), progress=False, informed=settings,
+        public=PublicSettings(twin_gain_kept=0.0), benign=(),
+    )
+    assert "mergekit" not in results and results["skipped"] == []
+    entries = {(e["method"], e["mode"]): e for e in results["methods"]}
+    modes = ("average", "best", "public", "informed", "search")
+    assert {mode for method, mode in entries if method == "mergekit:ties"} == set(modes)
+    # sce takes no weights and has no grid: the naive merge and its public points only
+    assert {mode for method, mode in entries if method == "mergekit:sce"} == {"average", "public"}
+    for entry in entries.values():
+        assert entry["protected"] == entry["unprotected"]  # the twin is an exact copy, merges are seeded
+    ties = entries[("mergekit:ties", "average")]
+    assert ties["params"] == {"weight": pytest.approx(1 / 3), "density": 0.2, "lambda": 1.0}
+    assert [row["params"] for row in entries[("mergekit:ties", "best")]["search"]["protected"]] == \
+        methods.get("mergekit:ties").grid(3)
+    assert entries[("mergekit:ties", "public")]["evaluations"] == 6
+    assert entries[("mergekit:ties", "informed")]["params"]["normalize"] is False
+    # mergekit's task arithmetic is the audit's own, in every mode that searches the same configurations
+    for mode in ("average", "best", "public", "informed"):
+        assert entries[("mergekit:task_arithmetic", mode)]["protected"] == pytest.approx(
+            entries[("task_arithmetic", mode)]["protected"], abs=1e-9), mode
+    # the naive TIES merge measured is the in-memory merge applied by hand
+    from trap2_hf.audit import adapter_task_vector, applied, merge_task_vectors
+
+    vectors = [adapter_task_vector(model, a) for a in ("prot", "other1", "other2")]
+    base = {k: weights[k] for k in vectors[0]}
+    delta = merge_task_vectors(methods.get("mergekit:ties"), vectors, ties["params"], base=base)
+    with torch.no_grad(), model.disable_adapter(), applied(model, delta):
+        assert tasks[0].evaluate(model, "test") == ties["protected"]["t0"]
+    rows = {(r["method"], r["attack"]) for r in results["attacks"]}
+    assert {("mergekit:ties", a) for a in ("average", "best", "public", "informed:constrained")} <= rows
+    table = format_table(results)
+    assert "| mergekit:ties | average | w=0.333 d=0.2 lambda=1 |" in table
+    for name, run in (("mergekit:ties", 6), ("mergekit:sce", 2)):
+        public = entries[(name, "public")]
+        assert public["counted"] + public["twin_fails"] == run == len(public["points"])
+        assert f"| {name} | {public['counted']} / {run} | {public['twin_fails']} |" in table
+    assert "public merge configs" in table
+    paths = write_report(results, str(tmp_path))
+    assert os.path.getsize(paths["png"]) > 0
+    assert results["config"]["declared"]["mergekit:ties"]["backend"] == "mergekit"
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), weights[name]), name
+
+
+def test_informed_grid_on_mergekit_equals_the_audits_own_on_full_fine_tunes(three_updates):
+    """mergekit's task_arithmetic at per-update weights is the audit's own merge to 1e-6, and the informed
+    grid on it scores every configuration as the audit's own `informed` mode does."""
+    from trap2_hf.audit import run_audit
+    from trap2_hf.audit.informed import InformedSettings
+
+    base, updates = three_updates
+    states = [params_of(u) for u in updates]
+    weights = [1.2, 0.5, 0.5]
+    merged = mk.mergekit_merge(base, updates, "task_arithmetic", weights=weights)
+    vectors = [full_task_vector(base, s) for s in states]
+    ours = merge_task_vectors(methods.get("task_arithmetic"), vectors, {}, 0, weights)
+    theta0 = params_of(base)
+    assert_params_close(merged, {n: theta0[n] + ours.get(n, 0.0) for n in theta0})
+
+    contexts = {"t0": _loaded(base, states[0]), "t1": _loaded(base, states[1]), "t2": _loaded(base, states[2])}
+    tasks = agreement_tasks(base, contexts)
+    settings = InformedSettings(protected_weights=(1.0, 1.2), other_weights=(0.5, 1.0), min_gain_kept=0.0)
+    others = {"t1": states[1], "t2": states[2]}
+    audit = run_audit(base, tasks, "t0", states[0], None, others, target="full",
+                      methods=["task_arithmetic", "mergekit:task_arithmetic"], modes=("informed",),
+                      sweep_scales=(1.0,), progress=False, informed=settings, benign=())
+    own, theirs = audit["methods"]
+    searched = theirs["search"]["protected"]
+    assert [row["config"]["weights"] for row in searched] == [
+        {"protected": p, "other:t1": o, "other:t2": o} for p in (1.0, 1.2) for o in (0.5, 1.0)
+    ]
+    assert all(row["config"]["normalize"] is False for row in searched)
+    for mine, reference in zip(searched, own["search"]["protected"], strict=True):
+        assert mine["validation"] == pytest.approx(reference["validation"], abs=1e-9)
+    for objective in ("mean", "constrained"):
+        assert theirs["objectives"][objective]["protected"]["test"] == pytest.approx(
+            own["objectives"][objective]["protected"]["test"])
+    assert all(torch.equal(p, theta0[n]) for n, p in params_of(base).items())  # undone exactly
+
+
+def test_informed_mergekit_grid_keeps_the_released_update_whole_and_unnormalised():
+    from trap2_hf.audit.informed import InformedSettings, grid_configs
+
+    settings = InformedSettings(protected_weights=(0.9, 1.0), other_weights=(0.5,))
+    ties = grid_configs(methods.get("mergekit:ties"), "protected", ["a", "b"], settings)
+    assert len(ties) == len(methods.DENSITIES) * 2
+    assert ties[0] == {"weights": {"protected": 0.9, "a": 0.5, "b": 0.5},
+                       "density": {"protected": 1.0, "a": methods.DENSITIES[0], "b": methods.DENSITIES[0]},
+                       "normalize": False}
+    plain = grid_configs(methods.get("mergekit:task_arithmetic"), "protected", ["a"], settings)
+    assert plain == [{"weights": {"protected": w, "a": 0.5}, "normalize": False} for w in (0.9, 1.0)]
+    assert "normalize" not in grid_configs(methods.get("mergekit:linear"), "protected", ["a"], settings)[0]
+
+
+def test_methods_without_per_update_weights_are_refused_by_the_informed_modes_and_skipped_by_default():
+    from trap2_hf.audit import run_audit
+    from trap2_hf.audit.informed import InformedSettings
+
+    model, tasks = adapter_model()
+    others = {"t1": "other1", "t2": "other2"}
+    with pytest.raises(ValueError, match=r"\['mergekit:model_stock'\] take no per-update weights.*mergekit:ties"):
+        run_audit(model, tasks, "t0", "prot", None, others, methods=["mergekit:ties", "mergekit:model_stock"],
+                  modes=("informed",), informed=InformedSettings(methods=("mergekit:model_stock",)), progress=False)
+    results = run_audit(model, tasks, "t0", "prot", None, others, methods=["mergekit:slerp", "mergekit:karcher"],
+                        modes=("average", "best"), sweep_scales=(1.0,), progress=False, benign=())
+    assert [(e["method"], e["mode"]) for e in results["methods"]] == [("mergekit:karcher", "average")]
+    assert results["skipped"] == [{"method": "mergekit:slerp", "reason": "merges exactly 2 updates, got 3 (it runs "
+                                   "pairwise in the public mode)"}]
+
+
+def _loaded(model, state):
+    from trap2_hf.audit.task_vectors import applied
+
+    return applied(model, full_task_vector(model, state))
+
 
 IDS = torch.randint(0, 48, (4, 10), generator=torch.Generator().manual_seed(0))
 
@@ -319,100 +545,31 @@ def agreement_tasks(model, contexts: dict) -> list:
     return [make(name) for name in contexts]
 
 
-def test_audit_section_merges_adapters_like_the_audits_own_task_arithmetic():
-    from contextlib import contextmanager
-
-    from peft import LoraConfig, get_peft_model
-
-    from trap2_hf.audit import run_audit
-    from trap2_hf.audit.mergekit_audit import audit_mergekit, format_mergekit_table, merged_task_vector
-
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), config, adapter_name="prot")
-    for name in ("twin", "other"):
-        model.add_adapter(name, config)
-    model.eval()
-
-    @contextmanager
-    def only(adapter):
-        model.set_adapter(adapter)
-        yield
-
-    tasks = agreement_tasks(model, {"t0": only("prot"), "t1": only("other")})
-    with only("prot"):
-        assert tasks[0].evaluate(model, "test") == 1.0 and tasks[1].evaluate(model, "test") < 1.0
-    chosen = ["task_arithmetic", "linear", "slerp"]
-    section = audit_mergekit(model, tasks, "prot", "twin", {"t1": "other"}, methods=chosen)
-    ours = run_audit(model, tasks, "t0", "prot", "twin", {"t1": "other"}, methods=["task_arithmetic"],
-                     modes=("average",), sweep_scales=(1.0,), progress=False)["methods"][0]
-    rows = {row["method"]: row for row in section["methods"]}
-    assert section["layout"] == "mergekit" and section["skipped"] == []
-    for method in ("task_arithmetic", "linear"):
-        assert rows[method]["weights"] == [0.5, 0.5]
-        assert rows[method]["protected"] == pytest.approx(ours["protected"], abs=1e-9)
-        assert rows[method]["unprotected"] == pytest.approx(ours["unprotected"], abs=1e-9)
-    # the delta applied is the audit's own merged vector
-    merged = mk.mergekit_merge(model, [(model, "prot"), (model, "other")], "task_arithmetic")
-    vectors = [adapter_task_vector(model, a) for a in ("prot", "other")]
-    expected = merge_task_vectors(methods.get("task_arithmetic"), vectors, {"weight": 0.5})
-    got = merged_task_vector(model, merged, "adapter")
-    assert set(got) == set(expected)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
-    assert set(model.peft_config) == {"prot", "twin", "other"}
-    table = format_mergekit_table(section, "t0")
-    assert "| slerp | 0.5, 0.5 | - |" in table and "| task_arithmetic | 0.5, 0.5 | - |" in table
-
-
-def test_audit_section_on_full_fine_tunes_skips_methods_outside_their_contract(three_updates):
-    from trap2_hf.audit.mergekit_audit import audit_mergekit
-
-    base, updates = three_updates
-    states = [params_of(u) for u in updates]
-    contexts = {"t0": _loaded(base, states[0]), "t1": _loaded(base, states[1]), "t2": _loaded(base, states[2])}
-    tasks = agreement_tasks(base, contexts)
-    before = params_of(base)
-    section = audit_mergekit(base, tasks, states[0], None, {"t1": states[1], "t2": states[2]}, target="full",
-                             methods=["task_arithmetic", "nuslerp"])
-    assert [row["method"] for row in section["methods"]] == ["task_arithmetic"]
-    assert section["skipped"][0]["method"] == "nuslerp" and "exactly 2" in section["skipped"][0]["reason"]
-    row = section["methods"][0]
-    assert row["unprotected"] is None and set(row["protected"]) == {"t0", "t1", "t2", "average"}
-    assert all(torch.equal(p, before[n]) for n, p in params_of(base).items())  # undone exactly
-
-
-def _loaded(model, state):
-    from trap2_hf.audit.task_vectors import applied
-
-    return applied(model, full_task_vector(model, state))
-
-
-def test_cli_adds_mergekit_merges_to_the_audit(tmp_path, capsys):
+def test_cli_audits_mergekit_methods_like_the_others(tmp_path, capsys):
     from trap2_hf.cli import main
 
     base_dir, folders, tasks = audit_cli_inputs(tmp_path, TASKS_FILE)
     out_dir = str(tmp_path / "audit")
     code = main([
         "audit", "--base_model", base_dir, "--tasks", tasks, "--protected_task", "t0",
-        "--protected", folders["prot"], "--other", f"t1={folders['t1']}", "--methods", "task_arithmetic",
-        "--modes", "average", "--sweep_scales", "1", "--device", "cpu", "--output_dir", out_dir, "--no_progress",
-        "--mergekit_methods", "task_arithmetic", "ties",
-        "--mergekit_informed", "task_arithmetic", "--protected_weights", "1", "--other_weights", "0.5", "1",
+        "--protected", folders["prot"], "--other", f"t1={folders['t1']}",
+        "--methods", "task_arithmetic", "mergekit:task_arithmetic", "mergekit:ties",
+        "--modes", "average", "informed", "--sweep_scales", "1", "--device", "cpu", "--output_dir", out_dir,
+        "--no_progress", "--protected_weights", "1", "--other_weights", "0.5", "1", "--benign",
     ])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| mergekit method |" in printed and "| ties | 0.5, 0.5 | density=0.2 |" in printed
-    assert "mergekit task_arithmetic, informed grid (2 merges per update)" in printed
+    assert "| mergekit:ties | average | w=0.5 d=0.2 lambda=1 |" in printed
     with open(os.path.join(out_dir, "audit.json")) as f:
         results = json.load(f)
-    section = results["mergekit"]
-    assert [row["method"] for row in section["methods"]] == ["task_arithmetic", "ties"]
-    assert section["methods"][0]["protected"] == pytest.approx(results["methods"][0]["protected"], abs=1e-9)
-    searched = section["informed"][0]["searched"]["protected"]
-    assert [row["config"]["weights"] for row in searched] == [{"protected": 1.0, "t1": w} for w in (0.5, 1.0)]
+    entries = {(e["method"], e["mode"]): e for e in results["methods"]}
+    assert entries[("mergekit:task_arithmetic", "average")]["protected"] == pytest.approx(
+        entries[("task_arithmetic", "average")]["protected"], abs=1e-9)
+    searched = entries[("mergekit:task_arithmetic", "informed")]["search"]["protected"]
+    assert [row["config"]["weights"] for row in searched] == [{"protected": 1.0, "other:t1": w} for w in (0.5, 1.0)]
     attacks = {(row["method"], row["attack"]) for row in results["attacks"]}
     assert {("mergekit:ties", "average"), ("mergekit:task_arithmetic", "informed:constrained")} <= attacks
+    assert "benign" not in results
 
 
 TASKS_FILE = '''
@@ -429,70 +586,3 @@ def get_tasks(model, tokenizer):
 
     return [make("t0", 1), make("t1", 2)]
 '''
-
-
-def test_cli_lists_mergekits_methods_or_how_to_install_them(capsys, monkeypatch):
-    from trap2_hf.audit.cli import main
-
-    assert main(["--list_methods"]) == 0
-    printed = capsys.readouterr().out
-    assert "| slerp | first update | exactly 2 | t = w2 / (w1 + w2) |" in printed
-    assert all(f"| {name} |" in printed for name in ISSUE_METHODS)
-    monkeypatch.setitem(sys.modules, "mergekit", None)
-    assert main(["--list_methods"]) == 0
-    assert "pip install 'trap2_hf[mergekit]'" in capsys.readouterr().out
-
-
-def test_informed_grid_on_mergekit_equals_the_audits_own_on_full_fine_tunes(three_updates):
-    """mergekit's task_arithmetic at per-update weights is the audit's own merge to 1e-6, and the
-    informed grid run through mergekit scores every configuration as the audit's `informed` mode does."""
-    from trap2_hf.audit import run_audit
-    from trap2_hf.audit.informed import InformedSettings
-    from trap2_hf.audit.mergekit_audit import audit_mergekit
-
-    base, updates = three_updates
-    states = [params_of(u) for u in updates]
-    weights = [1.2, 0.5, 0.5]
-    merged = mk.mergekit_merge(base, updates, "task_arithmetic", weights=weights)
-    vectors = [full_task_vector(base, s) for s in states]
-    ours = merge_task_vectors(methods.get("task_arithmetic"), vectors, {}, 0, weights)
-    theta0 = params_of(base)
-    assert_params_close(merged, {n: theta0[n] + ours.get(n, 0.0) for n in theta0})
-
-    contexts = {"t0": _loaded(base, states[0]), "t1": _loaded(base, states[1]), "t2": _loaded(base, states[2])}
-    tasks = agreement_tasks(base, contexts)
-    settings = InformedSettings(protected_weights=(1.0, 1.2), other_weights=(0.5, 1.0), min_gain_kept=0.0)
-    others = {"t1": states[1], "t2": states[2]}
-    section = audit_mergekit(base, tasks, states[0], None, others, target="full", methods=[], protected_task="t0",
-                             informed_methods=["task_arithmetic"], informed=settings)
-    audit = run_audit(base, tasks, "t0", states[0], None, others, target="full", methods=["task_arithmetic"],
-                      modes=("informed",), sweep_scales=(1.0,), progress=False, informed=settings)
-    (attack,) = section["informed"]
-    searched = attack["searched"]["protected"]
-    assert [row["config"]["weights"] for row in searched] == [
-        {"protected": p, "t1": o, "t2": o} for p in (1.0, 1.2) for o in (0.5, 1.0)
-    ]
-    theirs = audit["methods"][0]["search"]["protected"]
-    for mine, own in zip(searched, theirs, strict=True):
-        assert mine["validation"] == pytest.approx(own["validation"], abs=1e-9)
-    for objective in ("mean", "constrained"):
-        pick = attack["objectives"][objective]["protected"]
-        assert pick["test"] == pytest.approx(audit["methods"][0]["objectives"][objective]["protected"]["test"])
-    assert all(torch.equal(p, theta0[n]) for n, p in params_of(base).items())  # undone exactly
-
-
-def test_informed_mergekit_grid_keeps_the_released_update_whole_and_unnormalised():
-    from trap2_hf.audit.informed import InformedSettings
-    from trap2_hf.audit.mergekit_audit import audit_mergekit, mergekit_grid
-
-    settings = InformedSettings(protected_weights=(0.9, 1.0), other_weights=(0.5,))
-    ties = mergekit_grid("ties", "protected", ["a", "b"], settings)
-    assert len(ties) == len(methods.DENSITIES) * 2
-    assert ties[0] == {"weights": {"protected": 0.9, "a": 0.5, "b": 0.5},
-                       "density": {"protected": 1.0, "a": methods.DENSITIES[0], "b": methods.DENSITIES[0]},
-                       "normalize": False}
-    plain = mergekit_grid("task_arithmetic", "protected", ["a"], settings)
-    assert plain == [{"weights": {"protected": w, "a": 0.5}, "normalize": False} for w in (0.9, 1.0)]
-    assert "normalize" not in mergekit_grid("linear", "protected", ["a"], settings)[0]  # full weights: keep it
-    with pytest.raises(ValueError, match="per-update weights"):
-        audit_mergekit(torch.nn.Linear(1, 1), [], None, None, {}, target="full", informed_methods=["model_stock"])

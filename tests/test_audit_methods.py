@@ -106,10 +106,23 @@ def test_unknown_method_name_lists_the_known_ones():
 
 
 def test_registry_covers_the_issue_and_every_best_grid_reaches_full_weight():
-    assert set(methods.names("full")) == set(WEIGHT_SPACE)
+    assert set(methods.names("full", backend="weights")) == set(WEIGHT_SPACE)
     peft = {f"peft_{c}" for c in ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")}
+    assert set(methods.names("adapter", backend="peft")) == peft and methods.names("full", backend="peft") == []
+    mergekit = methods.names(backend="mergekit")
     assert set(methods.names("adapter")) == set(methods.names("full")) | peft
-    for name in methods.names():
+    assert set(methods.names("full")) == set(WEIGHT_SPACE) | set(mergekit)
+    for name in mergekit:  # mergekit's: the shared coefficient is the weight, or lambda where weights are normalised
+        method = methods.get(name)
+        if method.weighted:
+            assert method.average_params(4)["weight"] == 0.25, name
+        if method.searched:
+            grid = method.grid(4)
+            assert 1 <= len(grid) <= 9, name
+            assert any(max(point["weight"], point.get("lambda", 0.0)) >= 1.0 for point in grid), name
+            densities = {point.get("density", 0.0) for point in grid}
+            assert "density" not in grid[0] or (min(densities) <= 0.3 and max(densities) >= 0.8), name
+    for name in methods.names(backend="weights") + methods.names(backend="peft"):
         method = methods.get(name)
         grid = method.grid()
         assert 1 <= len(grid) <= 9, name
@@ -210,7 +223,7 @@ def test_peft_combination_types_create_a_finite_adapter_and_cat_is_the_exact_sum
     model.add_adapter("u2", config)
     for name in methods.names("adapter"):
         method = methods.get(name)
-        if method.kind != methods.PEFT:
+        if method.backend != methods.PEFT:
             continue
         params = method.average_params(2)
         methods.combine_adapters(model, method, ["u1", "u2"], params, "merged")

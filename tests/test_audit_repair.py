@@ -9,7 +9,7 @@ from test_audit_run import IDS, lora_setup
 from trap2_hf.audit import methods, run_audit
 from trap2_hf.audit.informed import InformedSettings
 from trap2_hf.audit.repair import RepairSettings, fine_tune_and_score
-from trap2_hf.audit.auditor import _Auditor
+from trap2_hf.audit.auditor import Auditor
 from trap2_hf.audit.run import AuditTask
 from trap2_hf.audit.task_vectors import adapter_task_vector, applied, merge_task_vectors
 
@@ -90,11 +90,11 @@ def test_the_reference_is_the_same_fine_tune_of_the_others_merge_by_hand(repaire
     row = results["repair"]["rows"][0]
     others = [adapter_task_vector(model, a) for a in ("other1", "other2")]
     delta = merge_task_vectors(methods.get("task_arithmetic"), others, {"weight": 1 / 3})
-    auditor = _Auditor(model, tasks, "adapter", {"protected": "prot"}, seed=0)
+    auditor = Auditor(model, tasks, "adapter", {"protected": "prot"}, seed=0)
     with torch.no_grad(), model.disable_adapter(), applied(model, delta):
         assert tasks[0].evaluate(model, "test") == row["before"]["reference"]
     with torch.no_grad():
-        score, log = fine_tune_and_score(auditor, tasks[0], delta, 16, SETTINGS)
+        score, log, _ = fine_tune_and_score(auditor, tasks[0], delta, 16, SETTINGS)
     assert score == row["after"]["16"]["reference"]
     assert log == row["training"]["16"]["reference"]
     model.set_adapter("prot")
@@ -146,8 +146,6 @@ def test_bad_repair_settings_name_the_fix():
 def test_a_peft_combination_is_repaired_on_its_folded_adapter():
     """peft_cat's combined adapter is sum_i w_i dW_i: folded in, it is task arithmetic's merge, so its
     repair rows are task arithmetic's."""
-    from trap2_hf.audit.repair import merged_vector
-
     model, tasks = lora_setup()
     tasks = with_training_data(model, tasks)
     others = {"t1": "other1", "t2": "other2"}
@@ -157,11 +155,11 @@ def test_a_peft_combination_is_repaired_on_its_folded_adapter():
                         modes=("average",), sweep_scales=(1.0,), progress=False, repair=settings)
     rows = {row["method"]: row for row in results["repair"]["rows"]}
     assert set(rows) == {"task_arithmetic", "peft_cat"} and rows["peft_cat"]["stage"] == "average"
-    auditor = _Auditor(model, tasks, "adapter", {"protected": "prot", "other:t1": "other1"}, 0)
+    auditor = Auditor(model, tasks, "adapter", {"protected": "prot", "other:t1": "other1"}, 0)
     config = {"weights": {"protected": 1.0, "other:t1": 0.5}}
     with torch.no_grad():
-        cat = merged_vector(auditor, methods.get("peft_cat"), config)
-        plain = merged_vector(auditor, methods.get("task_arithmetic"), config)
+        cat = auditor.config_delta(methods.get("peft_cat"), config)
+        plain = auditor.config_delta(methods.get("task_arithmetic"), config)
     assert set(cat) == set(plain)
     for name in plain:
         torch.testing.assert_close(cat[name], plain[name], atol=1e-5, rtol=1e-4)

@@ -96,8 +96,13 @@ def test_adapter_audit_json_schema(adapter_audit):
     assert results["rescale_curve"]["scales"] == list(SCALES)
     assert len(results["rescale_curve"]["protected"]) == len(SCALES) == len(results["rescale_curve"]["unprotected"])
     assert results["skipped"] == []
-    expected = {(name, mode) for name in methods.names("adapter") for mode in ("average", "best")}
+    # Every method that applies to three adapters, mergekit's included: `best` where there is a grid to search.
+    expected = {
+        (name, mode) for name in methods.names("adapter") for mode in ("average", "best")
+        if methods.get(name).accepts(3) and (mode == "average" or methods.get(name).searched)
+    }
     assert {(e["method"], e["mode"]) for e in results["methods"]} == expected
+    assert {"mergekit:ties", "mergekit:sce"} <= {e["method"] for e in results["methods"]}
     for entry in results["methods"]:
         assert {"method", "mode", "params", "protected", "unprotected"} <= set(entry)
         for variant in ("protected", "unprotected"):
@@ -121,7 +126,7 @@ def test_adapter_audit_numbers(adapter_audit):
         assert entry["protected"] == entry["unprotected"], (name, mode)
         assert entry["params"] == entry["unprotected_params"], (name, mode)
         if mode == "average":
-            assert entry["params"]["weight"] == pytest.approx(1 / 3)
+            assert entry["params"].get("weight", 1 / 3) == pytest.approx(1 / 3)  # sce & co. take no weights
             assert entry["params"].get("density", methods.DEFAULT_DENSITY) == methods.DEFAULT_DENSITY
     # peft's `cat` is exactly the weight-space weighted sum: same predictions up to float noise.
     for mode in ("average", "best"):
@@ -149,10 +154,11 @@ def test_best_mode_searches_the_whole_grid_on_validation_and_keeps_its_maximum(a
     for entry in results["methods"]:
         if entry["mode"] != "best":
             continue
-        grid = methods.get(entry["method"]).grid()
+        grid = methods.get(entry["method"]).grid(3)
         search = entry["search"]["protected"]
         assert [row["params"] for row in search] == grid
-        assert any(row["params"]["weight"] >= 1.0 for row in search)
+        # the shared coefficient reaches 1: the weight, or mergekit's lambda where the weights are normalised
+        assert any(max(row["params"]["weight"], row["params"].get("lambda", 0)) >= 1.0 for row in search)
         best = max(row["validation"]["average"] for row in search)
         chosen = next(row for row in search if row["params"] == entry["params"])
         assert chosen["validation"]["average"] == best
@@ -180,7 +186,10 @@ def test_report_files_and_table(adapter_audit, tmp_path):
         assert table in f.read()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     benign = 1 + len(results["benign"]["perturbations"])  # the guard's table: header and one row per perturbation
-    assert len(rows) == 1 + 2 + len(results["methods"]) + benign
+    # the transforms' tables: a header per parameter (density, spread), a row per sparsifier, the worst and the mean
+    # per-tensor draw
+    transforms = 2 + sum(k in results["transforms"]["curves"] for k in ("trim", "dare", "della")) + 2
+    assert len(rows) == 1 + 2 + len(results["methods"]) + benign + transforms
     ta = next(e for e in results["methods"] if e["method"] == "task_arithmetic" and e["mode"] == "average")
     assert f"| task_arithmetic | average | w=0.333 | {ta['protected']['t0']:.3f} |" in table
 
@@ -304,4 +313,30 @@ def test_cli_lists_methods(capsys):
 
     assert main(["--list_methods"]) == 0
     printed = capsys.readouterr().out
-    assert all(name in printed for name in methods.names())
+    assert all(f"\n{name} " in "\n" + printed for name in methods.names())
+    assert "mergekit:slerp" in printed and "updates: exactly 2; base: first update; weights: t = w2 / (w1 + w2)" in printed
+
+
+def test_an_untrained_adapter_gets_no_verdict_and_the_report_says_what_did_not_run():
+    """A LoRA that learned nothing (B = 0: alone it computes the base) audited with two methods and no twin
+    (issue 32): audit.json holds no verdict and why, the methods and modes not run, and the table says so."""
+    from peft import LoraConfig
+
+    model, tasks = lora_setup()
+    model.add_adapter("blank", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    results = run_audit(
+        model, tasks, "t0", "blank", None, {"t1": "other1"}, methods=["task_arithmetic", "ties"],
+        modes=("average",), sweep_scales=(0.5, 1.0), progress=False, benign=(),
+    )
+    assert results["standalone"]["protected"] == results["base"]["t0"]
+    verdict = results["verdict"]
+    assert verdict["given"] is False and verdict["margin"] == 0.05
+    assert verdict["needed"] == pytest.approx(max(results["base"]["t0"], 1 / VOCAB) + 0.05)
+    assert "the update alone does not beat the base" in verdict["reason"]
+    not_run = results["config"]["not_audited"]
+    assert "task_arithmetic" not in not_run["methods"] and "ties" not in not_run["methods"]
+    assert {"dare_ties", "tsv", "peft_cat"} <= set(not_run["methods"])
+    assert not_run["modes"] == ["best", "public", "informed", "search"]
+    table = format_table(results)
+    assert table.startswith("**No verdict**") and "- Stops:" not in table
+    assert "- No unprotected twin" in table and "- Not measured:" in table

@@ -107,25 +107,85 @@ def test_tables_plot_and_model_index_carry_the_new_rows(tmp_path):
 
 
 def test_mergekit_merges_are_attack_rows_and_reach_the_tables(tmp_path):
+    """mergekit's methods are ordinary entries of `methods` (one schema): rows, tables, verdict, model-index."""
     results = copy.deepcopy(RESULTS)
-    results["mergekit"] = {
-        "backend": "mergekit", "version": "0.1.5", "split": "test", "seed": 0, "layout": "inferred",
-        "order": ["protected (or twin)", "city"], "skipped": [],
-        "methods": [{"method": "ties", "weights": [0.5, 0.5], "params": {"density": 0.2},
-                     "protected": scores(0.26), "unprotected": scores(0.97)}],
-        "informed": [{"method": "ties", "settings": {}, "searched": {},
-                      "objectives": {"mean": {"protected": pick(0.7), "unprotected": pick(0.96)},
-                                     "constrained": {"protected": pick(0.55), "unprotected": None}}}],
-    }
+    results["methods"] += [
+        {"method": "mergekit:ties", "mode": "average", "params": {"weight": 0.5, "density": 0.2, "lambda": 1.0},
+         "protected": scores(0.26), "unprotected": scores(0.97),
+         "unprotected_params": {"weight": 0.5, "density": 0.2, "lambda": 1.0}},
+        {"method": "mergekit:ties", "mode": "informed", "params": pick(0.7)["config"], "unprotected_params": None,
+         "protected": scores(0.7), "unprotected": scores(0.96),
+         "objectives": {"mean": {"protected": pick(0.7), "unprotected": pick(0.96)},
+                        "constrained": {"protected": pick(0.55), "unprotected": None}},
+         "search": {}, "evaluations": 75},
+    ]
+    assert "mergekit" not in results
     rows = {(r["method"], r["attack"]): r for r in attack_rows(results)}
     assert (rows[("mergekit:ties", "average")]["protected"], rows[("mergekit:ties", "average")]["unprotected"]) == (
         0.26, 0.97)
     assert rows[("mergekit:ties", "informed:constrained")]["protected"] == 0.55
     assert rows[("mergekit:ties", "informed:constrained")]["unprotected"] is None
     assert rows[("mergekit:ties", "informed:mean")]["unprotected"] == 0.96
-    assert "| mergekit:ties | 0.260 / 0.970 | 0.700 / 0.960 | 0.550 / – |" in format_table(results)
+    table = format_table(results)
+    assert "| mergekit:ties | 0.260 / 0.970 | 0.700 / 0.960 | 0.550 / – |" in table
+    assert "| mergekit:ties | average | w=0.5 d=0.2 lambda=1 | 0.260 | 0.970 | ✓ |" in table
     fails = next(line for line in threat_summary(results) if line.startswith("- Does not stop:"))
     assert "mergekit:ties 0.55" in fails
     assert dict(eval_rows(results))["mergekit:ties, informed grid, others keep ≥60% of their gain, protected update"] \
         == 0.55
     write_report(results, str(tmp_path))
+
+
+# ---- the verdict is given only where the audit can give one (issue 32 item 1)
+def untrained(results=RESULTS):
+    """The audit of an update that learned nothing: alone it scores what the base does."""
+    results = copy.deepcopy(results)
+    results["standalone"]["protected"] = 0.21
+    results["rescale_curve"]["protected"] = [0.21, 0.21]
+    return results
+
+
+def test_no_verdict_for_an_update_that_does_not_beat_the_base():
+    lines = threat_summary(untrained())
+    text = "\n".join(lines)
+    assert not any(line.startswith(("- Stops:", "- Does not stop:")) for line in lines)
+    assert "no verdict: the update alone does not beat the base" in text
+    # the margin is stated
+    assert "alone 0.210, needs more than max(base 0.210, chance 0.250) + 0.05 = 0.300" in text
+    assert format_table(untrained()).startswith("**No verdict**")
+    # at the line itself, still none; just above it, the verdict is given
+    at_line = untrained()
+    at_line["standalone"]["protected"] = 0.30
+    assert "no verdict" in "\n".join(threat_summary(at_line))
+    above = untrained()
+    above["standalone"]["protected"] = 0.31
+    assert any(line.startswith("- Stops:") for line in threat_summary(above))
+
+
+def test_without_a_twin_the_report_names_the_comparisons_it_lacks():
+    results = copy.deepcopy(RESULTS)
+    results["standalone"]["unprotected"] = None
+    results["rescale_curve"]["unprotected"] = None
+    for entry in results["methods"]:
+        entry["unprotected"] = None
+        for objective in entry.get("objectives", {}).values():
+            objective["unprotected"] = None
+    results["benign"] = {"perturbations": ["float32"], "reference": "float32", "protected": {"float32": 1.0},
+                         "unprotected": None, "gap": {"float32": 0.0}, "held": {"float32": True}, "tolerance": 0.01}
+    text = "\n".join(threat_summary(results))
+    line = next(line for line in text.splitlines() if line.startswith("- No unprotected twin"))
+    for missing in ("the same merges with the twin in its place", "the twin's re-scale curve",
+                    "the guard against the twin", "the repair of the twin's merges"):
+        assert missing in line, missing
+    assert "No unprotected twin" not in "\n".join(threat_summary(RESULTS))  # given a twin, nothing is missing
+
+
+def test_what_was_not_measured_is_computed_from_what_ran():
+    results = copy.deepcopy(RESULTS)
+    results["config"]["not_audited"] = {"methods": ["dare_linear", "tsv", "mergekit:sce"], "modes": ["best", "public"]}
+    results["skipped"] = [{"method": "peft_svd", "reason": "ValueError: no"}]
+    text = "\n".join(threat_summary(results))
+    line = next(line for line in text.splitlines() if line.startswith("- Not measured:"))
+    assert "the modes best, public" in line
+    assert "dare_linear, tsv, mergekit:sce" in line and "peft_svd (refused: ValueError: no)" in line
+    assert "ties" not in line.replace("dare_ties", "")  # ties ran: it is not listed

@@ -88,7 +88,24 @@ def test_a_run_that_trains_nothing_is_refused(config, kwargs, message):
     ],
 )
 def test_values_of_the_wrong_type_name_the_field(kwargs, message):
-    """In Python nothing parses the values; the README promises a ValueError naming the field."""
+    """In Python nothing parses the values; docs/settings.md promises a ValueError naming the field."""
     with pytest.raises(ValueError, match=message):
         make(**kwargs)
     assert make(trap_lambda=1, trap_rescaled_fraction=None).trap_lambda == 1
+
+
+def test_sft_config_runs_on_the_machine_it_is_built_on(tmp_path):
+    """TRL's default bf16=True fails on a machine without a bf16 device ("Your setup doesn't support bf16/gpu");
+    left unset, it follows the machine. Without an accelerator the DataLoader cannot pin memory (torch warns on
+    every run), so pinning is off."""
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    config = Trap2SFTConfig(output_dir=str(tmp_path), report_to="none")
+    assert config.bf16 == is_torch_bf16_gpu_available()
+    assert Trap2SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True).bf16 is False
+    accelerator = torch.accelerator.is_available()
+    assert config.dataloader_pin_memory == make().dataloader_pin_memory == accelerator
+    if not is_torch_bf16_gpu_available():
+        with pytest.raises(ValueError, match="bf16"):  # asked for explicitly: TRL's and transformers' own refusal
+            Trap2SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=True)

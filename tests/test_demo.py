@@ -202,7 +202,7 @@ def test_the_linear_criterion_covers_the_merges_the_registry_declares_linear():
     from trap2_hf.demo.pipeline import check_criteria
 
     assert [n for n in methods.names() if methods.get(n).combines_linearly] == [
-        "task_arithmetic", "peft_linear", "peft_cat", "peft_svd"
+        "task_arithmetic", "peft_linear", "peft_cat", "peft_svd", "mergekit:linear", "mergekit:task_arithmetic"
     ]
     assert methods.get("task_arithmetic").describe()["combines_linearly"] and not methods.get("tsv").combines_linearly
     name, ok, detail = check_criteria(audit_result())[2]  # ties (average) at 0.9 is not a linear merge
@@ -218,18 +218,22 @@ def test_demo_command_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main([
         "demo", "--output_dir", str(out), "--steps", "1", "--protected_max_steps", "2", "--curve_every", "1",
-        "--train_size", "16", "--validation_size", "8", "--test_size", "8", "--methods", "task_arithmetic",
-        "--mergekit_methods", "ties",
+        "--train_size", "16", "--validation_size", "8", "--test_size", "8",
+        "--methods", "task_arithmetic", "mergekit:ties", "--public_methods", "mergekit:ties",
     ])
     assert code == 0
     assert {"audit.json", "audit.md", "audit.png", "demo.json"} <= {p.name for p in out.iterdir()}
     printed = capsys.readouterr().out
-    assert "| task_arithmetic | average |" in printed
-    assert "| mergekit method |" in printed and "| ties |" in printed
+    assert "| task_arithmetic | average |" in printed and "| mergekit:ties | average |" in printed
     audit = json.loads((out / "audit.json").read_text())
-    assert [row["method"] for row in audit["mergekit"]["methods"]] == ["ties"]
+    assert "mergekit" not in audit
+    assert {(e["method"], e["mode"]) for e in audit["methods"] if e["method"] == "mergekit:ties"} == {
+        ("mergekit:ties", mode) for mode in ("average", "best", "public")
+    }
     assert ("mergekit:ties", "average") in {(row["method"], row["attack"]) for row in audit["attacks"]}
     assert "mergekit:ties" in (out / "audit.md").read_text()
+    assert "[demo] public merge configs: 6 points over 1 methods" in printed
+    assert "[demo] audit per mode (merges evaluated per variant, seconds): average 2 over 2 methods" in printed
     assert "[PASS]" in printed or "[FAIL]" in printed
     summary = json.loads((out / "demo.json").read_text())
     assert summary["protection"] == Trap2Settings().trap_settings_dict()
@@ -265,10 +269,16 @@ def test_default_settings_protect_on_the_task_set_nobody_tuned_them_on(tmp_path)
     assert min(twin_merged.values()) > ceiling + 0.2, twin_merged  # merging works when nothing is protected
 
 
-def test_mergekit_merges_can_be_switched_off():
-    from trap2_hf.demo.run import DemoArguments, audit_with_mergekit, make_parser
+def test_mergekit_methods_are_chosen_through_methods_and_the_old_flags_name_the_replacement(capsys):
+    from trap2_hf.demo.run import DemoArguments, main, make_parser
 
-    demo, _ = make_parser().parse_args_into_dataclasses(args=["--mergekit_methods", "none"])
-    results = {"methods": []}
-    assert audit_with_mergekit(None, demo, results) == {"methods": []}
-    assert DemoArguments().mergekit_methods == ["ties", "della", "sce"] and DemoArguments().mergekit_informed == []
+    demo, _ = make_parser().parse_args_into_dataclasses(args=["--methods", "ties", "mergekit:sce"])
+    assert demo.methods == ["ties", "mergekit:sce"]
+    assert DemoArguments().methods is None and "public" in DemoArguments().modes
+    for flag, replacement in (("--mergekit_methods", "--methods task_arithmetic mergekit:ties"),
+                              ("--mergekit_informed", "--informed_methods mergekit:ties")):
+        with pytest.raises(SystemExit) as exit:
+            main([flag, "ties"])
+        assert exit.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{flag} was removed" in err and replacement in err

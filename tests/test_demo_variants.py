@@ -75,9 +75,9 @@ def test_protection_holds_only_when_every_merge_including_the_heldout_partner_st
     assert "ties (held-out)" in table and "0.90/0.90" in table
 
 
-def test_mergekits_naive_merges_count_as_the_average_mode_of_their_method():
+def test_mergekits_methods_count_in_the_row_under_their_registry_name():
     results = audit(0.25, 0.25)
-    results["mergekit"] = {"methods": [{"method": "sce", "protected": {"topic": 0.6, "region": 1.0}}]}
+    results["methods"].append({"method": "mergekit:sce", "mode": "average", "protected": {"topic": 0.6, "region": 1.0}})
     row = summarize("a", {}, {"steps": 10, "seconds": 1.0}, results)
     assert row["merged"]["mergekit:sce"] == {"average": 0.6}
     assert not row["holds"] and row["worst"] == 0.6
@@ -96,7 +96,7 @@ def test_compare_variants_end_to_end_writes_the_comparison(tmp_path):
     code = main([
         "demo", "--output_dir", str(out), "--steps", "1", "--protected_max_steps", "2", "--curve_every", "1",
         "--train_size", "16", "--validation_size", "8", "--test_size", "8", "--methods", "task_arithmetic",
-        "--foreign_tasks", "object", "--mergekit_methods", "linear", "--curve_transforms", "prune@0.5",
+        "mergekit:linear", "--foreign_tasks", "object", "--curve_transforms", "prune@0.5",
         "--compare_variants", "none", "default", "offray:trap_offray=dare+foreign",
         "pseudo:trap_offray=foreign:pseudo_partners=2:pseudo_partner_steps=1:curve_transforms=della@0.3",
     ])

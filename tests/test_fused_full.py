@@ -1,4 +1,4 @@
-"""The fused step on a full fine-tune (fused_full.py): each copied row computes with theta0 + s*(theta - theta0),
+"""The fused step on a full fine-tune (rescale_full/per_row.py): each copied row computes with theta0 + s*(theta - theta0),
 so with every row copied (f = 1) its gradient is two_pass's, and below 1 it is sub_batch's on the same rows."""
 
 import contextlib
@@ -14,7 +14,7 @@ from conftest import VOCAB, text_dataset, tiny_llama, tiny_tokenizer, token_data
 from test_modes import TWO_SCALES, auto_trainer, train
 from trap_checks import assert_grads_close
 from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments, rescaled_parameters
-from trap2_hf.fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
+from trap2_hf.rescale_full import RowGroups, full_row_targets, rescaled_parameters_per_row
 from trap2_hf import updates
 from trap2_hf.rescale_full import split_in_place, swapped_parameters
 
@@ -280,7 +280,7 @@ def test_re_scaled_passes_form_theta_s_on_the_fly_only_where_exact(tmp_out, make
     parameter sits in a known module; elsewhere they write it into the weights (rescale_full.rescaled_parameters)."""
     _, trainer = auto_trainer(tmp_out, make_model(), trap_target="full", **settings)
     assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", 0.25)
-    assert (trainer._trap_full_rows is not None) == on_the_fly
+    assert (trainer.trap_step.pass_row_targets is not None) == on_the_fly
 
 
 def test_fused_full_refuses_what_it_cannot_run_exactly(tmp_out):
@@ -339,8 +339,8 @@ def test_parameters_read_outside_their_module_alone_are_re_scaled_in_place(tmp_o
         trainer, grads = full_step(model, tmp_out, dataset, theta0, **TWO_SCALES)
     assert "model.norm.side holds trainable parameters but did not run as a module" in caplog.text
     # two_pass's re-scaled passes wrote theta_s into that layer's weight only; every other module formed it as it ran
-    assert trainer._trap_in_place == ("model.norm.side.weight",)
-    assert {name for name, _, _ in trainer._trap_full_rows} == {
+    assert trainer.trap_step.in_place == ("model.norm.side.weight",)
+    assert {name for name, _, _ in trainer.trap_step.pass_row_targets} == {
         name for name, _, _ in full_row_targets(reference)} - {"model.norm.side"}
     batch = {k: torch.tensor(dataset[k]) for k in ("input_ids", "attention_mask", "labels")}
     expected = direct_full_gradients(reference, theta0, batch, trainer.trap_scales(0), 0.3, "inv")
@@ -353,7 +353,7 @@ def test_parameters_read_outside_their_module_alone_are_re_scaled_in_place(tmp_o
 def test_sft_fused_lm_head_re_scales_only_lm_head_in_place(tmp_out, monkeypatch):
     """TRL's fused LM head reads lm_head.weight outside lm_head's forward: only that weight is written in place
     (what costs an in-place enter), the rest formed module by module; the step's gradient is the all-in-place one."""
-    import trap2_hf.modes.passes as passes_module
+    import trap2_hf.modes.step as step_module
     from trap_checks import exact_trap_args, step_gradients, trainable_state
 
     def sft_full_step(out):
@@ -368,12 +368,12 @@ def test_sft_fused_lm_head_re_scales_only_lm_head_in_place(tmp_out, monkeypatch)
         return trainer, step_gradients(before, trainer.model)
 
     trainer, grads = sft_full_step(f"{tmp_out}/mixed")
-    assert trainer._trap_in_place == ("lm_head.weight",)
-    assert "lm_head" not in {name for name, _, _ in trainer._trap_full_rows} and len(trainer._trap_full_rows) > 1
+    assert trainer.trap_step.in_place == ("lm_head.weight",)
+    assert "lm_head" not in {name for name, _, _ in trainer.trap_step.pass_row_targets} and len(trainer.trap_step.pass_row_targets) > 1
     every_weight = lambda model, targets, skipped: ([], tuple(n for n, p in model.named_parameters() if p.requires_grad))
-    monkeypatch.setattr(passes_module, "split_in_place", every_weight)
+    monkeypatch.setattr(step_module, "split_in_place", every_weight)
     trainer, in_place_grads = sft_full_step(f"{tmp_out}/in_place")
-    assert len(trainer._trap_in_place) == len(grads)
+    assert len(trainer.trap_step.in_place) == len(grads)
     assert_grads_close(grads, in_place_grads, rtol=1e-5, atol=1e-7)
 
 
@@ -426,7 +426,7 @@ def test_norms_take_per_row_vectors_only_where_their_forward_broadcasts_them(kin
     per scale: either way each row's output and the vectors' gradient are those of the module at its row's scale."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from trap2_hf import fused_full
+    from trap2_hf.rescale_full import per_row as fused_full
 
     torch.manual_seed(0)
     module = {"llama_rmsnorm": lambda: LlamaRMSNorm(6), "torch_layernorm": lambda: nn.LayerNorm(6),

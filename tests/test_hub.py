@@ -417,9 +417,10 @@ def test_card_cli_for_an_adapter_trained_elsewhere(hub_server, tmp_path, monkeyp
     }
     assert "| ties | average | density=0.2 | 0.04 | – | 0.3 | – |" in card.text
 
-    # Refresh: the settings come from the card, the flags override them; then push with HF_TOKEN.
+    # Refresh: the settings come from the card, the flags override them (--force: the card records them); then
+    # push with HF_TOKEN.
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
-    assert trap2_main(["card", folder, "--trap_margin", "0.1", "--push", "elsewhere"]) == 0
+    assert trap2_main(["card", folder, "--trap_margin", "0.1", "--force", "--push", "elsewhere"]) == 0
     block = ModelCard.load(os.path.join(folder, "README.md")).data.to_dict()["trap2"]
     assert block["trap_lambda"] == 0.003 and block["trap_margin"] == 0.1
     repo = hub_server.files("alice/elsewhere")
@@ -469,7 +470,7 @@ def test_saved_files_get_the_permissions_of_an_ordinary_write(trained, tmp_path)
         assert set(modes.values()) == {"0o644"}, modes
         os.umask(0o027)
         trained.save_model(out)
-        assert trap2_main(["card", out, "--trap_margin", "0.1"]) == 0
+        assert trap2_main(["card", out, "--trap_margin", "0.1", "--force"]) == 0
         modes = {name: oct(os.stat(path).st_mode & 0o777) for name, path in all_local_files(out).items()}
         assert set(modes.values()) == {"0o640"}, modes
     finally:
@@ -503,10 +504,10 @@ def test_card_cli_parses_settings_as_the_training_flags_do(tmp_path, capsys):
     assert (block["trap_lambda"], block["trap_offray_lambda"]) == (0.01, 0.01)
     assert (block["trap_mode"], block["trap_rescaled_fraction"]) == ("fused", 0.5)
 
-    assert trap2_main(["card", folder, "--trap_offray_lambda", "0.1"]) == 0
+    assert trap2_main(["card", folder, "--trap_offray_lambda", "0.1", "--force"]) == 0
     _, facts = load_protected_adapter(tiny_llama(), folder)
     assert (facts["trap_lambda"], facts["trap_offray_lambda"], facts["trap_rescaled_fraction"]) == (0.01, 0.1, 0.5)
-    assert trap2_main(["card", folder, "--trap_rescaled_fraction", "2"]) == 2
+    assert trap2_main(["card", folder, "--trap_rescaled_fraction", "2", "--force"]) == 2
     assert "trap_rescaled_fraction must be in (0, 1], got 2.0" in capsys.readouterr().err
 
 
@@ -651,3 +652,83 @@ def test_the_card_says_what_the_audit_measured_or_that_none_ran():
     kept = {**naive, "protected": {"copy": 0.95, "average": 0.8}}
     text = ModelCard(render_card(None, protection, audit={**SHORT_AUDIT, "methods": [kept]})).text
     assert "the protected task `copy` was at 0.95 (accuracy; base model 0.02;" in text and "fell" not in text
+
+
+# ----------------------------------------------------------------------------- folders that are not an adapter
+def test_folders_that_are_not_adapters_get_advice_that_works(tmp_path, capsys):
+    """A full model folder and a Trainer output folder holding only checkpoints: the advice names what the folder
+    is and what to pass instead, and following it works."""
+    full = str(tmp_path / "full-model")
+    tiny_llama().save_pretrained(full)
+    with pytest.raises(ProtectionCardError, match=r"is a full model folder .*not a PEFT adapter: load it with "
+                       r"AutoModelForCausalLM.from_pretrained\('.*full-model'\)"):
+        load_protected_adapter(tiny_llama(), full)
+
+    out = str(tmp_path / "run")
+    make_trainer(out, save_strategy="steps", save_steps=1).train()  # the run ends without save_model()
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2"]
+    last = os.path.join(out, "checkpoint-2")
+    with pytest.raises(ProtectionCardError, match=rf"only Trainer checkpoints \(checkpoint-1, checkpoint-2\): pass "
+                       rf"the last one, load_protected_adapter\(base_model, '{last}'\)"):
+        load_protected_adapter(tiny_llama(), out)
+    _, facts = load_protected_adapter(tiny_llama(), last)  # the advice works
+    assert facts["trap_lambda"] == 0.005
+
+    assert trap2_main(["card", out, "--trap_lambda", "0.005"]) == 2
+    assert f"only Trainer checkpoints (checkpoint-1, checkpoint-2): pass the last one, `trap2 card {last}`" in (
+        capsys.readouterr().err
+    )
+    assert trap2_main(["card", last]) == 0
+
+
+# ----------------------------------------------------------------------------- trap2 card keeps what ran
+def test_card_refuses_to_change_a_recorded_training_setting_unless_forced(trained, tmp_path, capsys):
+    out = str(tmp_path / "saved")
+    trained.save_model(out)
+
+    def block():
+        return ModelCard.load(os.path.join(out, "README.md")).data.to_dict()["trap2"]
+
+    recorded = block()
+    assert (recorded["trap_lambda"], recorded["trap_offray_lambda"]) == (0.005, 0.005)
+    assert trap2_main(["card", out, "--trap_lambda", "0.02"]) == 2
+    err = capsys.readouterr().err
+    assert "--trap_lambda 0.02 (the card records 0.005) would change what it says ran" in err and "--force" in err
+    assert block() == recorded
+    assert trap2_main(["card", out, "--trap_lambda", "0.005", "--license", "mit"]) == 0  # the same value: no change
+
+    # Forced: the settings training derived follow (trap_offray_lambda from trap_lambda, the fraction from the
+    # scales per step); one the card holds at another value than derived stays.
+    assert trap2_main(["card", out, "--trap_lambda", "0.02", "--trap_scales_per_step", "4", "--force"]) == 0
+    changed = block()
+    assert (changed["trap_lambda"], changed["trap_offray_lambda"], changed["trap_scales_per_step"]) == (0.02, 0.02, 4)
+    assert recorded["trap_mode"] == changed["trap_mode"] == "fused"
+    assert (recorded["trap_rescaled_fraction"], changed["trap_rescaled_fraction"]) == (0.125, 0.0625)
+    assert trap2_main(["card", out, "--trap_offray_lambda", "0.1", "--force"]) == 0
+    assert trap2_main(["card", out, "--trap_lambda", "0.03", "--force"]) == 0
+    assert (block()["trap_lambda"], block()["trap_offray_lambda"]) == (0.03, 0.1)
+
+
+def test_the_card_makes_no_protection_claim_for_an_update_the_audit_cannot_judge():
+    """An audit whose update alone does not beat the base (issue 32): no "works as released", no protection
+    claim, the reason instead; the merges not measured are the ones that did not run."""
+    protection = {"update": "lora", "library_version": "0", "trap_lambda": 0.05, "trap_scale_min": 0.05,
+                  "trap_scale_max": 2.0, "trap_margin": 0.05, "sha256": {"adapter_config.json": "0" * 64}}
+    naive = {"method": "task_arithmetic", "mode": "average", "params": {"weight": 0.5},
+             "protected": {"copy": 0.0, "average": 0.0}, "unprotected": None}
+    audit = {**AUDIT, "base": {"copy": 0.0, "reverse": 0.0}, "chance": {"copy": 0.125, "reverse": 0.125},
+             "standalone": {"protected": 0.0, "unprotected": None}, "methods": [naive]}
+    text = ModelCard(render_card(None, protection, audit=audit)).text
+    assert "It works as released" not in text and "behaves like an ordinary fine-tune" not in text
+    assert "no verdict: the update alone does not beat the base" in text
+    assert "fell from" not in text and "Stops:" not in text
+
+    # A verdict it can give: the merges not measured are named from what ran, not "other merges".
+    judged = {**AUDIT, "standalone": {"protected": 0.91, "unprotected": None}, "methods": [naive | {"protected": {"copy": 0.03, "average": 0.3}},
+                                   {**naive, "method": "ties", "params": {"weight": 0.5, "density": 0.2}}],
+              "config": {"modes": ["average"], "not_audited": {"methods": ["dare_ties", "tsv"], "modes": ["best"]}}}
+    text = ModelCard(render_card(None, protection, audit=judged)).text
+    assert "It works as released" in text
+    assert "Other merges were not measured" not in text
+    assert "Not measured: the modes best; the methods dare_ties, tsv." in text
+    assert "No unprotected twin was audited" in text

@@ -19,27 +19,32 @@ MAX_LINES = 400
 LAYERS = [
     # 0: facts and small helpers, importing nothing of the package above them (settings stay free of training code)
     [
-        "trap2_hf", "trap2_hf._lazy", "trap2_hf._warnings", "trap2_hf.settings", "trap2_hf.mode_settings", "trap2_hf.seeding", "trap2_hf.scale_settings",
-        "trap2_hf.offray", "trap2_hf.offray.terms", "trap2_hf.hub.files",
+        "trap2_hf", "trap2_hf._lazy", "trap2_hf._warnings", "trap2_hf.settings", "trap2_hf.choices", "trap2_hf.choices.*",
+        "trap2_hf.seeding", "trap2_hf.scale_settings", "trap2_hf.offray", "trap2_hf.offray.terms", "trap2_hf.hub.files",
+        "trap2_hf.cli_errors",
     ],
-    # 1: the maths and the model surgery: objective, re-scaling, rows, fused steps, update kinds, off-ray terms
+    # 1: the maths and the model surgery: objective, re-scaling (adapters, full weights), batches, update kinds,
+    # off-ray terms
     [
-        "trap2_hf.objective", "trap2_hf.rescale", "trap2_hf.rescale_full", "trap2_hf.rows", "trap2_hf.fused", "trap2_hf.split", "trap2_hf.grouped_linear",
-        "trap2_hf.fused_full", "trap2_hf.best_response", "trap2_hf.updates", "trap2_hf.offray.*",
-        "trap2_hf.launchers", "trap2_hf.nonfinite",
+        "trap2_hf.objective", "trap2_hf.rescale", "trap2_hf.rescale_full", "trap2_hf.rescale_full.*", "trap2_hf.batch",
+        "trap2_hf.best_response", "trap2_hf.updates", "trap2_hf.offray.*", "trap2_hf.launchers", "trap2_hf.nonfinite",
     ],
-    # 2: the trap modes
+    # 2: the trap modes: their strategies, plans, row draws and the step object they drive
     ["trap2_hf.modes", "trap2_hf.modes.*"],
     # 3: what a release records, which the trainer writes and the audit reads: the card, its protection block, the
-    # upload policy, the audit's report (tables and verdict)
+    # upload policy, the audit's report (tables, verdict and plot)
     [
         "trap2_hf.hub.protection", "trap2_hf.hub.card", "trap2_hf.hub.upload", "trap2_hf.audit.report",
-        "trap2_hf.audit.summary",
+        "trap2_hf.audit.plot", "trap2_hf.audit.summary", "trap2_hf.audit.verdict",
     ],
     # 4: the trainer and what it is built from
     ["trap2_hf.config", "trap2_hf._args", "trap2_hf.trainer", "trap2_hf.callbacks", "trap2_hf.checkpoints", "trap2_hf.hub.mixin"],
-    # 5: the Hub, the audit, the demo
-    ["trap2_hf.hub", "trap2_hf.hub.*", "trap2_hf.audit", "trap2_hf.audit.*", "trap2_hf.demo", "trap2_hf.demo.*"],
+    # 5: the Hub, the audit (its engine, settings and command line, mergekit's backend in audit/mergekit/), the demo,
+    # tracing a release in merges
+    [
+        "trap2_hf.hub", "trap2_hf.hub.*", "trap2_hf.audit", "trap2_hf.audit.*", "trap2_hf.audit.mergekit",
+        "trap2_hf.audit.mergekit.*", "trap2_hf.demo", "trap2_hf.demo.*", "trap2_hf.trace", "trap2_hf.trace.*",
+    ],
     # 6: the commands
     ["trap2_hf.cli"],
 ]
@@ -52,6 +57,9 @@ KNOWN_CYCLES = {}
 
 # Modules allowed over MAX_LINES for now, each with why.
 LONG_MODULES = {}
+
+# Modules that still compare a trap_mode or trap_target value by name outside `choices/`, each with why.
+NAME_COMPARES: dict[str, str] = {}
 
 
 def module_files() -> dict[str, Path]:
@@ -107,7 +115,7 @@ def test_the_import_reader_sees_relative_lazy_and_package_imports():
         "trap2_hf.trainer", modules["trap2_hf.trainer"], modules
     )
     assert "trap2_hf.offray.terms" in imports_of("trap2_hf.settings", modules["trap2_hf.settings"], modules)
-    # modes/__init__.py: `from .fused import Fused` is the modes' own file, not trap2_hf/fused.py
+    # modes/__init__.py: `from .fused import Fused` is the modes' own file
     assert "trap2_hf.modes.fused" in imports_of("trap2_hf.modes", modules["trap2_hf.modes"], modules)
 
 
@@ -139,20 +147,51 @@ def test_no_module_over_the_line_limit():
 
 
 def test_registries_of_the_same_choices_agree():
-    from trap2_hf import modes, settings, updates
+    """Each mode and update kind is declared once (`choices/`); the implementations are keyed by the declarations."""
+    from trap2_hf import choices, modes, settings, updates
     from trap2_hf.audit import kinds
     from trap2_hf.offray import terms, transforms
 
-    assert set(modes.MODES) == set(settings.MODE_SHARES) and set(settings.TRAP_MODES) == {"auto", *modes.MODES}
-    assert set(updates.UPDATE_KINDS) == set(settings.TARGETS) == set(modes.AUTO_ORDER) == set(kinds.AUDITED_KINDS)
-    assert all(choice.mode in modes.MODES for order in modes.AUTO_ORDER.values() for choice in order)
-    assert all(order[-1].mode == modes.FALLBACK for order in modes.AUTO_ORDER.values())
+    assert set(modes.STRATEGIES) == set(choices.MODES) and set(settings.TRAP_MODES) == {"auto", *choices.MODES}
+    assert all(strategy.declared is choices.MODES[name] for name, strategy in modes.STRATEGIES.items())
+    assert set(updates.UPDATE_KINDS) == set(settings.TARGETS) == set(kinds.AUDITED_KINDS)
+    assert {kind.name for kind in choices.AUTO_ORDER} == set(choices.TARGETS)
+    assert all(kind.declared is choices.TARGETS[name] for name, kind in updates.UPDATE_KINDS.items())
+    assert all(choice.mode in choices.MODES.values() for order in choices.AUTO_ORDER.values() for choice in order)
+    assert all(order[-1].mode is choices.FALLBACK for order in choices.AUTO_ORDER.values())
     assert set(transforms.TRANSFORMS) == set(terms.OWN_PARTS) | {terms.GUARD}
     assert set(transforms.PARTNER_UPDATES) == set(terms.PARTNER_PARTS)
     parts = [*terms.OWN_PARTS.values(), *terms.PARTNER_PARTS.values()]
     assert {r for part in parts for r in part.ranges} <= set(terms.RANGES)
     fields = set(settings.Trap2Settings.__dataclass_fields__)
     assert {f for r in terms.RANGES.values() for f in (r.low, r.high)} <= fields
+
+
+def test_modes_and_update_kinds_are_compared_by_name_only_where_they_are_declared():
+    """`trap_mode` and `trap_target` values are compared only in `choices/`; everyone else asks the declarations."""
+    from trap2_hf.choices import AUTO, MODES, TARGETS
+
+    names = set(MODES) | set(TARGETS)
+
+    def constants(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.value
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            for element in node.elts:
+                yield from constants(element)
+
+    comparing = {}
+    for name, path in module_files().items():
+        if name.startswith("trap2_hf.choices"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            found = {value for part in [node.left, *node.comparators] for value in constants(part)}
+            if found & names or (AUTO in found and "trap_mode" in ast.unparse(node)):
+                comparing.setdefault(name, []).append(f"line {node.lineno}: {ast.unparse(node)}")
+    assert {name: lines for name, lines in comparing.items() if name not in NAME_COMPARES} == {}
+    assert [name for name in NAME_COMPARES if name not in comparing] == [], "drop them from NAME_COMPARES"
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[frozenset]:

@@ -23,7 +23,7 @@ from trap_checks import (
     trainable_state,
 )
 from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments, rescaled_adapter
-from trap2_hf.rows import rescaled_rows
+from trap2_hf.modes.rows import rescaled_rows
 from trap2_hf.objective import rescaled_loss_coefficient
 from trap2_hf.rescale import rescaled_adapter_per_sample
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from trap2_hf import Trap2SFTConfig
-from trap2_hf.rows import rescaled_rows, rows_generator
+from trap2_hf.modes.rows import rescaled_rows, rows_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -80,13 +80,11 @@ def test_paper_recipe_has_the_paper_setup():
     assert script_args.dataset_prompt_template.endswith("step by step.\n")
 
 
-FLAGSHIP_RECIPES = [p for p in TRAINING_RECIPES if p.parent.name != "tiny"]  # the GPU recipes
-
-
-@pytest.mark.parametrize("path", FLAGSHIP_RECIPES, ids=rel)
-def test_flagship_recipes_use_settings_measured_to_protect(path):
+@pytest.mark.parametrize("path", TRAINING_RECIPES, ids=rel)
+def test_recipes_use_settings_measured_to_protect(path):
     """The paper's lambda 0.01 with one uniform scale per step left every demo merge at 1.00; lambda 0.05 with two
-    stratified scales brought naive merges to chance (recipes/README.md, "Protection settings")."""
+    stratified scales brought naive merges to chance (recipes/README.md, "Protection settings"). The tiny recipes
+    too: they are the templates users copy first."""
     _, args, _ = parse(["--config", str(path)])
     assert args.trap_lambda >= 0.05 and args.trap_scales_per_step >= 2, (args.trap_lambda, args.trap_scales_per_step)
     assert args.trap_scale_sampling == "stratified" and args.trap_weighting == "inv_sqrt"
@@ -108,19 +106,76 @@ def test_accelerate_config_loads(path):
 def test_unknown_yaml_key_is_an_error(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text((ROOT / TINY_LORA).read_text() + "trap_lamda: 0.1\n")
-    with pytest.raises(ValueError, match="unknown key in the config file 'trap_lamda'; did you mean 'trap_lambda'"):
+    with pytest.raises(ValueError, match=r"unknown config key trap_lamda \(did you mean trap_lambda\?\)"):
         parse(["--config", str(bad)])
     # Refused before the dataclasses are built: a typo'd required key is reported as a typo, not as missing.
     bad.write_text((ROOT / TINY_LORA).read_text().replace("dataset_name:", "dataset_nme:"))
-    with pytest.raises(ValueError, match="'dataset_nme'; did you mean 'dataset_name'"):
+    with pytest.raises(ValueError, match=r"dataset_nme \(did you mean dataset_name\?\)"):
         parse(["--config", str(bad)])
 
 
-def test_unknown_flag_is_an_error():
-    with pytest.raises(ValueError, match="unknown flag 'trap_lamda'; did you mean 'trap_lambda'"):
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit):
         parse(["--config", str(ROOT / TINY_LORA), "--trap_lamda", "0.1"])
+    assert capsys.readouterr().err == (
+        "sft_protect.py: error: unknown flag --trap_lamda (did you mean --trap_lambda?) (`python "
+        "recipes/sft_protect.py --help` lists the options)\n"
+    )
     _, args, _ = parse(["--config", str(ROOT / TINY_LORA), "--trap_lamb=0.2"])  # argparse's unambiguous prefix
     assert args.trap_lambda == 0.2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--config", "{typo_yaml}"], "unknown config key trap_lamda (did you mean trap_lambda?)"),
+        (["--trap_lambda", "-1"], "trap_lambda must be >= 0, got -1.0."),
+        (["--trap_lambda", "abc"], "argument --trap_lambda: invalid float value: 'abc' (`python recipes/"),
+        (["--trap_scale_min", "1.5", "--trap_scale_max", "1.2"], "trap_scale_min (1.5) must be <= trap_scale_max"),
+        (["--output_dir", "{file}"], "is a file, not a folder"),
+        (["--max_steps", "0"], "max_steps=0 trains nothing"),
+        (["--trap_target", "full"], "use_peft is true, so a LoRA adapter is trained: pass --trap_target adapter"),
+        (["--use_peft", "false"], "use_peft is false, so none is trained: pass --use_peft true"),
+        (["--model_name_or_path", "recipes/tiny/modle"], "did you mean 'recipes/tiny/model'?"),
+        (["--model_name_or_path", "recipes/tiny/nothing-like-it"], "no local folder 'recipes/tiny/nothing-like-it'"),
+    ],
+)
+def test_the_command_line_gets_one_line_per_error(tmp_path, monkeypatch, capsys, flags, message):
+    """What the recipe refuses prints as one `sft_protect.py: error: ...` line (exit code 2), in the words of the
+    command line: flags, not Python calls; and before a model is loaded or an output folder made."""
+    import transformers
+
+    from trap2_hf.cli_errors import run_command
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_loading)
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "typo.yaml").write_text((ROOT / TINY_LORA).read_text().replace("trap_lambda:", "trap_lamda:"))
+    flags = [f.format(file=tmp_path / "file", typo_yaml=tmp_path / "typo.yaml") for f in flags]
+    monkeypatch.chdir(ROOT)
+    config = [] if flags[0] == "--config" else ["--config", TINY_LORA]
+    argv = [*config, "--output_dir", str(tmp_path / "out"), *flags]
+    try:
+        code = run_command(load_recipe().command, argv, prog="sft_protect.py")
+    except SystemExit as exit:  # the parser's own exit, for a value that does not parse
+        code = exit.code
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("sft_protect.py: error: ") and captured.err.count("\n") == 1, captured.err
+    assert message in captured.err and "get_peft_model" not in captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_wrong_model_path_ends_the_recipe_in_one_line(tmp_path):
+    """`python recipes/sft_protect.py` itself: exit code 2 and one line, the traceback only with --debug."""
+    command = [sys.executable, str(SCRIPT), "--config", TINY_LORA, "--model_name_or_path", "recipes/tiny/modle",
+               "--output_dir", str(tmp_path / "out")]
+    env = {**_env(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "did you mean 'recipes/tiny/model'?" in result.stderr
+    debug = subprocess.run([*command, "--debug"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -133,14 +188,15 @@ def test_unknown_flag_is_an_error():
 def test_run_arguments_are_refused_before_the_model_loads(tmp_path, monkeypatch, flags, message):
     import transformers
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_loading)
     (tmp_path / "file").write_text("not a folder")
     flags = [flag.format(file=tmp_path / "file") for flag in flags]
     with pytest.raises(ValueError, match=message):
         load_recipe().main(*parse(["--config", str(ROOT / TINY_LORA), *flags]))
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded before the arguments were checked")
 
 
 def test_flags_override_yaml():
@@ -348,7 +404,7 @@ PROBE = textwrap.dedent(
         return rescaled(self, scale, **kwargs)
     Trap2SFTTrainer.trap_rescaled = recording_rescaled
 
-    from trap2_hf.fused import FusedPlan
+    from trap2_hf.modes.fused import FusedPlan
     build = FusedPlan.build.__func__
     def recording_build(cls, batch_size, rows, *args):
         record.setdefault("copies", []).append([r.tolist() for r in rows])
@@ -470,3 +526,47 @@ def test_tiny_recipe_two_process_ddp_runs_the_default_full_fine_tuning_step(tmp_
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- the starter tasks file
+STARTER_TASKS = RECIPES / "tiny" / "audit_tasks.py"
+TINY_MODEL = RECIPES / "tiny" / "model"
+
+
+def test_the_starter_audit_tasks_file_runs_through_the_audit(tmp_path, capsys):
+    """recipes/tiny/audit_tasks.py, as `trap2 audit --tasks` loads it, on the tiny model: both tasks measured,
+    the protected one's repair loss differentiable."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trap2_hf.cli import main
+
+    folders = {}
+    for seed, name in enumerate(("object", "relation")):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        folders[name] = str(tmp_path / name)
+        get_peft_model(model, config).save_pretrained(folders[name])
+    out = tmp_path / "audit"
+    code = main([
+        "audit", "--base_model", str(TINY_MODEL), "--tasks", str(STARTER_TASKS), "--protected_task", "object",
+        "--protected", folders["object"], "--other", f"relation={folders['relation']}", "--methods", "task_arithmetic",
+        "--modes", "average", "--sweep_scales", "1", "--device", "cpu", "--output_dir", str(out), "--no_progress",
+    ])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "audit.json").read_text())
+    assert results["protected_task"] == "object"
+    assert set(results["base"]) >= {"object", "relation"} and set(results["chance"]) >= {"object", "relation"}
+    assert results["chance"]["object"] == 1 / 8 and results["chance"]["relation"] == 1 / 4  # 8 objects, 4 verbs
+
+    spec = importlib.util.spec_from_file_location("starter_tasks", STARTER_TASKS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+    tasks = module.get_tasks(base, AutoTokenizer.from_pretrained(TINY_MODEL))
+    protected = tasks[0]
+    assert protected.num_train > 0 and all(0 <= t.evaluate(base, split) <= 1 for t in tasks for split in ("validation", "test"))
+    loss = protected.train_loss(base, torch.arange(4))
+    loss.backward()
+    assert loss.ndim == 0 and base.lm_head.weight.grad is not None

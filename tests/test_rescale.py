@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
-from peft import LoHaConfig, LoraConfig, PrefixTuningConfig, get_peft_model
+from peft import LoHaConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from torch import nn
 
 from conftest import tiny_llama
 from trap2_hf import rescaled_adapter, rescaled_parameters, snapshot_parameters
-from trap2_hf.rescale_full import _InPlaceRescale
+from trap2_hf.rescale_full.at_scale import _InPlaceRescale
 
 INPUT = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(1))
 
@@ -105,13 +105,59 @@ def test_state_is_restored_when_the_body_raises():
 
 
 def test_no_adapter_and_unsupported_tuners_are_refused():
-    with pytest.raises(ValueError, match="no trainable PEFT adapter"):
+    with pytest.raises(ValueError, match="no trainable or active PEFT adapter"):
         with rescaled_adapter(tiny_llama(), 0.5):
             pass
     prefix = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    with pytest.raises(NotImplementedError, match="not supported yet"):
-        with rescaled_adapter(prefix, 0.5):
-            pass
+    prompt = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    for model, name in ((prefix, "PREFIX_TUNING"), (prompt, "PROMPT_TUNING")):
+        with pytest.raises(NotImplementedError, match=rf"PEFT method {name} is not supported yet: it adds no weight"):
+            with rescaled_adapter(model, 0.5):
+                pass
+
+
+ADAPTERS = {
+    "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    "dora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], use_dora=True, init_lora_weights=False),
+    "loha": LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ADAPTERS))
+def test_a_saved_adapter_loaded_for_use_rescales_as_the_model_that_trained_it(tmp_path, kind):
+    """Loaded adapters are frozen: with no trained adapter, the active one is re-scaled (issue #36), through plain
+    PEFT and through load_protected_adapter."""
+    from peft import PeftModel
+
+    from conftest import token_dataset
+    from trap2_hf import Trap2Trainer, Trap2TrainingArguments, load_protected_adapter
+
+    out = str(tmp_path / kind)
+    model = get_peft_model(tiny_llama(), ADAPTERS[kind])
+    args = Trap2TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                                  use_cpu=True, report_to="none", save_strategy="no")
+    trainer = Trap2Trainer(model=model, args=args, train_dataset=token_dataset(8))
+    trainer.train()
+    trainer.save_model()
+    scales = (0.5, 1.0, 1.25)
+
+    def curve(m):
+        curve = {}
+        for scale in scales:
+            with rescaled_adapter(m, scale):
+                curve[scale] = logits(m)
+        return curve
+
+    expected = curve(model)
+    assert not torch.allclose(expected[0.5], expected[1.0])
+    loaded = {
+        "PeftModel.from_pretrained": PeftModel.from_pretrained(tiny_llama(), out),
+        "load_protected_adapter": load_protected_adapter(tiny_llama(), out)[0],
+    }
+    for how, model_back in loaded.items():
+        assert not any(p.requires_grad for p in model_back.parameters()), how
+        for scale, values in curve(model_back).items():
+            torch.testing.assert_close(values, expected[scale], msg=f"{how}, s={scale}")
 
 
 def test_rescaled_parameters_values_and_gradients():

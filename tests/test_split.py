@@ -1,5 +1,6 @@
-"""trap_mode='split': one pass over the micro-batch, each drawn row at its scale instead of at 1 (split.py), with the
-gradient it claims, on an adapter and on a full fine-tune, under accumulation; and what it refuses."""
+"""trap_mode='split': one pass over the micro-batch, each drawn row at its scale instead of at 1 (modes/split.py),
+with the gradient it claims, on an adapter and on a full fine-tune, under accumulation; the off-ray passes after it;
+and what it refuses."""
 
 import copy
 
@@ -13,7 +14,7 @@ from test_modes import TWO_SCALES, lora_model, train
 from trap_checks import assert_grads_close, lora_effective_weights
 from trap2_hf import Trap2Trainer, Trap2TrainingArguments
 from trap2_hf.objective import rescaled_loss_coefficient
-from trap2_hf.split import SplitPlan
+from trap2_hf.modes.split import SplitPlan
 
 SPLIT = dict(trap_lambda=0.3, trap_mode="split", trap_rescaled_fraction=0.25, **TWO_SCALES)
 
@@ -121,3 +122,32 @@ def test_split_default_fraction_leaves_half_the_rows_to_the_nominal_loss(tmp_out
     assert plan.sample_scales("cpu").tolist() == [1, 1, 1, 1, 0.5, 0.5, 1.5, 1.5]
     with pytest.raises(ValueError, match="at most one scale"):
         SplitPlan.build(8, [torch.tensor([1, 6]), torch.tensor([6])], [0.5, 1.5], [-0.1, -0.1], 0.25)
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_split_runs_the_offray_and_guard_passes_as_two_pass_does(tmp_out, float64):
+    """Off-ray and guard terms run after split's one pass, as separate passes over the micro-batch: what they add
+    to the step's gradient is what they add to two_pass's (in float64, to rounding)."""
+    dataset = token_dataset(8, ragged=True)
+    offray = dict(trap_offray="dare,synthetic", trap_guard_lambda=0.1, trap_offray_per_step=2)
+
+    def grads(mode, **extra):
+        torch.manual_seed(0)
+        settings = {**SPLIT, "trap_mode": mode} if mode == "split" else dict(trap_lambda=0.3, **TWO_SCALES)
+        trainer, step_grads, _ = train(lora_model(), f"{tmp_out}/{mode}{len(extra)}", dataset, 4, accumulation=2,
+                                       **settings, **extra)
+        logged = [log for log in trainer.state.log_history if "trap/offray_loss" in log]
+        assert bool(logged) == bool(extra)
+        return step_grads
+
+    split_part = {k: v - w for (k, v), w in zip(grads("split", **offray).items(), grads("split").values())}
+    two_pass_part = {k: v - w for (k, v), w in zip(grads("two_pass", **offray).items(), grads("two_pass").values())}
+    assert max(v.abs().max() for v in two_pass_part.values()) > 1e-4  # the terms move the update
+    assert_grads_close(split_part, two_pass_part, rtol=1e-9, atol=1e-12)

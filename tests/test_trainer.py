@@ -294,3 +294,37 @@ def test_unsupported_peft_method_is_refused_by_name(tmp_out):
     args = Trap2TrainingArguments(output_dir=tmp_out, report_to="none", use_cpu=True)
     with pytest.raises(NotImplementedError, match="PROMPT_TUNING.*not supported yet"):
         Trap2Trainer(model=model, args=args, train_dataset=token_dataset(4))
+
+
+def test_the_output_folder_is_made_when_the_run_starts_and_removed_if_it_fails_empty(tmp_path, monkeypatch):
+    """transformers makes output_dir when the Trainer is built: a trainer that fails to build, or a run that fails
+    before writing anything, would leave an empty folder (and its missing parents) behind. A folder the user made,
+    or one that holds anything, is never removed."""
+    out = tmp_path / "runs" / "out"
+
+    def args():
+        return Trap2TrainingArguments(output_dir=str(out), max_steps=2, use_cpu=True, report_to="none",
+                                      save_strategy="no", per_device_train_batch_size=4)
+
+    with pytest.raises(ValueError, match="no PEFT adapter"):
+        Trap2Trainer(model=tiny_llama(), args=args(), train_dataset=token_dataset(8))
+    assert not (tmp_path / "runs").exists()
+
+    trainer = Trap2Trainer(model=lora_model(), args=args(), train_dataset=token_dataset(8))
+    assert not (tmp_path / "runs").exists()  # built, not yet run
+    monkeypatch.setattr(Trainer, "training_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("OOM")))
+    with pytest.raises(RuntimeError, match="OOM"):
+        trainer.train()
+    assert not (tmp_path / "runs").exists()
+
+    out.mkdir(parents=True)  # the user's own (empty) folder stays
+    with pytest.raises(RuntimeError, match="OOM"):
+        Trap2Trainer(model=lora_model(), args=args(), train_dataset=token_dataset(8)).train()
+    assert out.is_dir()
+    out.rmdir()
+    monkeypatch.undo()
+    trainer = Trap2Trainer(model=lora_model(), args=args(), train_dataset=token_dataset(8))
+    trainer.train()
+    assert out.is_dir()  # made when the run started
+    trainer.save_model()
+    assert "adapter_model.safetensors" in os.listdir(out)

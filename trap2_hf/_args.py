@@ -30,3 +30,11 @@ def parse_fields(dataclass_type, values: dict[str, str], context: str) -> dict:
         argv += [f"--{name}", *text] if isinstance(text, list) else [f"--{name}={text}"]
     namespace = parser.parse_args(argv)
     return {name: getattr(namespace, name) for name in values}
+
+
+def refuse_removed_flags(parser: argparse.ArgumentParser, argv: list[str], removed: dict[str, str]) -> None:
+    """Exit through `parser.error` naming the replacement when `argv` passes a flag of `removed` ({flag: what
+    replaces it}), instead of the parser's generic complaint about an unknown argument."""
+    for flag, replacement in removed.items():
+        if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
+            parser.error(f"{flag} was removed: {replacement}.")

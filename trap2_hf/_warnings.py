@@ -5,13 +5,25 @@ import logging
 import warnings
 
 
+# PEFT 0.21 builds every PeftModel (get_peft_model, PeftModel.from_pretrained, TRL's SFTTrainer) by reading
+# transformers' deprecated `is_gradient_checkpointing` (peft_model.py), which prints a FutureWarning about a name our
+# code and our users' code never use, from transformers' own module.
+PEFT_DEPRECATION = dict(
+    message="`is_gradient_checkpointing` is deprecated", category=FutureWarning, module="transformers.modeling_utils"
+)
+
+
+def ignore_peft_deprecation() -> None:
+    """Drop that one warning for the process (`import trap2_hf` does), so a user's own `get_peft_model(...)`, as
+    in the README's examples, prints nothing they did not write; every other warning stays."""
+    warnings.filterwarnings("ignore", **PEFT_DEPRECATION)
+
+
 @contextlib.contextmanager
 def peft_deprecation_silenced():
-    """PEFT 0.21 builds every PeftModel (get_peft_model, PeftModel.from_pretrained, TRL's SFTTrainer) by reading
-    transformers' deprecated `is_gradient_checkpointing` (peft_model.py), which prints a FutureWarning about a
-    name our code and our users' code never use."""
+    """The same around the PeftModels our code builds, where a caller reset the warning filters."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", **PEFT_DEPRECATION)
         yield
 
 

@@ -17,15 +17,15 @@ merger who read the model card puts the update. Two cheap answers:
   spent on rows that still recover; the paper's unbounded ascent keeps pushing broken rows further.
 
 The choice is a function of the losses only, so it is tested on hand-made losses. The trainer calls
-`best_response_scales` in `training_step` and `bounded_loss` in `compute_loss`; the fused step caps its copies'
-rows through `FusedPlan.rescaled_cap` (`fused.py`).
+`best_response_scales` in `training_step` with its step object (`modes.TrapStep`), whose `weigh` applies
+`bounded_loss`; the fused step caps its copies' rows through `FusedPlan.rescaled_cap` (`modes/fused.py`).
 """
 
 import math
 
 import torch
 
-from .rows import batch_size_of, select_rows
+from .batch import batch_size_of, select_rows
 from .seeding import CANDIDATES, OFFRAY_CANDIDATES
 from .settings import trap_scale_intervals
 
@@ -143,60 +143,49 @@ def candidate_rows(batch_size: int, fraction: float, generator: torch.Generator)
     return torch.randperm(batch_size, generator=generator)[:count].sort().values
 
 
-def best_response_scales(trainer, model, inputs: dict, scales: list[float]) -> list[float]:
+def best_response_scales(step, model, inputs: dict, scales: list[float]) -> list[float]:
     """The step's ascent scales at the lowest-loss candidates of this micro-batch (`trap_scale_candidates` > 0),
     else `scales` (the random draw) unchanged.
 
     Each candidate's loss is the model's own loss on the same rows with the same dropout masks, with no gradient;
     the RNG is restored afterwards so the step's own passes draw what they would have. Under data parallelism
-    the losses are averaged over ranks first, so every rank picks the same scales."""
-    args = trainer.args
+    the losses are averaged over ranks first, so every rank picks the same scales. `step`: the trainer's
+    `modes.TrapStep`."""
+    args = step.args
     if not args.trap_scale_candidates or not scales:
         return scales
-    candidates, generator = step_candidates(args, trainer.state.global_step)
-    values = candidate_losses(trainer, model, inputs, generator, [trainer.trap_rescaled(s) for s in candidates])
+    candidates, generator = step_candidates(args, step.global_step)
+    values = candidate_losses(step, model, inputs, generator, [step.rescaled(s) for s in candidates])
     picked = select_scales(
         candidates, values, len(scales), args.trap_scale_sampling, args.trap_candidate_temperature, generator
     )
-    trainer._trap_record("candidate_passes", float(len(candidates)), per_step=False)
-    trainer._trap_record("candidate_min_loss", min(values))
+    step.record("candidate_passes", float(len(candidates)), per_step=False)
+    step.record("candidate_min_loss", min(values))
     return picked
 
 
-def best_response_offray(trainer, model, inputs: dict, draws: list) -> list:
+def best_response_offray(step, model, inputs: dict, draws: list) -> list:
     """The step's off-ray draws: with `trap_offray_candidates` > 0, `draws` holds that many candidates, and the
     trap_offray_per_step lowest-loss ones (where the merge they stand for recovers the task most) are kept, in
     their order; the guard draw is always kept. Else `draws` unchanged. Losses as in `best_response_scales`."""
-    args = trainer.args
+    args = step.args
     pool = [draw for draw in draws if not draw.is_guard]
     if not args.trap_offray_candidates or len(pool) <= args.trap_offray_per_step:
         return draws
-    from .offray import offray_update
-
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    contexts = [offray_update(unwrapped, d, trainer._trap_foreign, trainer._trap_offray_layers) for d in pool]
-    generator = OFFRAY_CANDIDATES.generator(args.seed, trainer.state.global_step)
-    values = candidate_losses(trainer, model, inputs, generator, contexts)
+    contexts = [step.offray_context(d) for d in pool]
+    generator = OFFRAY_CANDIDATES.generator(args.seed, step.global_step)
+    values = candidate_losses(step, model, inputs, generator, contexts)
     kept = sorted(sorted(range(len(pool)), key=lambda k: (values[k], k))[: args.trap_offray_per_step])
-    trainer._trap_record("offray_candidate_passes", float(len(pool)), per_step=False)
-    trainer._trap_record("offray_candidate_min_loss", min(values))
+    step.record("offray_candidate_passes", float(len(pool)), per_step=False)
+    step.record("offray_candidate_min_loss", min(values))
     return [pool[k] for k in kept] + [draw for draw in draws if draw.is_guard]
 
 
-def candidate_losses(trainer, model, inputs: dict, generator: torch.Generator, contexts: list) -> list[float]:
+def candidate_losses(step, model, inputs: dict, generator: torch.Generator, contexts: list) -> list[float]:
     """The model's loss without gradient inside each context, on trap_candidate_fraction of the micro-batch's rows
-    (drawn with `generator`), with the same dropout masks; averaged over ranks under data parallelism."""
+    (drawn with `generator`), with the same dropout masks; averaged over ranks under data parallelism
+    (`modes.TrapStep.losses`)."""
     batch_size = batch_size_of(inputs)
-    rows = candidate_rows(batch_size, trainer.args.trap_candidate_fraction, generator)
+    rows = candidate_rows(batch_size, step.args.trap_candidate_fraction, generator)
     sliced = inputs if len(rows) == batch_size else select_rows(inputs, rows, batch_size)
-    sliced = trainer._prepare_inputs(sliced)
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    losses = []
-    with torch.no_grad(), trainer._trap_side_pass():
-        for context in contexts:
-            with torch.random.fork_rng(devices=devices), context:
-                losses.append(trainer.compute_loss(model, dict(sliced)).detach().float())
-    losses = torch.stack(losses)
-    if trainer.args.world_size > 1:
-        losses = trainer.accelerator.reduce(losses, reduction="mean")
-    return losses.tolist()
+    return step.losses(model, sliced, contexts)

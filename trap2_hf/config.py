@@ -15,6 +15,7 @@ class Trap2TrainingArguments(TrainingArguments, Trap2Settings):
     """`TrainingArguments` plus the Trap² protection settings (fields prefixed `trap_`)."""
 
     def __post_init__(self):
+        cpu_defaults(self)
         super().__post_init__()
         self.derive_trap_defaults()
         self.validate_trap_settings()
@@ -38,10 +39,26 @@ class Trap2SFTConfig(SFTConfig, Trap2Settings):
     def __post_init__(self):
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
+        cpu_defaults(self)
         super().__post_init__()
         self.derive_trap_defaults()
         self.validate_trap_settings()
         check_run_arguments(self)
+
+
+def cpu_defaults(args) -> None:
+    """Defaults that only ask for what the machine has: on a machine without a bf16 device TRL's default
+    `bf16=True` (a value left unset) becomes False, so `Trap2SFTConfig(...)` trains on a CPU as `SFTConfig` would on a
+    GPU, not fail with "Your setup doesn't support bf16/gpu" (a bf16 the user sets still does); without an
+    accelerator the DataLoader cannot pin memory, so `dataloader_pin_memory` is off (True there changes nothing
+    but a torch warning on every run)."""
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    if getattr(args, "bf16", False) is None and not args.fp16:
+        args.bf16 = False if args.use_cpu or not (is_torch_bf16_gpu_available() or is_torch_xla_available()) else None
+    if args.dataloader_pin_memory and not torch.accelerator.is_available():
+        args.dataloader_pin_memory = False
 
 
 def check_run_arguments(args) -> None:

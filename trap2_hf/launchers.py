@@ -6,7 +6,7 @@ from .updates import update_kind
 
 def refuse_unsupported_launcher(trainer) -> None:
     """Raise NotImplementedError, naming the fix, for full fine-tuning under FSDP / DeepSpeed ZeRO-3 and for
-    DeepSpeed with a trainer that would step its optimizer at every backward (see recipes/README.md)."""
+    DeepSpeed with a trainer that would step its optimizer at every backward (see docs/distributed.md)."""
     from accelerate.utils import DistributedType
 
     args, accelerator = trainer.args, trainer.accelerator
@@ -24,5 +24,5 @@ def refuse_unsupported_launcher(trainer) -> None:
             "DeepSpeed steps its optimizer inside every backward at an accumulation boundary (accelerate's "
             "DeepSpeedEngineWrapper.backward), and a Trap² step runs 1 + trap_scales_per_step backwards per "
             "micro-batch, so this trainer would take that many optimizer steps per step. Use DDP or FSDP "
-            "(recipes/accelerate_configs/), or trap_lambda=0; see recipes/README.md."
+            "(recipes/accelerate_configs/), or trap_lambda=0; see docs/distributed.md."
         )

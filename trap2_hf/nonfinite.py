@@ -14,7 +14,7 @@ class SkipNonFiniteStep(TrainerCallback):
     """Drops the gradients of a step whose gradients are not finite, so the optimizer skips it.
 
     The test is the step's gradient norm, which the Trainer has just computed (`_get_grad_norm`, kept in the
-    trainer's `_trap_grad_norm`): a norm is finite exactly when every gradient is (an overflowing sum of squares
+    trainer's `trap_grad_norm`): a norm is finite exactly when every gradient is (an overflowing sum of squares
     counts as not finite). The count goes into the trainer's `trap_skipped_steps`."""
 
     def __init__(self, trainer):
@@ -22,7 +22,7 @@ class SkipNonFiniteStep(TrainerCallback):
         self.trainable = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        norm, self.trainer._trap_grad_norm = self.trainer._trap_grad_norm, None
+        norm, self.trainer.trap_grad_norm = self.trainer.trap_grad_norm, None
         if norm is None:  # a Trainer that computed none: take it here
             if self.trainable is None:
                 self.trainable = [p for p in model.parameters() if p.requires_grad]

@@ -32,10 +32,11 @@ AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.La
 
 def refuse_methods_without_weight_delta(model: nn.Module) -> None:
     """Prompt/prefix tuning and the like add no W0 + dW: there is nothing a merge re-scales."""
-    if getattr(model, "peft_config", None):
-        kinds = sorted({str(getattr(c, "peft_type", type(c).__name__)) for c in model.peft_config.values()})
+    configs = list((getattr(model, "peft_config", None) or {}).values())
+    if configs and all(getattr(c, "is_prompt_learning", False) for c in configs):
+        kinds = sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in configs})
         raise NotImplementedError(
-            f"Re-scaling (protecting) PEFT method(s) {kinds} is not supported yet: they add no weight update "
+            f"Re-scaling (protecting) PEFT method {', '.join(kinds)} is not supported yet: it adds no weight update "
             "W0 + dW that merging re-scales. Use LoRA, rsLoRA, DoRA or another layer adapter (LoHa, LoKr, IA3, ...), "
             "or trap_target='full' without PEFT."
         )
@@ -56,20 +57,45 @@ def trained_adapter_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def active_adapter_names(model: nn.Module) -> list[str]:
+    """The active adapters of a PEFT model's layers (and `modules_to_save` copies), trained or frozen."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    names = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            names |= set(module.active_adapters) & adapters_of(module)
+        elif isinstance(module, ModulesToSaveWrapper):
+            names |= set(module.active_adapters) & set(module.modules_to_save.keys())
+    return sorted(names)
+
+
+def rescaled_adapter_names(model: nn.Module, adapter_names: Iterable[str] | None = None) -> set[str]:
+    """The adapters a re-scaling acts on: the named ones; by default the trained ones (the update being protected),
+    else, for an adapter loaded for use (`PeftModel.from_pretrained`, `load_protected_adapter`: frozen), the active
+    ones."""
+    if adapter_names is not None:
+        return set(adapter_names)
+    names = set(trained_adapter_names(model)) or set(active_adapter_names(model))
+    if not names:
+        refuse_methods_without_weight_delta(model)
+        raise ValueError(
+            "The model has no trainable or active PEFT adapter to re-scale. Wrap it with peft.get_peft_model(...) "
+            "(or pass peft_config to the SFT trainer), or set trap_target='full' for full fine-tuning."
+        )
+    return names
+
+
 @contextmanager
 def rescaled_adapter(model: nn.Module, scale: float, adapter_names: Iterable[str] | None = None) -> Iterator[None]:
-    """Re-scale the named (default: trained) adapters of a PEFT model to W0 + s*dW."""
+    """Re-scale the named adapters of a PEFT model to W0 + s*dW; by default the trained ones, or, on a loaded
+    (frozen) adapter, the active ones (`rescaled_adapter_names`)."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    names = set(trained_adapter_names(model) if adapter_names is None else adapter_names)
-    if not names:
-        refuse_methods_without_weight_delta(model)
-        raise ValueError(
-            "The model has no trainable PEFT adapter to re-scale. Wrap it with peft.get_peft_model(...) "
-            "(or pass peft_config to the SFT trainer), or set trap_target='full' for full fine-tuning."
-        )
+    names = rescaled_adapter_names(model, adapter_names)
     with ExitStack() as stack:
         touched = 0
         for module_name, module in model.named_modules():
@@ -100,8 +126,8 @@ def rescaled_adapter_per_sample(
     adapter_names: Iterable[str] | None = None,
     targets: list[tuple[str, nn.Module, str]] | None = None,
 ) -> Iterator[None]:
-    """While inside, row i of every batch computes with W0 + scales[i]*dW of the named (default: trained)
-    adapters: each LoRA branch's output is multiplied row by row (exact: the branch is B@A@x*scaling), and
+    """While inside, row i of every batch computes with W0 + scales[i]*dW of the named (default: as
+    `rescaled_adapter`) adapters: each LoRA branch's output is multiplied row by row (exact: the branch is B@A@x*scaling), and
     affine `modules_to_save` copies are blended row by row. Raises NotImplementedError for anything else.
     `targets`: `per_sample_targets(model, adapter_names)`, computed once by a caller that re-enters often."""
     targets = per_sample_targets(model, adapter_names) if targets is None else targets
@@ -114,7 +140,7 @@ def rescaled_adapter_per_sample(
                     handles.append(module.register_forward_hook(partial(_scale_rows, row_scales, layer_name)))
                 else:
                     blend = partial(_blend_rows, module.original_module, row_scales, layer_name)
-                    stack.enter_context(_patched_forward(module, blend))
+                    stack.enter_context(patched_forward(module, blend))
             yield
         finally:
             for handle in handles:
@@ -134,9 +160,7 @@ def per_sample_targets(
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    names = set(trained_adapter_names(model) if adapter_names is None else adapter_names)
-    if not names:
-        raise ValueError("The model has no trainable PEFT adapter to re-scale per sample; use trap_mode='two_pass'.")
+    names = rescaled_adapter_names(model, adapter_names)
     targets = []
     for module_name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
@@ -239,7 +263,7 @@ def _rescaled_layer_output(layer, layer_name: str, adapter: str, scale: float) -
             f"{layer_name} has other active adapters {others} besides {adapter!r}; re-scaling one of several "
             "active non-LoRA adapters is not supported yet. Deactivate the others while training."
         )
-    with _patched_forward(layer, lambda adapted, *args, **kwargs: _blend(base, adapted, scale, args, kwargs)):
+    with patched_forward(layer, lambda adapted, *args, **kwargs: _blend(base, adapted, scale, args, kwargs)):
         yield
 
 
@@ -254,7 +278,7 @@ def _rescaled_modules_to_save(wrapper, wrapper_name: str, adapter: str, scale: f
     if adapter not in wrapper.active_adapters:
         yield
         return
-    with _patched_forward(wrapper, lambda adapted, *args, **kwargs: _blend(original, adapted, scale, args, kwargs)):
+    with patched_forward(wrapper, lambda adapted, *args, **kwargs: _blend(original, adapted, scale, args, kwargs)):
         yield
 
 
@@ -265,7 +289,7 @@ def _blend(base: nn.Module, adapted_forward, scale: float, args, kwargs) -> torc
 
 
 @contextmanager
-def _patched_forward(module: nn.Module, forward) -> Iterator[None]:
+def patched_forward(module: nn.Module, forward) -> Iterator[None]:
     """Make `module(...)` call `forward(original_forward, ...)`; restore whatever was there."""
     had_instance_forward = "forward" in module.__dict__
     previous = module.forward

@@ -54,3 +54,6 @@ OFFRAY_ROWS = Stream("offray_rows", (1,), 271_828)
 OFFRAY_LAYER = Stream("offray_layer", (1, 1_000_000_007))
 # (run seed, partner index): a pseudo-partner's initialisation, random labels and batches (`offray/pseudo.py`).
 PSEUDO = Stream("pseudo", (1_000_037, 15_485_863), 424_242)
+# (audit seed, draw index): the audit's transforms of an update alone (`audit/transforms.py`): its random drops and
+# per-tensor scales, the same for the protected update and its twin.
+AUDIT_TRANSFORMS = Stream("audit_transforms", (1_000_039, 32_452_843), 271_828)

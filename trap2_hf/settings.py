@@ -8,12 +8,13 @@ with no extra code, and the model card records exactly these values.
 import math
 from dataclasses import dataclass, field, fields
 
-from .mode_settings import MODE_SHARES, TRAP_MODES, check_mode_settings, default_rescaled_fraction
+from .choices import MODES, TARGETS, TRAP_MODES
+from .choices import modes as mode_choices
+from .choices import targets as target_choices
 from .offray.terms import check_offray_settings, parse_terms
 from .scale_settings import check_rim_settings
 
 WEIGHTINGS = ("inv", "inv_sqrt", "none")
-TARGETS = ("adapter", "full")
 SCALE_SAMPLINGS = ("uniform", "stratified")
 REFERENCE_DEVICES = ("same", "cpu")
 REFERENCE_DTYPES = ("same", "float32", "bfloat16", "float16")
@@ -30,7 +31,7 @@ class Trap2Settings:
         default=0.05,
         metadata={
             "help": "Weight lambda of the off-nominal (re-scaled) loss, which is maximised. 0 is ordinary "
-            "fine-tuning. The paper uses 0.001-0.01; the README's protection measurements use the default."
+            "fine-tuning. The paper uses 0.001-0.01; what the default protects against: docs/threat_model.md."
         },
     )
     trap_scale_min: float = field(
@@ -57,8 +58,7 @@ class Trap2Settings:
     trap_target: str = field(
         default="adapter",
         metadata={
-            "help": "What the update is: 'adapter' (the trained PEFT adapter, re-scaled as W0 + s*dW) or 'full' "
-            "(every trainable parameter, re-scaled as theta0 + s*(theta - theta0)).",
+            "help": target_choices.help_text(),
             "choices": list(TARGETS),
         },
     )
@@ -95,36 +95,9 @@ class Trap2Settings:
     )
 
     trap_mode: str = field(
-        default="auto",
-        metadata={
-            "help": "How a step computes the re-scaled term. 'auto' (default): 'fused' where it is exact (a LoRA/"
-            "rsLoRA adapter on a causal LM, TRL SFT, a sequence classifier, or a model declaring "
-            "trap_sample_losses); for trap_target='full', 'sub_batch' with the scales sharing half of each "
-            "micro-batch's rows (theta0 the only extra memory at the peak); else 'two_pass'. The trainer logs its "
-            "choice and the model card records it. "
-            "'two_pass': the reference algorithm, exact: one more forward/backward over the whole micro-batch per "
-            "scale (about 1 + trap_scales_per_step times a plain step; the graphs are never alive at once, so peak "
-            "memory stays at plain's: the memory-saving mode). 'sub_batch': the same on a random fraction "
-            "trap_rescaled_fraction of the rows (any update and model; unbiased; plain's memory). 'fused': ONE "
-            "forward/backward over the micro-batch plus re-scaled copies of a random fraction of its rows, each "
-            "copy at its own scale (unbiased; about 1.1-1.3x a plain step for LoRA and 1 + trap_scales_per_step * "
-            "fraction times the activation memory; full fine-tuning too where every trainable parameter sits in a "
-            "Linear, Conv1D, Embedding or norm layer and theta0 is on the device). 'split': ONE forward/backward "
-            "over the micro-batch itself, the drawn rows at their scales instead of at 1 and the others weighted up "
-            "(plain's memory, as fused otherwise; a noisier nominal loss). Protection: README, Performance.",
-            "choices": list(TRAP_MODES),
-        },
+        default="auto", metadata={"help": mode_choices.help_text(), "choices": list(TRAP_MODES)}
     )
-    trap_rescaled_fraction: float | None = field(
-        default=None,
-        metadata={
-            "help": "Fraction of each micro-batch's rows that each drawn scale re-scales, in (0, 1]; rows are drawn "
-            "at random and weighted by 1/fraction, so the re-scaled loss is unbiased. Unset: 1 for two_pass (which "
-            "takes only 1); for sub_batch and fused (and auto where it picks fused) 0.25 / trap_scales_per_step, so "
-            "the scales of a step together re-scale a quarter of the rows whatever their number; 0.5 / "
-            "trap_scales_per_step for split, and where auto picks sub_batch (full fine-tuning)."
-        },
-    )
+    trap_rescaled_fraction: float | None = field(default=None, metadata={"help": mode_choices.fraction_help()})
 
     trap_offray: str = field(
         default="",
@@ -136,7 +109,8 @@ class Trap2Settings:
             "layer from the weight range) and at most one partner ('foreign': the trap_foreign_adapters "
             "added at coefficients c_j, 'synthetic': a random low-rank update of the layer's own dW norm times c, "
             "'spectral': the same inside the span of the top singular directions of the layer's base weight), "
-            "joined by '+', e.g. 'dare,synthetic' or 'dare+foreign'. LoRA adapters only; trap_mode 'fused' or 'two_pass'."
+            "joined by '+', e.g. 'dare,synthetic' or 'dare+foreign'. LoRA adapters only; trap_mode "
+            f"{mode_choices.side_terms_modes()}."
         },
     )
     trap_offray_lambda: float | None = field(
@@ -189,7 +163,7 @@ class Trap2Settings:
         default=0.05, metadata={"help": "Norm of the guard term's noise relative to each layer's ||dW||."}
     )
 
-    # --- The attacker's best response (best_response.py): off by default; benchmarks/README.md measures it.
+    # --- The attacker's best response (best_response.py): off by default; docs/experimental.md has its measurements.
     trap_scale_candidates: int = field(
         default=0,
         metadata={
@@ -267,9 +241,8 @@ class Trap2Settings:
 
     def derive_trap_defaults(self) -> None:
         """Fill in the settings whose default depends on others, so what is recorded is what runs."""
-        if self.trap_rescaled_fraction is None and self.trap_mode in MODE_SHARES:
-            share = MODE_SHARES[self.trap_mode]
-            self.trap_rescaled_fraction = default_rescaled_fraction(share, self.trap_scales_per_step)
+        if self.trap_rescaled_fraction is None and self.trap_mode in MODES:
+            self.trap_rescaled_fraction = MODES[self.trap_mode].default_fraction(self.trap_scales_per_step)
         # 'auto' is resolved by the trainer, which knows the model (`modes.resolve_auto`).
         if self.trap_offray_lambda is None:
             self.trap_offray_lambda = self.trap_lambda
@@ -323,7 +296,7 @@ class Trap2Settings:
             )
         if not (isinstance(self.trap_scales_per_step, int) and self.trap_scales_per_step >= 1):
             raise ValueError(f"trap_scales_per_step must be an integer >= 1, got {self.trap_scales_per_step!r}.")
-        check_mode_settings(self)
+        mode_choices.check_mode_settings(self)
         check_offray_settings(self)
         check_rim_settings(self)
         self._validate_best_response()

@@ -6,13 +6,14 @@ One optimizer step, per micro-batch (trap_mode='two_pass', the reference):
    restore the RNG so dropout masks match, forward and backward inside the re-scaling context with
    the loss multiplied by -lambda*w(s)/K. The last of these backwards carries the DDP all-reduce.
 
-This module holds the set-up, the dispatch to the mode (`modes/`: how a step computes the re-scaled term, and
-what 'auto' picks), the side passes (re-scaled and off-ray) and the metrics. What the update is and how it is
-re-scaled: `updates.py`; the maths: `objective.py` and `fused.py`; the off-ray terms: `offray/`; theta0 in
-checkpoints: `checkpoints.py`.
+This module holds the set-up, the draws of a step, the dispatch to the mode and the metrics. The mode runs the
+step (`modes/`) through the trainer's step object (`modes.TrapStep`), which this trainer lends its own training
+step. What the update is and how it is re-scaled: `updates.py`; the maths: `objective.py` and the modes; the
+off-ray terms: `offray/`; theta0 in checkpoints: `checkpoints.py`.
 """
 
 import contextlib
+import copy
 import dataclasses
 import logging
 from collections import defaultdict
@@ -23,7 +24,7 @@ from trl import SFTTrainer
 
 from . import modes
 from ._warnings import peft_deprecation_silenced
-from .best_response import ascent_cap, best_response_offray, best_response_scales, bounded_loss
+from .best_response import ascent_cap, best_response_offray, best_response_scales
 from .checkpoints import (
     REFERENCE_WEIGHTS_NAME,
     checkpoint_to_resume,
@@ -32,14 +33,13 @@ from .checkpoints import (
     load_reference,
     save_reference,
 )
+from .choices import AUTO, TrainerLoss
 from .config import Trap2SFTConfig, Trap2TrainingArguments, check_run_arguments
+from .hub.files import removed_if_left_empty
 from .hub.mixin import Trap2HubMixin
 from .launchers import refuse_unsupported_launcher
+from .modes.rows import drawn_rows
 from .nonfinite import SkipNonFiniteStep
-from .objective import rescaled_loss_coefficient, sample_scales, scale_weight, step_generator
-from .offray import load_foreign_update, matched_foreign_updates, offray_inputs, offray_layers, offray_update
-from .offray.draws import draw_offray, draw_ranges, guard_draw
-from .rows import drawn_rows
 from .settings import Trap2Settings
 from .updates import is_quantized, update_kind
 
@@ -59,7 +59,7 @@ class Trap2TrainerMixin:
     """Adds the Trap² joint loss to a `transformers.Trainer` subclass."""
 
     _trap_args_class = Trap2TrainingArguments
-    # Only the last backward of a micro-batch may end DeepSpeed's accumulation window (_trap_not_last_backward);
+    # Only the last backward of a micro-batch may end DeepSpeed's accumulation window (`TrapStep.not_last_backward`);
     # `launchers.refuse_unsupported_launcher` refuses DeepSpeed with trap_lambda > 0 unless this is set.
     trap_supports_deepspeed = True
 
@@ -68,36 +68,43 @@ class Trap2TrainerMixin:
             args = (args[0], self._with_trap_settings(args[1]), *args[2:])
         else:
             kwargs["args"] = self._with_trap_settings(kwargs.get("args"))
-        with peft_deprecation_silenced():  # TRL's SFTTrainer builds the PeftModel here
+        output_dir = (args[1] if len(args) >= 2 else kwargs["args"]).output_dir
+        # The Trainer makes output_dir; `train` makes it instead, so a trainer that fails leaves no empty folder.
+        with peft_deprecation_silenced(), removed_if_left_empty(output_dir):  # TRL's SFTTrainer builds the PeftModel
             super().__init__(*args, **kwargs)
         self._trap_metrics = defaultdict(list)
         self._trap_steps_logged = set()
-        self._trap_scales_cache = (None, [])
-        self._trap_coefficient = None
-        self._trap_micro_batch = (None, -1)
         self._trap_modes = {}
         self.trap_skipped_steps = 0
-        self._trap_grad_norm = None
+        self.trap_grad_norm = None  # the step's gradient norm, for the non-finite check (`nonfinite.py`)
         refuse_unsupported_launcher(self)
-        self._trap_update = update_kind(self.args)
+        update = update_kind(self.args)
         model = self.accelerator.unwrap_model(self.model)
-        self._trap_update.check(model)
+        update.check(model)
         if is_quantized(model) and not torch.cuda.is_available():
             raise ValueError(
                 "The base model is quantized with bitsandbytes (4/8-bit), which needs a CUDA GPU; none is available "
                 "here. Train on a GPU, or load the base unquantized (drop quantization_config / load_in_4bit)."
             )
-        self._trap_mode_requested = self.args.trap_mode
-        if self.args.trap_mode == "auto":
-            logger.info(modes.resolve_auto(self))
+        self.trap_step = modes.TrapStep(
+            lambda: self.args, lambda: self.accelerator.unwrap_model(self.model), update, self._trap_plain_step,
+            record=self._trap_record, quiet=self._trap_side_pass, loss_of=lambda m, x: self.compute_loss(m, x),
+            trainer_loss=self._trap_loss, accelerator=self.accelerator, global_step=lambda: self.state.global_step,
+            rescaled=lambda scale, weight_copy=False: self.trap_rescaled(scale, weight_copy=weight_copy),
+            prepare_inputs=self._prepare_inputs,
+        )
+        self.trap_step.chosen_by_auto = self.args.trap_mode == AUTO
+        if self.args.trap_mode == AUTO:
+            decision = modes.resolve_auto(self.trap_step, self._trap_mode_named)
+            self._trap_use(decision)
+            logger.info(decision.message)
         elif self.args.trap_lambda != 0:
-            self._trap_mode_named(self.args.trap_mode).prepare(self)  # refuses a mode that is not exact here
-        self._trap_check_offray()
+            self._trap_mode_named(self.args.trap_mode).prepare(self.trap_step)  # refuses a mode not exact here
+        self.trap_step.load_offray()
         # trap_ascent='capped': the re-scaled loss stops pulling once it passes the cap (`best_response.py`)
-        self._trap_ascent_cap = ascent_cap(self.args, model)
-        self.trap_reference = self._trap_update.reference(model, self.args, trap_reference)
-        self._trap_full_rows = self._trap_update.pass_row_targets(model, self.args)
-        self._trap_full_rows_checked, self._trap_in_place = False, ()
+        self.trap_step.ascent_cap = ascent_cap(self.args, model)
+        self.trap_step.reference = update.reference(model, self.args, trap_reference)
+        self.trap_step.pass_row_targets = update.pass_row_targets(model, self.args)
         self.add_callback(SkipNonFiniteStep(self))
 
     # ----------------------------------------------------------------------------- set-up
@@ -119,9 +126,18 @@ class Trap2TrainerMixin:
             return self._trap_args_class(**{k: v for k, v in values.items() if k in known})
         raise TypeError(f"args must be {self._trap_args_class.__name__}, got {type(args).__name__}.")
 
+    @property
+    def trap_reference(self) -> dict[str, torch.Tensor] | None:
+        """theta0, where the update kind re-scales against it (full fine-tuning), else None."""
+        return self.trap_step.reference
+
+    @trap_reference.setter
+    def trap_reference(self, reference) -> None:
+        self.trap_step.reference = reference
+
     def trap_card_kind(self) -> str:
         """The `update` the model card records (`Trap2HubMixin`): this trainer's update kind says it."""
-        return self._trap_update.card_kind(self.accelerator.unwrap_model(self.model))
+        return self.trap_step.update.card_kind(self.accelerator.unwrap_model(self.model))
 
     def _trap_mode_named(self, name: str) -> modes.TrapMode:
         """This trainer's instance of the mode `name` (a mode may keep what it prepared)."""
@@ -129,66 +145,33 @@ class Trap2TrainerMixin:
             self._trap_modes[name] = modes.get_mode(name)
         return self._trap_modes[name]
 
-    def _trap_check_fused(self, mode: str = "fused") -> None:
-        """Refuse trap_mode=`mode` (fused or split) where this trainer's loss is not the model's own per-row loss."""
-        if self.compute_loss_func is not None or self.args.label_smoothing_factor:
-            raise ValueError(
-                f"trap_mode={mode!r} weights the model's own per-row losses, which a compute_loss_func or label "
-                "smoothing replaces. Use trap_mode='two_pass' or 'sub_batch'."
-            )
+    def _trap_use(self, decision: modes.AutoDecision) -> None:
+        """Record what 'auto' decided in the trainer's own copy of the arguments (a user may share one arguments
+        object between trainers of different models), so logs, checkpoints and the model card say what runs."""
+        self.args = copy.copy(self.args)
+        self.args.trap_mode, self.args.trap_rescaled_fraction = decision.mode, decision.fraction
+        self.args.derive_trap_defaults()
 
-    def _trap_check_offray(self) -> None:
-        """Off-ray terms: find the LoRA layers they transform and load the foreign updates once."""
-        self._trap_offray_layers, self._trap_foreign = None, []
-        if not self.args.trap_offray_active:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        self._trap_offray_layers = offray_layers(model)
-        foreign = [load_foreign_update(path) for path in self.args.trap_foreign_adapters]
-        self._trap_foreign = matched_foreign_updates(model, foreign, self._trap_offray_layers)
+    def _trap_loss(self) -> TrainerLoss:
+        """What this trainer's loss is, for the modes that weigh per-row losses."""
+        return TrainerLoss(own_row_losses=self.compute_loss_func is None and not self.args.label_smoothing_factor)
 
     # ----------------------------------------------------------------------------- the step
     def trap_scales(self, step: int | None = None) -> list[float]:
-        """The scales of an optimizer step: a function of (seed, step) only, so resumed runs and all
-        ranks draw the same ones."""
-        step = self.state.global_step if step is None else step
-        cached_step, scales = self._trap_scales_cache
-        if cached_step != step:
-            args = self.args
-            scales = sample_scales(
-                args.trap_scale_min,
-                args.trap_scale_max,
-                args.trap_margin,
-                args.trap_scales_per_step,
-                args.trap_scale_sampling,
-                step_generator(args.seed, step),
-                rim=(args.trap_rim_share, args.trap_rim_min, args.trap_rim_max),
-            )
-            self._trap_scales_cache = (step, scales)
-        return scales
+        """The scales of an optimizer step (default: the current one), a function of (seed, step) only."""
+        return self.trap_step.scales(self.state.global_step if step is None else step)
 
     def trap_rows(self, batch_size: int, step: int | None = None, micro_batch: int = 0) -> list[torch.Tensor]:
-        """The rows of a micro-batch that each scale re-scales in sub_batch, fused and split (`rows.drawn_rows`)."""
+        """The rows of a micro-batch that each scale re-scales in sub_batch, fused and split (`modes/rows.py`)."""
         return drawn_rows(self.args, batch_size, self.state.global_step if step is None else step, micro_batch)
 
-    def _trap_next_rows(self, batch_size: int) -> list[torch.Tensor]:
-        step = self.state.global_step
-        last_step, index = self._trap_micro_batch
-        index = index + 1 if last_step == step else 0
-        self._trap_micro_batch = (step, index)
-        return self.trap_rows(batch_size, step, index)
+    def trap_offray_draws(self, step: int | None = None) -> list:
+        """The off-ray (and guard) draws of an optimizer step (default: the current one), a function of (seed, step)."""
+        return self.trap_step.offray_draws(self.state.global_step if step is None else step)
 
     def trap_rescaled(self, scale: float, weight_copy: bool = False):
-        """Context in which the model computes with its update re-scaled by `scale`; `weight_copy`: it may hold a
-        copy of the weights (a full fine-tune's pass over part of a micro-batch, `updates.FullUpdate.rescaled`)."""
-        return self._trap_update.rescaled(
-            self.accelerator.unwrap_model(self.model), scale, self.trap_reference,
-            row_targets=self._trap_full_rows, in_place=self._trap_in_place, weight_copy=weight_copy,
-        )
-
-    def trap_coefficient(self, scale: float, num_scales: int) -> float:
-        """The factor on the loss of the pass at `scale`: -lambda * w(s) / K (maximised)."""
-        return rescaled_loss_coefficient(scale, self.args.trap_lambda, self.args.trap_weighting, num_scales)
+        """Context in which the model computes with its update re-scaled by `scale` (`TrapStep.rescaled_update`)."""
+        return self.trap_step.rescaled_update(scale, weight_copy)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
@@ -196,103 +179,27 @@ class Trap2TrainerMixin:
         if args.trap_lambda == 0 and not offray:
             return super().training_step(model, inputs, num_items_in_batch)
         scales = self.trap_scales() if args.trap_lambda > 0 else []
-        scales = best_response_scales(self, model, inputs, scales)  # trap_scale_candidates > 0: the weakest scales
-        offray = best_response_offray(self, model, inputs, offray)  # trap_offray_candidates > 0: the weakest draws
-        mode = self._trap_mode_named(args.trap_mode)
+        scales = best_response_scales(self.trap_step, model, inputs, scales)  # trap_scale_candidates > 0
+        offray = best_response_offray(self.trap_step, model, inputs, offray)  # trap_offray_candidates > 0
+        batch = modes.MicroBatch(model, inputs, num_items_in_batch, scales, offray)
         try:
-            return mode.step(self, model, inputs, num_items_in_batch, scales, offray)
+            return self._trap_mode_named(args.trap_mode).run(self.trap_step, batch)
         except modes.NotExactHere as error:  # raised before any backward: no gradient was touched yet
-            if self._trap_mode_requested != "auto":
+            if not self.trap_step.chosen_by_auto:
                 raise
-            modes.fall_back(self, str(error))
+            self._trap_use(modes.fall_back(args, str(error)))
             return self.training_step(model, inputs, num_items_in_batch)
 
     def _trap_plain_step(self, model, inputs, num_items_in_batch):
-        """The wrapped Trainer's own training step (forward, loss, backward)."""
+        """The wrapped Trainer's own training step (forward, loss, backward): every pass of a mode."""
         return super().training_step(model, inputs, num_items_in_batch)
-
-    def _trap_side_backward(self, model, inputs, num_items_in_batch, rng_state, context, coefficient, last: bool):
-        """One off-nominal forward/backward inside `context`: the nominal pass's dropout masks, the loss times
-        `coefficient`, TRL's metrics untouched; only the micro-batch's last backward reduces gradients."""
-        modes.restore_rng_state(rng_state)
-        with contextlib.ExitStack() as stack:
-            if not last:
-                stack.enter_context(self._trap_not_last_backward(model))
-            stack.enter_context(context)
-            stack.enter_context(self._trap_side_pass())
-            self._trap_coefficient = coefficient
-            try:
-                return super().training_step(model, dict(inputs), num_items_in_batch)
-            finally:
-                self._trap_coefficient = None
-
-    def trap_offray_draws(self, step: int | None = None) -> list:
-        """The off-ray (and guard) draws of an optimizer step: a function of (seed, step) only."""
-        args = self.args
-        step = self.state.global_step if step is None else step
-        draws = []
-        terms = args.trap_offray_terms
-        if terms and args.trap_offray_lambda > 0:
-            draws = draw_offray(
-                terms,
-                args.trap_offray_candidates or args.trap_offray_per_step,  # the pool `best_response_offray` picks from
-                step,
-                args.seed,
-                **draw_ranges(args),
-                num_foreign=len(args.trap_foreign_adapters),
-                shared_weight=args.trap_offray_shared_weight,
-            )
-        if args.trap_guard_lambda > 0:
-            draws.append(guard_draw(step, args.seed, args.trap_guard_noise))
-        return draws
-
-    def trap_offray_coefficient(self, draw, num_offray: int) -> float:
-        """The factor on the loss of an off-ray pass: -lambda_off * w(weight) / count (maximised), or
-        +trap_guard_lambda for the guard pass (minimised)."""
-        if draw.is_guard:
-            return self.args.trap_guard_lambda
-        return -self.args.trap_offray_lambda * scale_weight(draw.weight, self.args.trap_weighting) / num_offray
-
-    def _trap_offray_passes(self, model, inputs, num_items_in_batch, rng_state, draws) -> None:
-        """One forward/backward per draw inside its `offray_update` context (see `offray/`)."""
-        num_offray = sum(not draw.is_guard for draw in draws)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        for k, draw in enumerate(draws):
-            coefficient = self.trap_offray_coefficient(draw, num_offray)
-            context = offray_update(unwrapped, draw, self._trap_foreign, self._trap_offray_layers)
-            rows, items = offray_inputs(inputs, num_items_in_batch, self.args.trap_offray_fraction, draw)
-            loss = self._trap_side_backward(model, rows, items, rng_state, context, coefficient, last=k == len(draws) - 1)
-            if draw.is_guard:
-                self._trap_record("guard_loss", loss / coefficient)
-            else:
-                self._trap_record("offray_loss", loss / coefficient / num_offray)
-
-    @contextlib.contextmanager
-    def _trap_not_last_backward(self, model):
-        """Around every backward of a micro-batch but its last: no gradient reduction where the backend can defer
-        it, and never the end of the accumulation window, since DeepSpeed steps its optimizer inside the backward
-        that ends it (accelerate's DeepSpeedEngineWrapper.backward)."""
-        gradient_state = self.accelerator.gradient_state
-        syncs = gradient_state.sync_gradients
-        # Off a step boundary the Trainer's loop already holds no_sync; entering it again would re-enable the
-        # reduction on exit under FSDP2 (accelerate's no_sync ends with set_requires_gradient_sync(True)).
-        hold = self.accelerator.no_sync(model) if syncs else contextlib.nullcontext()
-        gradient_state._set_sync_gradients(False)
-        try:
-            with hold:
-                yield
-        finally:
-            gradient_state._set_sync_gradients(syncs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         output = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if self._trap_coefficient is None:
-            return output
-        cap = self._trap_ascent_cap if self._trap_coefficient < 0 else None  # only maximised losses are capped
         if return_outputs:
             loss, outputs = output
-            return bounded_loss(loss, cap) * self._trap_coefficient, outputs
-        return bounded_loss(output, cap) * self._trap_coefficient
+            return self.trap_step.weigh(loss), outputs
+        return self.trap_step.weigh(output)
 
     def _trap_side_pass(self):
         """Context for the re-scaled passes: subclasses keep their own metrics from counting twice."""
@@ -304,10 +211,6 @@ class Trap2TrainerMixin:
         self._trap_metrics[key].append(value.detach() if torch.is_tensor(value) else float(value))
         if per_step:
             self._trap_steps_logged.add(self.state.global_step)
-
-    def _trap_record_scale(self, k: int, scale: float) -> None:
-        """The k-th scale of the step, logged as trap/scale (k = 0) or trap/scale_{k+1}."""
-        self._trap_record("scale" if k == 0 else f"scale_{k + 1}", scale, per_step=False)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # The training-loss log is written on every rank (the Trainer gathers `loss` there), so the
@@ -332,18 +235,18 @@ class Trap2TrainerMixin:
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self._trap_grad_norm = grad_norm  # the non-finite check reads it instead of computing another
+        self.trap_grad_norm = grad_norm  # the non-finite check reads it instead of computing another
         return grad_norm
 
-    # ----------------------------------------------------------------------------- resuming
+    # ----------------------------------------------------------------------------- resuming, theta0 in checkpoints
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As `Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint, so a run
         that crashed while saving resumes from the one before and finishes the job."""
         check_run_arguments(self.args)  # also when args were changed after they were built
         resume_from_checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        with removed_if_left_empty(self.args.output_dir if self.args.should_save else None, True, make=True):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    # ----------------------------------------------------------------------------- theta0 in checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.trap_reference is not None and self.args.should_save:
@@ -364,26 +267,12 @@ class Trap2SFTTrainer(Trap2TrainerMixin, Trap2HubMixin, SFTTrainer):
 
     _trap_args_class = Trap2SFTConfig
 
-    def _trap_check_fused(self, mode: str = "fused") -> None:
-        if mode == "split":
-            raise ValueError(
-                "trap_mode='split' weights per-row losses, which TRL's fused LM head (SFTTrainer's loss) folds into "
-                "per-token log-probs. Use trap_mode='fused' for an adapter, 'sub_batch' (auto's choice) for a full "
-                "fine-tune, or Trap2Trainer."
-            )
-        if self._trap_update.copies_form_weights_per_module:
-            raise ValueError(
-                "trap_mode='fused' on a full fine-tune forms theta0 + s*(theta - theta0) module by module, but TRL's "
-                "fused LM head reads lm_head.weight directly, so the copies would see theta there. Use "
-                "trap_mode='sub_batch' (auto's choice) or 'two_pass'."
-            )
-        if self.args.loss_type != "nll" or self.padding_free:
-            raise ValueError(
-                f"trap_mode='fused' folds re-scaled copies into TRL's per-token log-probs, which is exact for "
-                f"loss_type='nll' on rows that are samples; got loss_type={self.args.loss_type!r}, padding_free="
-                f"{self.padding_free} (packing). Use trap_mode='two_pass' or 'sub_batch'."
-            )
-        super()._trap_check_fused(mode)
+    def _trap_loss(self) -> TrainerLoss:
+        # TRL's fused LM head gives per-token log-probs, into which a mode can fold its terms exactly only for
+        # loss_type='nll' on rows that are samples.
+        inexact = self.args.loss_type != "nll" or self.padding_free
+        why = f"loss_type={self.args.loss_type!r}, padding_free={self.padding_free} (packing)" if inexact else ""
+        return dataclasses.replace(super()._trap_loss(), token_log_probs=True, log_probs_inexact=why)
 
     @contextlib.contextmanager
     def _trap_side_pass(self):

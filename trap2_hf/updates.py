@@ -1,19 +1,20 @@
-"""What the protected update is: one class per kind, and everything that depends on the kind.
+"""What the protected update does in training: one class per kind, and everything that depends on the kind.
 
-`trap_target` names the kind; the rest of the package asks `update_kind(settings or name)` for the object and
-calls it instead of comparing the string. An update kind owns, for its kind of update:
+`trap_target` names the kind; its facts are declared once in `choices/targets.py` (`UpdateKind.declared`), and the
+rest of the package asks `update_kind(settings or name)` for the object and calls it instead of comparing the
+string. An update kind owns, for its kind of update:
 
 - `check(model)`: refuse a model this kind cannot protect, naming the fix;
 - `reference(model, settings, given)`: theta0, where re-scaling needs it (full fine-tuning), else None;
 - `rescaled(model, scale, ...)`: the context in which the model computes with W0 + s*dW;
 - `pass_row_targets(model, settings)`: modules that form the re-scaled weights as they run for the re-scaled
-  passes (full fine-tuning, `fused_full.py`), or None: re-scale in place;
+  passes (full fine-tuning, `rescale_full/per_row.py`), or None: re-scale in place;
 - `copy_row_targets(model, settings)` and `rescaled_copies(...)`: where the fused step's per-row scales act, and
   the context that puts each copied row at its scale;
 - `card_kind(model)`: the update as the model card names it ('lora', 'loha', ..., 'full').
 
-Adding a kind: one subclass here, an entry in `UPDATE_KINDS`, and its name in `settings.TARGETS` (which the
-settings validate without importing this module).
+Adding a kind: its `Target` in `choices/targets.py`, one subclass here (and one in `audit/kinds.py`), both in their
+`per_target(...)` table.
 """
 
 from collections.abc import Iterable, Iterator
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .fused_full import RowGroups, full_row_targets, rescaled_parameters_per_row
+from .choices import targets as declared_targets
 from .rescale import (
     per_sample_targets,
     refuse_methods_without_weight_delta,
@@ -30,17 +31,30 @@ from .rescale import (
     rescaled_adapter_per_sample,
     trained_adapter_names,
 )
-from .rescale_full import rescaled_parameters, rescaled_parameters_at_scale, snapshot_parameters, swapped_parameters
+from .rescale_full import (
+    RowGroups,
+    full_row_targets,
+    rescaled_parameters,
+    rescaled_parameters_at_scale,
+    rescaled_parameters_per_row,
+    snapshot_parameters,
+    swapped_parameters,
+)
 
 
 class UpdateKind:
-    """The base of the update kinds; `name` is the `trap_target` value."""
+    """The base of the update kinds; `declared` holds the kind's facts, `name` is its `trap_target` value."""
 
-    name: str = ""
-    needs_reference = False  # whether re-scaling reads theta0
-    # Whether the fused step's copies form the re-scaled weights module by module (so a module whose weights are
-    # read outside its forward, as TRL's fused LM head reads lm_head.weight, would see the nominal ones).
-    copies_form_weights_per_module = False
+    declared: declared_targets.Target
+
+    @property
+    def name(self) -> str:
+        return self.declared.name
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether re-scaling reads theta0."""
+        return self.declared.needs_reference
 
     def check(self, model: nn.Module) -> None:
         raise NotImplementedError
@@ -73,7 +87,7 @@ class UpdateKind:
 class AdapterUpdate(UpdateKind):
     """A trained PEFT adapter, re-scaled as W0 + s*dW (`rescale.py`)."""
 
-    name = "adapter"
+    declared = declared_targets.ADAPTER
 
     def check(self, model: nn.Module) -> None:
         if not has_adapter(model):
@@ -107,11 +121,9 @@ class AdapterUpdate(UpdateKind):
 
 
 class FullUpdate(UpdateKind):
-    """Every trainable parameter, re-scaled as theta0 + s*(theta - theta0) (`rescale_full.py`, `fused_full.py`)."""
+    """Every trainable parameter, re-scaled as theta0 + s*(theta - theta0) (`rescale_full/`)."""
 
-    name = "full"
-    needs_reference = True
-    copies_form_weights_per_module = True
+    declared = declared_targets.FULL
 
     def check(self, model: nn.Module) -> None:
         if has_adapter(model):
@@ -133,7 +145,7 @@ class FullUpdate(UpdateKind):
                  weight_copy=False):
         """theta_s in a copy swapped into the weights where the pass may hold one (`weight_copy`), theta0 is on the
         device and activation checkpointing is off (checkpointing is there to save memory); else module by module
-        where `row_targets` allow; else written into the weights and restored (`rescale_full.py`)."""
+        where `row_targets` allow; else written into the weights and restored (`rescale_full/`)."""
         if reference is None:
             raise ValueError("trap_target='full' needs the reference weights theta0 (`reference=`).")
         if weight_copy and _on_device(model, reference) and not getattr(model, "is_activation_checkpointing", False):
@@ -165,25 +177,23 @@ class FullUpdate(UpdateKind):
         return rescaled_parameters_per_row(model, groups, reference, targets)
 
     def card_kind(self, model: nn.Module) -> str:
-        return "full"
+        return self.name
 
 
-UPDATE_KINDS: dict[str, UpdateKind] = {kind.name: kind for kind in (AdapterUpdate(), FullUpdate())}
+UPDATE_KINDS: dict[str, UpdateKind] = declared_targets.per_target(AdapterUpdate(), FullUpdate())
 
 
 def update_kind(settings_or_name) -> UpdateKind:
     """The update kind of a `trap_target` value or of settings that carry one."""
     name = settings_or_name if isinstance(settings_or_name, str) else settings_or_name.trap_target
-    if name not in UPDATE_KINDS:
-        raise ValueError(f"Unknown trap_target {name!r}; use one of {', '.join(map(repr, UPDATE_KINDS))}.")
-    return UPDATE_KINDS[name]
+    return UPDATE_KINDS[declared_targets.target(name).name]
 
 
 @contextmanager
 def rescaled_update(
     model: nn.Module,
     scale: float,
-    target: str = "adapter",
+    target: str = declared_targets.ADAPTER.name,
     reference: dict[str, torch.Tensor] | None = None,
     adapter_names: Iterable[str] | None = None,
 ) -> Iterator[None]:

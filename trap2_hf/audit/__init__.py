@@ -4,19 +4,23 @@
     results = run_audit(peft_model, tasks, "topic", "protected", "unprotected", {"city": "city"})
     write_report(results, "audit/")          # audit.json, audit.md, audit.png
 
-Merge methods live in a registry (`methods.get(name)`, `methods.names(target)`); task vectors in
-`task_vectors`; the informed attacker in `informed` (`InformedSettings`); post-merge repair in
-`repair` (`RepairSettings`); the console command is `trap2 audit --help`.
+Merge methods live in one registry (`methods.get(name)`, `methods.names(target)`): the audit's own
+weight-space merges, PEFT's combination types and mergekit's methods (`mergekit:NAME`, run in memory;
+`audit.mergekit.mergekit_merge` writes a real merged model). Task vectors are in `task_vectors`; the
+informed attacker in `informed` (`InformedSettings`); the public grid in `public` (`PublicSettings`);
+post-merge repair in `repair` (`RepairSettings`); the console command is `trap2 audit --help`.
 """
 
 from .._lazy import lazy_exports
 
 _EXPORTS = {
     "AuditTask": ".run",
-    "InformedSettings": ".informed",
-    "MergeMethod": ".methods",
-    "Param": ".methods",
-    "RepairSettings": ".repair",
+    "InformedSettings": ".settings",
+    "MergeMethod": ".merge_method",
+    "Param": ".merge_method",
+    "PublicGrid": ".merge_method",
+    "PublicSettings": ".settings",
+    "RepairSettings": ".settings",
     "adapter_task_vector": ".task_vectors",
     "applied": ".task_vectors",
     "format_table": ".report",

@@ -25,9 +25,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .settings import PERTURBATIONS
 from .task_vectors import applied
 
-PERTURBATIONS = ("float32", "bfloat16", "float16", "int8")
 TOLERANCE = 0.01  # one point of accuracy
 _CASTS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -29,50 +29,14 @@ giving its own `evaluate`. A configuration is plain JSON: {"weights": {update: w
 
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
-from .methods import MergeMethod
+from .merge_method import MergeMethod
+from .settings import INFORMED_MODES as MODES
+from .settings import InformedSettings
 
-MODES = ("informed", "search")
 OBJECTIVES = ("mean", "constrained")
 
 Evaluate = Callable[[dict, str], dict[str, float]]
-
-
-@dataclass(frozen=True)
-class InformedSettings:
-    """The informed attacker's grids, constraint and search budget."""
-
-    protected_weights: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2)
-    other_weights: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5)
-    min_gain_kept: float = 0.6
-    budget: int = 32
-    protected_range: tuple[float, float] = (0.7, 1.3)
-    other_range: tuple[float, float] = (0.0, 1.5)
-    density_range: tuple[float, float] = (0.2, 1.0)
-    # The methods the informed modes attack; None: every audited method.
-    methods: tuple[str, ...] | None = None
-
-    def __post_init__(self):
-        if 1.0 not in self.protected_weights:
-            raise ValueError(
-                f"protected_weights {self.protected_weights} must include exactly 1.0: the released update's "
-                "nominal scale is the first thing an informed attacker tries."
-            )
-        if not self.other_weights or min(self.other_weights) <= 0:
-            raise ValueError(
-                f"other_weights {self.other_weights} must be positive: with the others at 0 it is not a merge."
-            )
-        if not 0.0 <= self.min_gain_kept <= 1.0:
-            raise ValueError(f"min_gain_kept={self.min_gain_kept} must be a fraction in [0, 1], e.g. 0.6.")
-        if self.budget < 1:
-            raise ValueError(f"budget={self.budget} must be at least 1 merge per method.")
-
-    def attacks(self, method: str) -> bool:
-        return self.methods is None or method in self.methods
-
-    def describe(self) -> dict:
-        return asdict(self)
 
 
 def grid_configs(method: MergeMethod, released: str, others: list[str], settings: InformedSettings) -> list[dict]:
@@ -106,7 +70,7 @@ def search_configs(
     """`settings.budget` random configurations: per-update weights and densities, compensation on or
     off. The draws depend on `seed` only, so the released update and its twin face the same ones."""
     rng = random.Random(seed)
-    has_density = _density_grid(method) != [None]
+    density = next((p for p in method.params if p.name == "density"), None)
     configs = []
     for _ in range(settings.budget):
         config = {
@@ -115,11 +79,11 @@ def search_configs(
                 **{k: _draw(rng, settings.other_range) for k in others},
             }
         }
-        if has_density:
+        if density is not None:  # each draw moved into the values the backend accepts
             if method.density_per_update:
-                config["density"] = {k: _draw(rng, settings.density_range) for k in (released, *others)}
+                config["density"] = {k: density.clamp(_draw(rng, settings.density_range)) for k in (released, *others)}
             else:
-                config["density"] = _draw(rng, settings.density_range)
+                config["density"] = density.clamp(_draw(rng, settings.density_range))
         if method.compensation and rng.random() < 0.5:
             config.update(method.compensation)
         configs.append(config)

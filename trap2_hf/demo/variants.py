@@ -21,7 +21,7 @@ from .._args import parse_fields
 from ..audit.summary import HELD_MARGIN, floor
 from ..settings import Trap2Settings
 from .arguments import DemoArguments
-from .pipeline import audit_setup, audit_with_mergekit, train_plain, train_protected, with_foreign_updates
+from .pipeline import audit_setup, train_plain, train_protected, with_foreign_updates
 
 PRESETS = {
     "none": None,
@@ -75,9 +75,7 @@ def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:
     specs = [parse_variant(spec) for spec in demo.compare_variants]
     # The comparison ranks protection settings by the merges of the paper's protocol; the informed
     # attacker and repair are the single audit's job (`trap2 demo` without --compare_variants).
-    demo = dataclasses.replace(
-        demo, modes=[m for m in demo.modes if m in ("average", "best")], repair_ks=[], mergekit_informed=[]
-    )
+    demo = dataclasses.replace(demo, modes=[m for m in demo.modes if m in ("average", "best")], repair_ks=[])
     start = time.perf_counter()
     plain_runs = train_plain(setup, demo, log)
     initial = _adapter_state(setup.model, setup.protected)
@@ -89,7 +87,6 @@ def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:
             training = {"steps": plain_runs[0]["steps"], "seconds": plain_runs[0]["seconds"], "trapped_at_step": None}
             settings = {"trap_lambda": 0.0}
             results = audit_setup(setup, demo, protected=setup.unprotected, unprotected=None)
-            results = audit_with_mergekit(setup, demo, results, log, protected=setup.unprotected, unprotected=None)
         else:
             if "trap_lambda" in overrides and "trap_offray_lambda" not in overrides:
                 overrides["trap_offray_lambda"] = None  # derived again from the variant's trap_lambda
@@ -101,7 +98,6 @@ def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:
             training = {k: run[k] for k in ("steps", "seconds", "trapped_at_step")}
             settings = {**variant.trap_settings_dict(), **demo_overrides}
             results = audit_setup(setup, demo, unprotected=None)  # the twin's merges: the 'none' variant
-            results = audit_with_mergekit(setup, demo, results, log, unprotected=None)
         folder = os.path.join(demo.output_dir, "variants", label)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "audit.json"), "w") as handle:
@@ -134,14 +130,11 @@ def _write(demo, rows, plain_runs, seconds, audits: dict) -> None:
 
 def summarize(label: str, settings: dict, training: dict, results: dict) -> dict:
     """One variant's row: standalone accuracy, training cost, protected-task accuracy per method and
-    mode (with all other updates, mergekit's naive merges among them, and with the held-out partner alone), and
-    whether protection holds."""
+    mode (with all other updates, mergekit's methods among them as mergekit:NAME, and with the held-out partner
+    alone), and whether protection holds."""
     task = results["protected_task"]
     ceiling = floor(results) + HELD_MARGIN
     merged = _per_method(results["methods"], task)
-    # mergekit's merges at naive weights count as the `average` mode of a method named mergekit:<name>.
-    merged |= {f"mergekit:{row['method']}": {"average": row["protected"][task]}
-               for row in results.get("mergekit", {}).get("methods", [])}
     heldout = _per_method(results["heldout_partner"]["methods"], task) if "heldout_partner" in results else {}
     values = [v for table in (merged, heldout) for modes in table.values() for v in modes.values()]
     return {
@@ -162,7 +155,8 @@ def summarize(label: str, settings: dict, training: dict, results: dict) -> dict
 def _per_method(entries: list[dict], task: str) -> dict:
     table = {}
     for entry in entries:
-        table.setdefault(entry["method"], {})[entry["mode"]] = entry["protected"][task]
+        if entry["protected"] is not None:  # a public grid none of whose points counted
+            table.setdefault(entry["method"], {})[entry["mode"]] = entry["protected"][task]
     return table
 
 

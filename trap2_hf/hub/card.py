@@ -16,7 +16,10 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_index
 
-from ..audit.report import format_table, format_value, per_task
+from ..audit.report import format_table, format_value
+from ..audit.summary import trace_summary
+from ..audit.verdict import not_measured, per_task, verdict
+from ..choices import card_target
 from ..settings import trap_scale_intervals
 from .files import atomic_write_bytes, atomic_write_text, sha256_files
 from .protection import SETTING_NAMES, protection_block
@@ -51,7 +54,7 @@ def render_card(
     existing_meta, body = split_card(existing or "")
     meta = {**(metadata or {}), **existing_meta}
     update = protection.get("update", "lora")
-    meta["library_name"] = "transformers" if update == "full" else "peft"
+    meta["library_name"] = "peft" if card_target(update).is_adapter else "transformers"
     base_model = base_model or meta.get("base_model") or None
     meta.pop("base_model", None)
     if base_model:
@@ -60,7 +63,7 @@ def render_card(
         meta["license"] = license
     # Tags that name an empty base model ("base_model:adapter:") come from a base without a Hub id.
     tags = [t for t in meta.get("tags") or [] if isinstance(t, str) and not t.endswith(":")]
-    for tag in ("trap2", "unmergeable", "full" if update == "full" else update):
+    for tag in ("trap2", "unmergeable", update):
         if tag not in tags:
             tags.append(tag)
     meta["tags"] = tags
@@ -114,27 +117,39 @@ def protection_section(
 ) -> str:
     """The human part of the card: what the protection means, intended use, how to load."""
     update = protection.get("update", "lora")
-    what = "full fine-tune" if update == "full" else f"{DISPLAY_NAMES.get(update, update.upper())} adapter"
+    adapter = card_target(update).is_adapter
+    what = f"{DISPLAY_NAMES.get(update, update.upper())} adapter" if adapter else "full fine-tune"
     base = f"`{base_model}`" if base_model else "its base model"
     where = repo_id or "<this repo or folder>"
     intervals = trap_scale_intervals(
         protection["trap_scale_min"], protection["trap_scale_max"], protection["trap_margin"]
     )
     penalised = " ∪ ".join(f"[{lo:g}, {hi:g}]" for lo, hi in intervals)
+    # An audit whose update alone does not beat the base judges nothing: the card then makes no claim for it.
+    unjudged = bool(audit) and not verdict(audit)["given"]
+    works = "" if unjudged else f"It works as released: added to {base} at its nominal scale (s = 1). It was also"
     lines = [
         BEGIN_MARKER,
         "## Protected update: Trap² (unmergeable)",
         "",
         f"This {what} was trained with **Trap²** ([{PAPER_TITLE}](https://arxiv.org/abs/2601.21898), ICML 2026) "
-        f"using `trap2_hf` {protection.get('library_version', '')}. It works as released: added to {base} at "
-        "its nominal scale (s = 1). It was also trained so that its task loss rises when the update is "
-        f"re-scaled, for every scale s in {penalised}, and model merging re-scales every update it combines.",
+        f"using `trap2_hf` {protection.get('library_version', '')}. {works or 'It was'} trained so that its task "
+        f"loss rises when the update is re-scaled, for every scale s in {penalised}, and model merging re-scales "
+        "every update it combines.",
         "",
         "**What this means**",
-        f"- Used alone, at full strength, on {base}: it behaves like an ordinary fine-tune.",
+        f"- Used alone, at full strength, on {base}: "
+        + (_measured_alone(audit) if unjudged else "it behaves like an ordinary fine-tune."),
         f"- Merged with other updates or re-scaled: {measured_protection(audit)}",
-        "- A deterrent, not a guarantee: stronger attacks (distillation, fine-tuning after merging) can recover "
-        "part of the skill.",
+    ]
+    if not unjudged:
+        lines.append(
+            "- A deterrent, not a guarantee: stronger attacks (distillation, fine-tuning after merging) can recover "
+            "part of the skill."
+        )
+    lines += [
+        f"- Merges can be traced: `trap2 trace MERGED_MODEL --base_model {base_model or 'BASE_MODEL'} --release "
+        f"{where}` estimates this update's weight inside a merged model, with a p-value.",
         "",
         "**Intended use**: inference or further fine-tuning of this update on "
         f"{base}, loaded as released. Not intended: merging it with other models or updates, re-scaling it, or "
@@ -144,7 +159,7 @@ def protection_section(
         "",
         "```python",
     ]
-    if update == "full":
+    if not adapter:
         lines += [
             "from transformers import AutoModelForCausalLM",
             f'model = AutoModelForCausalLM.from_pretrained("{where}")',
@@ -181,6 +196,13 @@ def measured_protection(audit: dict | None) -> str:
             "**no merge audit was run for this update**, so what merging or re-scaling does to its skill has not "
             "been measured. Run `trap2 audit` (and refresh this card with `trap2 card --audit`) before relying on it."
         )
+    judged = verdict(audit)
+    if not judged["given"]:
+        return (
+            f"**no protection claim**: its merge audit gives {judged['reason']}, so what merging does to it says "
+            "nothing about a protection. Train it until it learns its task, audit it again with `trap2 audit`, and "
+            "refresh this card with `trap2 card --audit`."
+        )
     task = audit["protected_task"]
     metric = audit.get("metric", "accuracy")
     alone = (audit.get("standalone") or {}).get("protected")
@@ -214,7 +236,26 @@ def measured_protection(audit: dict | None) -> str:
         sentences.append(f"Re-scaled by s = {scales}, it scored {values} (unprotected: {twin}).")
     if not sentences:
         return "the merge audit recorded no merge results for this update, so what merging does has not been measured."
-    return "measured by its merge audit (table below). " + " ".join(sentences) + " Other merges were not measured."
+    traced = trace_summary(audit) if audit.get("methods") else None
+    if traced:
+        sentences.append(f"Traced in the merges it audited (`trap2 trace`, p < {audit['trace']['alpha']:g}): {traced}.")
+    if alone is not None and (audit.get("standalone") or {}).get("unprotected") is None:
+        sentences.append("No unprotected twin was audited, so the same merges with an unprotected update were not "
+                         "measured.")
+    left_out = not_measured(audit)
+    if left_out:
+        sentences.append(f"Not measured: {left_out}.")
+    elif left_out is None and (audit.get("config") or {}).get("not_audited") is None:
+        sentences.append("Merges other than those in the table were not measured.")
+    return "measured by its merge audit (table below). " + " ".join(sentences)
+
+
+def _measured_alone(audit: dict) -> str:
+    task = audit["protected_task"]
+    alone = (audit.get("standalone") or {}).get("protected")
+    base, chance = per_task(audit.get("base"), task), per_task(audit.get("chance"), task)
+    return (f"its merge audit measured `{task}` at {format_value(alone)} (base model {format_value(base)}, chance "
+            f"{format_value(chance)}).")
 
 
 def audit_table(audit: dict) -> str:

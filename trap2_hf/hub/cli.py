@@ -19,7 +19,7 @@ import sys
 from .._args import omit_unset
 from ..settings import Trap2Settings
 from .card import CARD_NAME, write_card
-from .files import update_files
+from .files import checkpoint_folders, missing_folder_hint, update_files
 from .protection import SETTING_NAMES, ProtectionCardError, read_protection
 
 
@@ -46,34 +46,30 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     parser.add_argument("--revision", help="Branch to push to (default: main).")
     parser.add_argument("--commit_message", default="Upload protected update with its Trap2 card")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="Change a training setting the card already records (the card would otherwise no longer say what "
+        "ran); the settings derived from it follow.",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors propagate: `trap2` (cli_errors.run_command) prints them as one line, exit code 2."""
     args = make_parser().parse_args(argv)
-    try:
-        write_folder_card(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"trap2 card: {err}", file=sys.stderr)
-        return 2
+    write_folder_card(args)
     print(f"Wrote {os.path.join(args.folder, CARD_NAME)}")
-    if not args.push:
-        return 0
-    from .upload import HubPushError  # huggingface_hub's upload machinery: imported only to push
-
-    try:
+    if args.push:
         repo_id = create_repo_and_push(args)
-    except HubPushError as err:
-        print(f"trap2 card: {err}", file=sys.stderr)
-        return 1
-    print(f"Pushed {args.folder} to {repo_id}")
+        print(f"Pushed {args.folder} to {repo_id}")
     return 0
 
 
 def write_folder_card(args) -> str:
     folder = args.folder
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder!r} is not a folder. Pass the folder that holds the saved update.")
+        missing = missing_folder_hint(folder) if not os.path.exists(folder) else f"{folder!r} is not a folder. "
+        raise FileNotFoundError(f"{missing or f'There is no folder {folder!r}. '}Pass the folder that holds the saved update.")
     names = update_files(folder)
     weights = [n for n in names if n.endswith(".safetensors")]
     if not weights:
@@ -84,6 +80,12 @@ def write_folder_card(args) -> str:
             if pickles
             else ""
         )
+        checkpoints = checkpoint_folders(folder)
+        if checkpoints and not fix:
+            fix = (
+                f" It holds only Trainer checkpoints ({', '.join(os.path.basename(c) for c in checkpoints)}): pass "
+                f"the last one, `trap2 card {checkpoints[-1]}`."
+            )
         raise ValueError(f"{folder!r} holds no update weights as safetensors.{fix}")
     previous = _previous_block(folder)
     given = {name: getattr(args, name) for name in SETTING_NAMES if hasattr(args, name)}
@@ -93,6 +95,7 @@ def write_folder_card(args) -> str:
             "--trap_lambda and every other --trap_* value that differs from its default (see `trap2 card --help`)."
         )
     recorded = {k: v for k, v in (previous or {}).items() if k in SETTING_NAMES}
+    recorded = _with_changes(folder, recorded, given, force=args.force)
     # Built as the trainer builds them, so derived defaults (trap_offray_lambda = trap_lambda, the re-scaled
     # fraction of the mode) follow the values given.
     protection = Trap2Settings(**{**recorded, **given})
@@ -114,6 +117,34 @@ def write_folder_card(args) -> str:
         model_name=args.model_name,
         repo_id=args.push,
     )
+
+
+def _with_changes(folder: str, recorded: dict, given: dict, force: bool) -> dict:
+    """The recorded settings a card keeps when `given` changes some: a setting the card records is what the
+    update was trained with, so changing it needs `--force`; then each setting the card holds at the value
+    training derived (`Trap2Settings.derive_trap_defaults`: trap_offray_lambda from trap_lambda, the re-scaled
+    fraction from the mode and the scales per step) is derived again from the new values."""
+    changed = {name: value for name, value in given.items() if name in recorded and recorded[name] != value}
+    if not changed:
+        return recorded
+    if not force:
+        listed = ", ".join(f"--{name} {value} (the card records {recorded[name]!r})" for name, value in changed.items())
+        raise ValueError(
+            f"The card of {folder!r} records the settings the update was trained with, and {listed} would change "
+            "what it says ran. Leave the flag out to keep the recorded value, or pass --force if the card is wrong (the "
+            "settings derived from it are derived again)."
+        )
+    derived = [
+        name for name, spec in Trap2Settings.__dataclass_fields__.items()
+        if spec.default is None and name in recorded and name not in given
+        and _derived_value(recorded, name) == recorded[name]
+    ]
+    return {name: value for name, value in recorded.items() if name not in derived}
+
+
+def _derived_value(recorded: dict, name: str):
+    """The value training would derive for `name` from the other recorded settings."""
+    return getattr(Trap2Settings(**{**recorded, name: None}), name)
 
 
 def create_repo_and_push(args) -> str:
@@ -171,4 +202,6 @@ def _adapter_base(folder: str) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..cli_errors import run_command
+
+    sys.exit(run_command(main, sys.argv[1:], prog="trap2 card"))

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 ADAPTER_WEIGHTS = re.compile(r"adapter_model(-\d+-of-\d+)?\.safetensors$")
+CHECKPOINT_FOLDER = re.compile(r"checkpoint-(\d+)")
 FULL_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors$")
 UPDATE_CONFIGS = ("adapter_config.json", "config.json", "generation_config.json", "model.safetensors.index.json")
 
@@ -29,6 +30,36 @@ def update_files(folder: str) -> list[str]:
     if adapter or "adapter_config.json" in names:
         return [n for n in names if n == "adapter_config.json" or ADAPTER_WEIGHTS.fullmatch(n)]
     return [n for n in names if n in UPDATE_CONFIGS or FULL_WEIGHTS.fullmatch(n)]
+
+
+def checkpoint_folders(folder: str) -> list[str]:
+    """The Trainer's `checkpoint-<step>` folders inside `folder`, as paths, the last step last."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    steps = {int(m.group(1)): n for n in names if (m := CHECKPOINT_FOLDER.fullmatch(n))}
+    return [os.path.join(folder, steps[step]) for step in sorted(steps) if os.path.isdir(os.path.join(folder, steps[step]))]
+
+
+def is_model_folder(folder: str) -> bool:
+    """A full model (transformers' config.json and weights), not an adapter."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    weights = any(FULL_WEIGHTS.fullmatch(n) or n in ("pytorch_model.bin", "model.safetensors.index.json") for n in names)
+    return "config.json" in names and weights and "adapter_config.json" not in names
+
+
+def missing_folder_hint(path: str, files: bool = False) -> str:
+    """A sentence for a path that looks like a mistyped local folder (its parent exists; `files`: or file), with
+    the closest existing one, else ''."""
+    parent, name = os.path.split(os.path.normpath(path))
+    if not os.path.isdir(parent or "."):
+        return ""
+    import difflib
+
+    entries = [n for n in os.listdir(parent or ".") if files or os.path.isdir(os.path.join(parent or ".", n))]
+    close = difflib.get_close_matches(name, entries, n=1)
+    if not parent and not close:
+        return ""  # a bare name ("gpt2") is most likely a Hub id
+    hint = f" (did you mean {os.path.join(parent, close[0])!r}?)" if close else ""
+    return f"There is no local {'file or folder' if files else 'folder'} {path!r}{hint}. "
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -128,6 +159,33 @@ def move_into(staging: str, output_dir: str, first_removed: str) -> None:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             ordinary_permissions(source)
             os.replace(source, target)
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(path: str | None, only_on_error: bool = False, make: bool = False):
+    """The folders of `path` that are missing now (it and any missing parent; `make`: made now) are removed on exit
+    (`only_on_error`: on an error only) if nothing was written into them. A folder that existed before, or that
+    holds anything, is never removed."""
+    missing = []
+    folder = os.path.abspath(path) if path else None
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder) if os.path.dirname(folder) != folder else None
+    if make and path:
+        os.makedirs(path, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        _remove_empty(missing)
+        raise
+    if not only_on_error:
+        _remove_empty(missing)
+
+
+def _remove_empty(folders: list[str]) -> None:
+    for folder in folders:  # innermost first
+        with contextlib.suppress(OSError):  # not empty, or gone: leave it
+            os.rmdir(folder)
 
 
 def read_text(path: str) -> str | None:

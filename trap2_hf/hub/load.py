@@ -4,8 +4,16 @@ files checked against the sha256 it recorded at save."""
 import os
 
 from .._warnings import peft_deprecation_silenced
+from ..choices import card_target
 from .card import CARD_NAME
-from .files import ADAPTER_WEIGHTS, ChecksumMismatchError, verify_checksums
+from .files import (
+    ADAPTER_WEIGHTS,
+    ChecksumMismatchError,
+    checkpoint_folders,
+    is_model_folder,
+    missing_folder_hint,
+    verify_checksums,
+)
 from .protection import ProtectionCardError, base_model_config, read_protection
 
 # Keyword arguments that choose which files to fetch; the others go to `PeftModel.from_pretrained`.
@@ -45,14 +53,11 @@ def load_protected_adapter(base_model, repo_id_or_path: str, *, check_base_model
     source = repo_id_or_path if revision is None else f"{repo_id_or_path}@{revision[:12]}"
     path = os.path.join(folder, CARD_NAME)
     if not os.path.isfile(path):
-        raise ProtectionCardError(
-            f"{source} has no {CARD_NAME} model card, so its protection cannot be checked. If you trust the files, "
-            "load them with plain PeftModel.from_pretrained; if they were trained with Trap2, record the protection "
-            "with `trap2 card <folder> --trap_lambda ...`."
-        )
+        raise ProtectionCardError(f"{source} has no {CARD_NAME} model card, so its protection cannot be checked. "
+                                  + _no_card_advice(folder, source))
     with open(path, encoding="utf-8") as f:
         facts = read_protection(f.read(), source)
-    if facts["update"] == "full" or "adapter_config.json" not in facts["sha256"]:
+    if not card_target(facts["update"]).is_adapter or "adapter_config.json" not in facts["sha256"]:
         raise ProtectionCardError(
             f"{source} records a {facts['update']} update without adapter_config.json, not a PEFT adapter. Load a "
             "protected full fine-tune with AutoModel*.from_pretrained."
@@ -91,7 +96,7 @@ def _fetch_card(repo_id_or_path: str, download: dict) -> tuple[str, str | None]:
         RepositoryNotFoundError,
     )
 
-    missing = _missing_folder(repo_id_or_path)
+    missing = missing_folder_hint(repo_id_or_path)
     try:
         card = hf_hub_download(repo_id_or_path, CARD_NAME, **download)
     except HFValidationError as err:
@@ -150,19 +155,25 @@ def _unreachable(source: str, name: str, download: dict, err: Exception, missing
     )
 
 
-def _missing_folder(path: str) -> str:
-    """A sentence for a path that looks like a mistyped local folder (its parent exists), else ''."""
-    parent, name = os.path.split(os.path.normpath(path))
-    if not os.path.isdir(parent or "."):
-        return ""
-    import difflib
-
-    folders = [n for n in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent or ".", n))]
-    close = difflib.get_close_matches(name, folders, n=1)
-    if not parent and not close:
-        return ""  # a bare name ("gpt2") is most likely a Hub id
-    hint = f" (did you mean {os.path.join(parent, close[0])!r}?)" if close else ""
-    return f"There is no local folder {path!r}{hint}. "
+def _no_card_advice(folder: str, source: str) -> str:
+    """What to do with a folder without a card: it may not be an adapter at all."""
+    if is_model_folder(folder):
+        return (
+            f"It is a full model folder (config.json and weights), not a PEFT adapter: load it with "
+            f"AutoModelForCausalLM.from_pretrained({source!r}) (or the Auto class of its task)."
+        )
+    checkpoints = checkpoint_folders(folder)
+    if checkpoints and not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        names = ", ".join(os.path.basename(c) for c in checkpoints)
+        return (
+            f"It holds no adapter, only Trainer checkpoints ({names}): pass the last one, "
+            f"load_protected_adapter(base_model, {checkpoints[-1]!r}), or save the final adapter into {source!r} "
+            "with trainer.save_model() after training."
+        )
+    return (
+        "If you trust the files, load them with plain PeftModel.from_pretrained; if they were trained with Trap2, "
+        "record the protection with `trap2 card <folder> --trap_lambda ...`."
+    )
 
 
 def _base_model(base_model, folder: str):

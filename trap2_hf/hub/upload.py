@@ -32,7 +32,29 @@ TRAINING_ARGS_JSON = "training_args.json"
 
 
 class HubPushError(RuntimeError):
-    """A push to the Hub failed; the message says why and how to finish it. Nothing local is lost."""
+    """A push to the Hub failed; the message says why and how to finish it. Nothing local is lost.
+
+    `cli_message` says the same in command-line words (`hf auth login`, HF_TOKEN, the `trap2` command to re-run),
+    for the commands, which print it instead (`cli_errors`)."""
+
+    def __init__(self, message: str, cli_message: str | None = None):
+        super().__init__(message)
+        self.cli_message = cli_message or message
+
+
+def _push_error(message: str, repo_id: str, folder: str) -> HubPushError:
+    """A `HubPushError` from a message with `{login}` (where a token comes from) and `{resume}` (how to finish
+    the push) left to fill: in Python's words, and in the command line's."""
+    python = dict(
+        login="Log in with `hf auth login`, set the HF_TOKEN environment variable, or pass hub_token=...",
+        resume=f"the update and its card are kept in {folder!r}: run trainer.push_to_hub() again, or "
+        f"`trap2 card {folder} --push {repo_id}`.",
+    )
+    command = dict(
+        login="Log in with `hf auth login` or set the HF_TOKEN environment variable",
+        resume=f"the update and its card are kept in {folder!r}: run `trap2 card {folder} --push {repo_id}` again.",
+    )
+    return HubPushError(message.format(**python), message.format(**command))
 
 
 # ----------------------------------------------------------------------------- what may leave the machine
@@ -87,19 +109,18 @@ def training_args_json(args, secrets: tuple[str, ...] = ()) -> str:
 def resolve_token(token: str | None, repo_id: str, folder: str) -> str:
     token = token or get_token()
     if not token:
-        raise HubPushError(
-            f"Cannot push to the Hugging Face Hub repo {repo_id!r}: no token found. Log in with `hf auth login`, "
-            "set the HF_TOKEN environment variable, or pass hub_token=... (a token with write access). Nothing was "
-            f"uploaded; {_resume_hint(repo_id, folder)}"
+        raise _push_error(
+            f"Cannot push to the Hugging Face Hub repo {_braced(repo_id)!r}: no token found. {{login}} (a token with "
+            "write access). Nothing was uploaded; {resume}",
+            repo_id,
+            folder,
         )
     return token
 
 
-def _resume_hint(repo_id: str, folder: str) -> str:
-    return (
-        f"the update and its card are kept in {folder!r}: run trainer.push_to_hub() again, or "
-        f"`trap2 card {folder} --push {repo_id}`."
-    )
+def _braced(text: str) -> str:
+    """`text` inside a message that is formatted later."""
+    return str(text).replace("{", "{{").replace("}", "}}")
 
 
 def _network_errors() -> tuple:
@@ -119,9 +140,8 @@ def hub_errors(repo_id: str, folder: str):
     except HubPushError:
         raise
     except LocalTokenNotFoundError as err:
-        raise HubPushError(
-            f"Cannot push to {repo_id!r}: no token found. Log in with `hf auth login` or set HF_TOKEN; "
-            f"{_resume_hint(repo_id, folder)}"
+        raise _push_error(
+            f"Cannot push to {_braced(repo_id)!r}: no token found. {{login}}; {{resume}}", repo_id, folder
         ) from err
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
@@ -138,13 +158,14 @@ def hub_errors(repo_id: str, folder: str):
             )
         else:
             cause = f"the Hub answered {status}: {str(err).splitlines()[0]}"
-        raise HubPushError(
-            f"Upload to {repo_id!r} failed: {cause}. Nothing is lost: {_resume_hint(repo_id, folder)}"
+        raise _push_error(
+            f"Upload to {_braced(repo_id)!r} failed: {_braced(cause)}. Nothing is lost: {{resume}}", repo_id, folder
         ) from err
     except _network_errors() as err:
-        raise HubPushError(
-            f"Upload to {repo_id!r} failed ({type(err).__name__}: {err}). "
-            f"Nothing is lost: {_resume_hint(repo_id, folder)}"
+        raise _push_error(
+            f"Upload to {_braced(repo_id)!r} failed ({type(err).__name__}: {_braced(err)}). Nothing is lost: {{resume}}",
+            repo_id,
+            folder,
         ) from err
     except RuntimeError as err:
         # huggingface_hub wraps a failed LFS upload (large files go to the Hub's storage, not its API) in a
@@ -156,9 +177,11 @@ def hub_errors(repo_id: str, folder: str):
             answer = f"answered {str(cause).splitlines()[0].rstrip('.')}"
         else:
             answer = f"could not be reached ({type(cause).__name__}: {cause})"
-        raise HubPushError(
-            f"Upload to {repo_id!r} failed: {err} The storage the Hub sent the large files to {answer}. Files "
-            f"already stored are not sent again. Nothing is lost: {_resume_hint(repo_id, folder)}"
+        raise _push_error(
+            f"Upload to {_braced(repo_id)!r} failed: {_braced(err)} The storage the Hub sent the large files to "
+            f"{_braced(answer)}. Files already stored are not sent again. Nothing is lost: {{resume}}",
+            repo_id,
+            folder,
         ) from err
 
 

@@ -5,44 +5,47 @@ import logging
 
 import torch
 
-from ..fused import rows_interact
-from ..rows import NotExactHere, batch_size_of, drawn_on_any_rank, select_rows
+from ..batch import batch_size_of, select_rows
+from ..choices.modes import SUB_BATCH
+from .base import NotExactHere
 from .passes import PassesMode
+from .row_losses import rows_interact
 
 logger = logging.getLogger(__name__)
 
 
 class SubBatch(PassesMode):
-    name = "sub_batch"
+    declared = SUB_BATCH
 
     def __init__(self):
         self.warned_token_mean = False
 
-    def unsupported(self, trainer):
-        reason = super().unsupported(trainer)
+    def unsupported(self, step):
+        reason = super().unsupported(step)
         if reason is None:
-            rows_reason = rows_interact(trainer.accelerator.unwrap_model(trainer.model))
+            rows_reason = rows_interact(step.model)
             if rows_reason is not None:
                 reason = f"a re-scaled pass over part of the rows needs a loss that is a sum over rows, but {rows_reason}"
         return reason
 
-    def passes(self, trainer, inputs, num_items_in_batch, num_scales):
+    def passes(self, step, batch):
         """The drawn rows of each scale, with num_items_in_batch times the fraction (their weight 1/f); under data
         parallelism, a pass of weight 0 where only other ranks drew rows (`rows.drawn_on_any_rank`)."""
+        inputs, num_items_in_batch = batch.inputs, batch.num_items_in_batch
         batch_size = batch_size_of(inputs)
-        fraction = trainer.args.trap_rescaled_fraction
+        fraction = step.args.trap_rescaled_fraction
         if num_items_in_batch is None and torch.is_tensor(inputs.get("labels")) and inputs["labels"].dim() > 1:
-            if trainer._trap_mode_requested == "auto":  # auto only picks what is unbiased: re-scale whole micro-batches
+            if step.chosen_by_auto:  # auto only picks what is unbiased: re-scale whole micro-batches
                 raise NotExactHere(
                     "the model averages its loss over each pass's own tokens (no num_items_in_batch), so a loss over "
                     "some rows would be a ratio estimate"
                 )
             self._warn_token_mean()
         items = num_items_in_batch if num_items_in_batch is None or fraction == 1 else num_items_in_batch * fraction
-        drawn = trainer._trap_next_rows(batch_size)
+        drawn = step.rows(batch_size)
         anywhere = [len(rows) > 0 for rows in drawn]
-        if trainer.args.world_size > 1:
-            anywhere = drawn_on_any_rank(trainer.args, batch_size, *trainer._trap_micro_batch)
+        if step.args.world_size > 1:
+            anywhere = step.drawn_on_any_rank(batch_size)
         passes = []
         for rows, any_rank in zip(drawn, anywhere):
             if len(rows):

@@ -1,12 +1,12 @@
 """'two_pass', the reference algorithm: one more forward/backward over the whole micro-batch per scale. Exact for
-any update and model, peak memory a plain step's; with fused, the modes that also run the off-ray and guard passes."""
+any update and model, peak memory a plain step's."""
 
+from ..choices.modes import TWO_PASS
 from .passes import PassesMode
 
 
 class TwoPass(PassesMode):
-    name = "two_pass"
-    runs_side_terms = True
+    declared = TWO_PASS
 
-    def passes(self, trainer, inputs, num_items_in_batch, num_scales):
-        return [(inputs, num_items_in_batch, 1.0)] * num_scales
+    def passes(self, step, batch):
+        return [(batch.inputs, batch.num_items_in_batch, 1.0)] * len(batch.scales)

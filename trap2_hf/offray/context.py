@@ -7,8 +7,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from ..rescale import _patched_forward, adapters_of, replaced_lora_scaling, trained_adapter_names
-from ..rows import batch_size_of, select_rows
+from ..batch import batch_size_of, select_rows
+from ..rescale import adapters_of, patched_forward, replaced_lora_scaling, trained_adapter_names
 from ..seeding import OFFRAY_ROWS
 from .draws import OffrayDraw
 from .foreign import ForeignUpdate, canonical_path
@@ -81,8 +81,8 @@ def offray_update(
                 parts = layer_parts(lora_a.weight, lora_b.weight, scaling, draw, index, pairs, base=base)
                 return apply_parts(parts, x)
 
-            stack.enter_context(_patched_forward(lora_a, delta_forward))
-            stack.enter_context(_patched_forward(lora_b, lambda _original, x: x))
+            stack.enter_context(patched_forward(lora_a, delta_forward))
+            stack.enter_context(patched_forward(lora_b, lambda _original, x: x))
             stack.enter_context(replaced_lora_scaling(layer, adapter, 1.0))
         yield
 

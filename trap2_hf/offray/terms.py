@@ -10,6 +10,9 @@ pass (`trap_guard_lambda`), never listed in `trap_offray`, and its loss is minim
 
 from dataclasses import dataclass
 
+from ..choices.modes import side_terms_refusal
+from ..choices.targets import target
+
 
 @dataclass(frozen=True)
 class Range:
@@ -177,13 +180,11 @@ def check_offray_settings(settings) -> None:
             "'foreign' term (e.g. trap_offray='foreign') or drop trap_foreign_adapters."
         )
     if terms or settings.trap_guard_lambda > 0:
-        if settings.trap_target != "adapter":
+        if not target(settings.trap_target).is_adapter:
             raise ValueError(
                 f"trap_offray / trap_guard_lambda transform a LoRA adapter's weights; trap_target="
                 f"{settings.trap_target!r} is not supported. Use trap_target='adapter' with a LoRA adapter, or drop them."
             )
-        if settings.trap_mode == "sub_batch":
-            raise ValueError(
-                f"trap_offray / trap_guard_lambda run extra full passes, which trap_mode={settings.trap_mode!r} "
-                "does not; use trap_mode='fused' or 'two_pass'."
-            )
+        refusal = side_terms_refusal(settings)
+        if refusal:
+            raise ValueError(refusal)

@@ -1,15 +1,7 @@
-"""Full fine-tuning's re-scaling in the weights: theta0 (`snapshot_parameters`) and a whole pass at theta0 +
-s*(theta - theta0), three ways:
-
-- `swapped_parameters`: each parameter computes with a new tensor holding theta_s, theta untouched: the cheapest
-  (one fused lerp, any module), at the cost of a weight-sized copy while the pass runs;
-- module by module (`fused_full.py`), writing nothing and holding no copy, for modules known to read their
-  parameters in their own forward; `rescaled_parameters_at_scale` writes only the parameters read outside their
-  module (`split_in_place`);
-- `rescaled_parameters`: written into each parameter's own storage and restored bit for bit, where theta0 is
-  offloaded (`trap_reference_device='cpu'`).
-
-`FullUpdate.rescaled` (updates.py) picks among them."""
+"""theta0 (`snapshot_parameters`) and a whole pass at theta0 + s*(theta - theta0): in a swapped-in copy
+(`swapped_parameters`), in the weights' own storage (`rescaled_parameters`), or module by module with only the
+parameters read outside their module written (`rescaled_parameters_at_scale`, `split_in_place`). The package's
+docstring says which is used when."""
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -17,7 +9,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from .fused_full import RowGroups, rescaled_parameters_per_row
+from .per_row import RowGroups, rescaled_parameters_per_row
 
 
 def snapshot_parameters(

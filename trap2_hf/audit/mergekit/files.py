@@ -1,17 +1,15 @@
-"""mergekit as a merge backend: the audit's updates merged by mergekit's own methods, as real mergers do.
+"""mergekit's file-based merge: a real merged model, as `mergekit-yaml` makes it, for users who want one.
 
     pip install 'trap2_hf[mergekit]'
 
-    from trap2_hf.audit.mergekit_backend import mergekit_merge
+    from trap2_hf.audit.mergekit import mergekit_merge
     merged = mergekit_merge(base_model, ["out/topic-adapter", "out/city-adapter"], "ties")
 
 Each update is written as a full model folder (a PEFT adapter folded into the base with
-`merge_and_unload`, a fine-tuned model or state saved as it is), mergekit's YAML is written beside it,
-`mergekit.merge.run_merge` runs the merge, and the merged tensors are loaded into a copy of the base
-model. Nothing here re-implements a merge. This module writes mergekit's configuration, runs the merge
-and loads its result; `mergekit_methods.py` holds how each method is wired (which base, how many
-updates, how per-update weights enter, what a naive merger passes) and `mergekit_inputs.py` writes the
-model folders. Their public names are importable from here as well.
+`merge_and_unload`, a fine-tuned model or state saved as it is; `inputs.py`), mergekit's YAML is written
+beside it, `mergekit.merge.run_merge` runs the merge, and the merged tensors are loaded into a copy of the
+base model. Nothing here re-implements a merge. The audit does not go through files: it runs the same
+mergekit methods in memory (`methods.merge_tensor`), and a test checks that both give the same weights.
 """
 
 import contextlib
@@ -26,22 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .mergekit_inputs import WrittenInputs, _tensor_names, written_inputs
-from .mergekit_methods import (  # noqa: F401 (the backend's public names, as before the split)
-    BASE,
-    FIRST_UPDATE,
-    INSTALL_HINT,
-    MERGEKIT_VERSION,
-    METHODS,
-    NO_BASE,
-    MergekitMethod,
-    _fits,
-    applicable,
-    get,
-    informed_weights,
-    method_table,
-    naive_weights,
-)
+from .inputs import WrittenInputs, tensor_names, written_inputs
+from .methods import BASE, FIRST_UPDATE, applicable, fits, get, naive_weights
 
 
 def merge_config(
@@ -56,11 +40,11 @@ def merge_config(
     spec = get(method)
     n = len(inputs.update_dirs)
     low, high = spec.update_range()
-    if not _fits((low, high), n):
+    if not fits((low, high), n):
         wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
         raise ValueError(f"mergekit method {method!r} merges {wanted} updates; got {n}. Use one of {applicable(n)}.")
     defaults = spec.parameter_defaults()
-    params = {**spec.naive, **(params or {})}
+    params = {**spec.naive(), **(params or {})}
     unknown = sorted(set(params) - set(defaults) - ({"t"} if spec.t_from_weights else set()))
     if unknown or "weight" in params:
         raise ValueError(
@@ -81,7 +65,7 @@ def merge_config(
         if weights is not None and not spec.t_from_weights:
             model_params["weight"] = float(weights[i])
         models.append({"model": folder, **({"parameters": model_params} if model_params else {})})
-    config = {"merge_method": method, "dtype": "float32", "models": models}
+    config = {"merge_method": spec.name, "dtype": "float32", "models": models}
     if spec.t_from_weights:
         total = float(sum(weights))
         shared.setdefault("t", 0.5 if abs(total) < 1e-12 else float(weights[1]) / total)
@@ -114,7 +98,7 @@ def run_mergekit(
     from mergekit.options import MergeOptions
 
     config = MergeConfiguration.model_validate(merge_config(inputs, method, weights, params))
-    out_dir = out_dir or tempfile.mkdtemp(prefix=f"merged-{method}-", dir=inputs.workdir)
+    out_dir = out_dir or tempfile.mkdtemp(prefix=f"merged-{get(method).name}-", dir=inputs.workdir)
     options = MergeOptions(copy_tokenizer=False, quiet=True, random_seed=seed, device="cpu")
     with _restored_random_states(), _quiet_logging():
         run_merge(config, out_dir, options, config_source=config.to_yaml())
@@ -129,7 +113,7 @@ def merged_tensors(inputs: WrittenInputs, out_dir: str) -> dict[str, torch.Tenso
     merged = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "*.safetensors"))):
         merged.update(load_file(path))
-    dropped = sorted(set(_tensor_names(inputs.base_dir)) - set(merged))
+    dropped = sorted(set(tensor_names(inputs.base_dir)) - set(merged))
     if dropped:
         raise RuntimeError(f"mergekit's output {out_dir!r} lacks tensors of the base checkpoint: {dropped[:5]}.")
     return merged
@@ -198,8 +182,8 @@ def sweep_inputs(
     rows = []
     for name in chosen:
         weights = naive_weights(name, n)
-        row = {"method": name, "weights": weights, "params": dict(get(name).naive), "layout": inputs.layout}
-        if not _fits(get(name).update_range(), n):
+        row = {"method": name, "weights": weights, "params": get(name).naive(), "layout": inputs.layout}
+        if not fits(get(name).update_range(), n):
             rows.append({**row, "skipped": f"needs {get(name).describe()['updates']} updates, got {n}"})
             continue
         try:

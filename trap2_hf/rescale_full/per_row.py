@@ -1,6 +1,6 @@
-"""The fused step for full fine-tuning: the copied rows compute with theta0 + s*(theta - theta0), module by module.
+"""Full fine-tuning re-scaled row by row: the copied rows compute with theta0 + s*(theta - theta0), module by module.
 
-The fused step (`fused.py`) runs the micro-batch's b rows followed by copies of some of them, the copies of each
+The fused step (`modes/fused.py`) runs the micro-batch's b rows followed by copies of some of them, the copies of each
 scale s_k side by side. For a LoRA adapter a copy's scale multiplies the branch's output; for a full fine-tune
 every module that holds a trainable parameter computes
 
@@ -29,7 +29,7 @@ read elsewhere, as TRL's fused LM head reads lm_head.weight) raises RuntimeError
 must be on the parameters' device.
 
 `RowGroups.at_scale(s)` puts every row at s: sub_batch's and two_pass's re-scaled passes use it instead of writing
-theta_s into the weights (`rescale_full.rescaled_parameters`), which is what the trainer falls back to otherwise; where
+theta_s into the weights (`at_scale.rescaled_parameters`), which is what the trainer falls back to otherwise; where
 only some modules' parameters are read outside their forward, only those are written (`split_in_place`).
 """
 
@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..rescale import patched_forward
 from .grouped_linear import GroupedLinear, lerp_to
-from .rescale import _patched_forward
 
 NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
 
@@ -180,7 +180,7 @@ def rescaled_parameters_per_row(
             for local, param in module.named_parameters(recurse=False):
                 theta0[local] = _theta0_for(param, theta0_of, name, local)
             forward = partial(forwards[kind], module=module, name=name, groups=groups, theta0=theta0)
-            stack.enter_context(_patched_forward(module, partial(_counted, forward, called, name)))
+            stack.enter_context(patched_forward(module, partial(_counted, forward, called, name)))
         yield
     skipped = [name for name, _, _ in targets if name not in called]
     if called and skipped:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .mergekit_methods import _mergekit
+from .methods import mergekit_module
 
 # A `config.json` architecture mergekit has no definition for: it then infers the layout from the
 # checkpoints' tensor names (see `WrittenInputs.layout`).
@@ -54,7 +54,7 @@ def written_inputs(base, updates: Sequence, workdir: str | None = None) -> Itera
     full fine-tune), a `(PeftModel, adapter_name)` pair (that adapter folded in), or a fine-tuned
     state `{parameter name: tensor}` keyed like the base's `named_parameters()`.
     """
-    _mergekit()
+    mergekit_module()
     if not updates:
         raise ValueError("Pass at least one update to merge.")
     root = tempfile.mkdtemp(prefix="trap2-mergekit-", dir=workdir)
@@ -145,7 +145,7 @@ def _layout(base_dir: str) -> str:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base_dir)
-    names = set(_tensor_names(base_dir))
+    names = set(tensor_names(base_dir))
     try:
         arch = arch_info_for_config(config)
         weights = arch.all_weights(config) if arch is not None else None
@@ -184,7 +184,7 @@ def _marked_for_inference(folder: str, root: str) -> str:
     return folder
 
 
-def _tensor_names(folder: str) -> list[str]:
+def tensor_names(folder: str) -> list[str]:
     from safetensors import safe_open
 
     names = []
