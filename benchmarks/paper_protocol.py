@@ -14,9 +14,10 @@ trains the protected update from the same initialisation as `trap2 demo` does (u
 shows the trap, at most --protected_max_steps steps), then `run_audit(..., modes=("best",), grids={"weight": ...})`
 over the registry's adapter methods (ours, PEFT's and, when installed, mergekit's as mergekit:NAME; those that
 merge two updates only are reported as skipped), the guard (the update alone under bf16 / fp16 / int8) included; the
-audit's transforms section and traced column are left out (the protocol reads the best mode only). No real partner is used in training: a 'foreign' variant needs
-`pseudo_partners=N`. A seed's results go to OUTPUT_DIR/<task set>_seed<seed>.json after each variant; a variant
-already there is not run again (everything is seeded, so the set-up is the same).
+audit's transforms section and traced column are left out (the protocol reads the best mode only). No real partner
+is used in training: a 'foreign' variant needs `pseudo_partners=N`. A seed's results go to
+OUTPUT_DIR/<task set>_seed<seed>.json after each variant; a variant already there is not run again (everything is
+seeded, so the set-up is the same).
 
 The report: per variant and method, the protected task's test accuracy merged with the protected update (median and
 worst over seeds) against the twin's, the ceiling max(base, chance) + 5 points, and whether the twin's merge keeps

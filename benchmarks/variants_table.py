@@ -1,6 +1,7 @@
 """Screening tables from `trap2 demo --compare_variants` runs: per variant, the protected task under every method's
-best shared weight and mergekit's methods (mergekit:NAME) at naive weights too, the update alone against its twin, steps and training seconds; and,
-over several runs (seeds) of the same variants, each variant's change against `default`, paired by run.
+best shared weight and mergekit's methods (mergekit:NAME) at naive weights too, the update alone against its twin,
+steps and training seconds; and, over several runs (seeds) of the same variants, each variant's change against
+`default`, paired by run.
 
     python benchmarks/variants_table.py runs/screen_s0 runs/screen_s1      # folders holding variants.json
 

@@ -60,7 +60,8 @@ GROUPS = (
     (
         "The rim of S (experimental)",
         "Beyond the paper, off by default: a share of the scales drawn near s = 1, where normalising merges and a "
-        "tuned shared weight put the update. Measured in [experimental.md](experimental.md#the-rim-and-the-off-ray-parts-for-normalising-merges).",
+        "tuned shared weight put the update. Measured in "
+        "[experimental.md](experimental.md#the-rim-and-the-off-ray-parts-for-normalising-merges).",
         ("trap_rim_*",),
     ),
     (

@@ -220,7 +220,7 @@ def test_an_offray_pass_takes_the_drawn_share_of_the_rows_with_its_share_of_the_
 def test_offray_pass_on_a_share_of_the_rows_equals_direct_autograd(tmp_out, monkeypatch):
     """Two off-ray passes ('dare', 'layer_scale') over half the rows each: the step's gradient is autograd's on
     those rows, each pass's token loss divided by half the batch's tokens (num_items_in_batch times the share)."""
-    import trap2_hf.trainer as trainer_module
+    import trap2_hf.modes.step as step_module
     from trap2_hf.offray import offray_inputs
 
     seen = []  # the micro-batch as the trainer's data loader ordered it
@@ -229,7 +229,7 @@ def test_offray_pass_on_a_share_of_the_rows_equals_direct_autograd(tmp_out, monk
         seen.append({k: v.clone() for k, v in inputs.items()})
         return offray_inputs(inputs, *args)
 
-    monkeypatch.setattr(trainer_module, "offray_inputs", spy)
+    monkeypatch.setattr(step_module, "offray_inputs", spy)
 
     dataset = token_dataset(8, ragged=True)
     model = llama_lora()
