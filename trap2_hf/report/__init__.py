@@ -6,16 +6,4 @@
 - plot.py: audit.png.
 
 Plain Python on the audit's results (matplotlib only for the plot), so the card and the demo read it without the
-audit's engine."""
-
-from .._lazy import lazy_exports
-
-_EXPORTS = {
-    "attack_rows": ".summary",
-    "format_table": ".tables",
-    "threat_summary": ".summary",
-    "verdict": ".verdict",
-    "write_report": ".tables",
-}
-__all__ = list(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+audit's engine. `trap2_hf.audit` exports `format_table` and `write_report`."""
