@@ -60,7 +60,7 @@ import sys
 from dataclasses import dataclass, field
 
 from trap2_hf.cli_errors import one_line_error, run_command, unknown_names_message
-from trap2_hf.hub.files import missing_folder_hint
+from trap2_hf.files import missing_folder_hint
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 

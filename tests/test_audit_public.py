@@ -9,7 +9,7 @@ from trap2_hf.audit.auditor import AttackContext
 from trap2_hf.audit.merge_method import MergeUnsupported
 from trap2_hf.audit.public import run_public
 from trap2_hf.audit.settings import InformedSettings, PublicSettings
-from trap2_hf.audit.summary import attack_rows, public_summary, threat_summary
+from trap2_hf.report.summary import attack_rows, public_summary, threat_summary
 
 OTHERS = ["other:a", "other:b"]
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 
 from trap2_hf.audit import format_table, write_report
-from trap2_hf.audit.summary import attack_rows, eval_rows, threat_summary
+from trap2_hf.report.summary import attack_rows, eval_rows, threat_summary
 
 
 def pick(topic, average=0.9):
@@ -98,7 +98,7 @@ def test_tables_plot_and_model_index_carry_the_new_rows(tmp_path):
     assert names["task_arithmetic, repair with k=64 after the naive merge, without the released update"] == 0.6
     assert not any("best mean" in name for name in names)  # those come from the method entries already
 
-    from trap2_hf.hub.card import audit_eval_results, audit_table
+    from trap2_hf.release.card import audit_eval_results, audit_table
 
     values = {r.metric_name: r.metric_value for r in audit_eval_results(RESULTS) if r.dataset_type == "topic"}
     assert values["task_arithmetic, repair with k=16 after the naive merge, protected update"] == pytest.approx(0.98)

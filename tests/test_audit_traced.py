@@ -8,7 +8,7 @@ from trace_updates import lora_config, trace_base
 
 from trap2_hf.audit import AuditTask, format_table, methods, run_audit
 from trap2_hf.audit.settings import InformedSettings, PublicSettings, RepairSettings, TransformSettings
-from trap2_hf.audit.summary import attack_rows, trace_lines
+from trap2_hf.report.summary import attack_rows, trace_lines
 from trap2_hf.trace import ReleaseTracer
 
 IDS = {split: torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(i))
@@ -159,7 +159,7 @@ def test_no_traced_column_when_asked_and_none_for_an_update_with_nothing_to_trac
 def test_the_card_says_how_many_audited_merges_were_traced(audited):
     from huggingface_hub import ModelCard
 
-    from trap2_hf.hub.card import render_card
+    from trap2_hf.release.card import render_card
 
     _, results = audited
     protection = {"update": "lora", "library_version": "0", "trap_lambda": 0.05, "trap_scale_min": 0.05,

@@ -1,4 +1,4 @@
-"""The fused step on a full fine-tune (rescale_full/per_row.py): each copied row computes with theta0 + s*(theta - theta0),
+"""The fused step on a full fine-tune (rescale/full_per_row.py): each copied row computes with theta0 + s*(theta - theta0),
 so with every row copied (f = 1) its gradient is two_pass's, and below 1 it is sub_batch's on the same rows."""
 
 import contextlib
@@ -14,9 +14,9 @@ from conftest import VOCAB, text_dataset, tiny_llama, tiny_tokenizer, token_data
 from test_modes import TWO_SCALES, auto_trainer, train
 from trap_checks import assert_grads_close
 from trap2_hf import Trap2SFTConfig, Trap2SFTTrainer, Trap2Trainer, Trap2TrainingArguments, rescaled_parameters
-from trap2_hf.rescale_full import RowGroups, full_row_targets, rescaled_parameters_per_row
+from trap2_hf.rescale import RowGroups, full_row_targets, rescaled_parameters_per_row
 from trap2_hf import updates
-from trap2_hf.rescale_full import split_in_place, swapped_parameters
+from trap2_hf.rescale import split_in_place, swapped_parameters
 
 
 def tiny_gpt2():
@@ -277,7 +277,7 @@ def llama_with_weight_norm():
 )
 def test_re_scaled_passes_form_theta_s_on_the_fly_only_where_exact(tmp_out, make_model, settings, on_the_fly):
     """auto (sub_batch) and two_pass form theta_s module by module (RowGroups.at_scale) where every trainable
-    parameter sits in a known module; elsewhere they write it into the weights (rescale_full.rescaled_parameters)."""
+    parameter sits in a known module; elsewhere they write it into the weights (rescale.rescaled_parameters)."""
     _, trainer = auto_trainer(tmp_out, make_model(), trap_target="full", **settings)
     assert (trainer.args.trap_mode, trainer.args.trap_rescaled_fraction) == ("sub_batch", 0.25)
     assert (trainer.trap_step.pass_row_targets is not None) == on_the_fly
@@ -426,7 +426,7 @@ def test_norms_take_per_row_vectors_only_where_their_forward_broadcasts_them(kin
     per scale: either way each row's output and the vectors' gradient are those of the module at its row's scale."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from trap2_hf.rescale_full import per_row as fused_full
+    from trap2_hf.rescale import full_per_row as fused_full
 
     torch.manual_seed(0)
     module = {"llama_rmsnorm": lambda: LlamaRMSNorm(6), "torch_layernorm": lambda: nn.LayerNorm(6),

@@ -17,7 +17,7 @@ from trap2_hf import Trap2Trainer, Trap2TrainingArguments, load_protected_adapte
 from trap2_hf._warnings import XET_FALLBACK_NOTICE
 from trap2_hf.cli import main as trap2_main
 from trap2_hf.hub import BaseModelMismatchError, ChecksumMismatchError, HubPushError, ProtectionCardError
-from trap2_hf.hub.card import render_card
+from trap2_hf.release.card import render_card
 
 PICKLE_NAMES = (".bin", ".pkl", ".pt", ".pth", ".pickle")
 # A `trap2 audit` report (audit.json), trimmed to what the card reads.
@@ -356,7 +356,7 @@ def test_pushes_go_through_the_hub_api_given(hub_server, tmp_path, monkeypatch):
 
 
 def test_a_crash_while_saving_leaves_no_folder_that_looks_complete(trained, tmp_path, monkeypatch):
-    import trap2_hf.hub.mixin as mixin
+    import trap2_hf.release.mixin as mixin
 
     out = str(tmp_path / "copy")
     trained.save_model(out)

@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import tiny_llama
 from trap2_hf import rescaled_adapter, rescaled_parameters, snapshot_parameters
-from trap2_hf.rescale_full.at_scale import _InPlaceRescale
+from trap2_hf.rescale.full_at_scale import _InPlaceRescale
 
 INPUT = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(1))
 

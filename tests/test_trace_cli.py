@@ -204,7 +204,7 @@ def test_help_imports_no_torch():
 def test_the_model_card_gives_a_trace_command_that_parses():
     import re
 
-    from trap2_hf.hub.card import protection_section
+    from trap2_hf.release.card import protection_section
     from trap2_hf.trace.cli import make_parser
 
     settings = {"trap_scale_min": 0.05, "trap_scale_max": 2.0, "trap_margin": 0.05, "update": "lora"}

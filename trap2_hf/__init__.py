@@ -15,11 +15,11 @@ _EXPORTS = {
     "load_protected_adapter": ".hub",
     "rescaled_adapter": ".rescale",
     "rescaled_loss_coefficient": ".objective",
-    "rescaled_parameters": ".rescale_full",
+    "rescaled_parameters": ".rescale",
     "rescaled_update": ".updates",
     "sample_scales": ".objective",
     "scale_weight": ".objective",
-    "snapshot_parameters": ".rescale_full",
+    "snapshot_parameters": ".rescale",
     "trace_release": ".trace",
     "trap_objective": ".objective",
 }

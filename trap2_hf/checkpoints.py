@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .hub.files import ordinary_permissions
+from .files import ordinary_permissions
 
 REFERENCE_WEIGHTS_NAME = "trap2_reference.safetensors"
 

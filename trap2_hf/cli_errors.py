@@ -23,7 +23,7 @@ import os
 import re
 import sys
 
-from .hub.files import missing_folder_hint
+from .files import missing_folder_hint
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "TRAP2_DEBUG"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from .choices import MODES, TARGETS, TRAP_MODES
 from .choices import modes as mode_choices
 from .choices import targets as target_choices
-from .offray.terms import check_offray_settings, parse_terms
+from .choices.offray import check_offray_settings, parse_terms
 from .scale_settings import check_rim_settings
 
 WEIGHTINGS = ("inv", "inv_sqrt", "none")

@@ -35,11 +35,11 @@ from .checkpoints import (
 )
 from .choices import AUTO, TrainerLoss
 from .config import Trap2SFTConfig, Trap2TrainingArguments, check_run_arguments
-from .hub.files import removed_if_left_empty
-from .hub.mixin import Trap2HubMixin
+from .files import removed_if_left_empty
 from .launchers import refuse_unsupported_launcher
 from .modes.rows import drawn_rows
 from .nonfinite import SkipNonFiniteStep
+from .release.mixin import Trap2HubMixin
 from .settings import Trap2Settings
 from .updates import is_quantized, update_kind
 

@@ -8,7 +8,7 @@ string. An update kind owns, for its kind of update:
 - `reference(model, settings, given)`: theta0, where re-scaling needs it (full fine-tuning), else None;
 - `rescaled(model, scale, ...)`: the context in which the model computes with W0 + s*dW;
 - `pass_row_targets(model, settings)`: modules that form the re-scaled weights as they run for the re-scaled
-  passes (full fine-tuning, `rescale_full/per_row.py`), or None: re-scale in place;
+  passes (full fine-tuning, `rescale/full_per_row.py`), or None: re-scale in place;
 - `copy_row_targets(model, settings)` and `rescaled_copies(...)`: where the fused step's per-row scales act, and
   the context that puts each copied row at its scale;
 - `card_kind(model)`: the update as the model card names it ('lora', 'loha', ..., 'full').
@@ -25,20 +25,18 @@ from torch import nn
 
 from .choices import targets as declared_targets
 from .rescale import (
+    RowGroups,
+    full_row_targets,
     per_sample_targets,
     refuse_methods_without_weight_delta,
     rescaled_adapter,
     rescaled_adapter_per_sample,
-    trained_adapter_names,
-)
-from .rescale_full import (
-    RowGroups,
-    full_row_targets,
     rescaled_parameters,
     rescaled_parameters_at_scale,
     rescaled_parameters_per_row,
     snapshot_parameters,
     swapped_parameters,
+    trained_adapter_names,
 )
 
 
@@ -85,7 +83,7 @@ class UpdateKind:
 
 
 class AdapterUpdate(UpdateKind):
-    """A trained PEFT adapter, re-scaled as W0 + s*dW (`rescale.py`)."""
+    """A trained PEFT adapter, re-scaled as W0 + s*dW (`rescale/adapter.py`)."""
 
     declared = declared_targets.ADAPTER
 
@@ -121,7 +119,7 @@ class AdapterUpdate(UpdateKind):
 
 
 class FullUpdate(UpdateKind):
-    """Every trainable parameter, re-scaled as theta0 + s*(theta - theta0) (`rescale_full/`)."""
+    """Every trainable parameter, re-scaled as theta0 + s*(theta - theta0) (`rescale/`)."""
 
     declared = declared_targets.FULL
 
@@ -145,7 +143,7 @@ class FullUpdate(UpdateKind):
                  weight_copy=False):
         """theta_s in a copy swapped into the weights where the pass may hold one (`weight_copy`), theta0 is on the
         device and activation checkpointing is off (checkpointing is there to save memory); else module by module
-        where `row_targets` allow; else written into the weights and restored (`rescale_full/`)."""
+        where `row_targets` allow; else written into the weights and restored (`rescale/`)."""
         if reference is None:
             raise ValueError("trap_target='full' needs the reference weights theta0 (`reference=`).")
         if weight_copy and _on_device(model, reference) and not getattr(model, "is_activation_checkpointing", False):

@@ -23,13 +23,13 @@ _EXPORTS = {
     "RepairSettings": ".settings",
     "adapter_task_vector": ".task_vectors",
     "applied": ".task_vectors",
-    "format_table": ".report",
+    "format_table": "..report.tables",
     "full_task_vector": ".task_vectors",
     "load_metric": ".metrics",
     "merge_task_vectors": ".task_vectors",
     "methods": ".methods",
     "run_audit": ".run",
-    "write_report": ".report",
+    "write_report": "..report.tables",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .kinds import audited_kind
-    from .report import format_table, write_report
+    from ..report.tables import format_table, write_report
     from .run import run_audit
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..report.summary import attack_rows, verdict
 from . import benign as benign_check
 from . import informed as informed_attack
 from . import methods as registry
@@ -40,7 +41,6 @@ from .kinds import audited_kind
 from .merge_method import MergeUnsupported
 from .repair import run_repair
 from .settings import DEFAULT_SCALES, MODES, InformedSettings, PublicSettings, TransformSettings
-from .summary import attack_rows, verdict
 from .traced import MergeTracer
 from .transforms import run_transforms, sparsifier
 

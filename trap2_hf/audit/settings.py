@@ -5,7 +5,7 @@ Plain data, no torch: `trap2 audit --help` reads its defaults from here without 
 
 from dataclasses import asdict, dataclass
 
-from .summary import TWIN_GAIN_KEPT
+from ..report.summary import TWIN_GAIN_KEPT
 
 # The modes of the audit, in the order they run for each method: the naive merge (1/N), the best shared
 # weight (searched on validation), the points public merge configurations use, the informed attacker's

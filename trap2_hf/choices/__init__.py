@@ -1,6 +1,7 @@
-"""The choices a user makes in the protection settings, as facts: the trap modes (`modes.py`) and the update kinds
-(`targets.py`). Pure data, no torch: the settings validate against it, the trainer, the modes, the model card and
-the audit read it, and no other module compares the names."""
+"""The choices a user makes in the protection settings, as facts: the trap modes (`modes.py`), the update kinds
+(`targets.py`) and the off-ray terms with the ranges they draw from (`offray.py`). Pure data, no torch: the settings
+validate against it, the trainer, the modes, the model card and the audit read it, and no other module compares the
+names."""
 
 from .modes import AUTO, AUTO_ORDER, FALLBACK, MODES, TRAP_MODES, AutoChoice, Mode, TrainerLoss, mode
 from .targets import TARGETS, Target, card_target, per_target, target

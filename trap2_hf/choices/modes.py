@@ -249,7 +249,7 @@ def help_text() -> str:
         f"How a step computes the re-scaled term. 'auto' (default): the first mode that is exact for the model and "
         f"settings, {orders}; the trainer logs its choice and the model card records it. {modes} Off-ray and guard "
         f"passes run in {side_terms_modes()}. Cost and protection "
-        "measured: README, Performance."
+        "measured: docs/performance.md."
     )
 
 

@@ -14,9 +14,9 @@ from transformers import PrinterCallback, TrainerCallback
 
 from ..audit import methods as methods_registry
 from ..audit.settings import InformedSettings, PublicSettings, RepairSettings, TransformSettings
-from ..audit.summary import HELD_MARGIN, floor
 from ..callbacks import RescaleCurveCallback
 from ..config import Trap2TrainingArguments
+from ..report.summary import HELD_MARGIN, floor
 from ..settings import Trap2Settings
 from ..trainer import Trap2Trainer
 from . import model as demo_model
@@ -95,7 +95,7 @@ def build_for(demo: DemoArguments) -> DemoSetup:
 def run_demo(demo: DemoArguments, trap: Trap2Settings) -> tuple[dict, list, dict, dict]:
     """`trap2 demo`: build, train the plain updates then the protected one, audit, write the report and
     demo.json. Returns (audit results, criteria checks, timings, report paths)."""
-    from ..audit.report import write_report
+    from ..report.tables import write_report
 
     start = time.perf_counter()
     setup = build_for(demo)

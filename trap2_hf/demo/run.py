@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if demo.threads:
         torch.set_num_threads(demo.threads)
-    from ..audit.report import format_table
-    from ..audit.summary import cost_lines, public_summary, trace_lines
+    from ..report.summary import cost_lines, public_summary, trace_lines
+    from ..report.tables import format_table
     from .pipeline import build_for, run_demo
     from .variants import compare_variants, format_heldout
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from .._args import parse_fields
-from ..audit.summary import HELD_MARGIN, floor
+from ..report.summary import HELD_MARGIN, floor
 from ..settings import Trap2Settings
 from .arguments import DemoArguments
 from .pipeline import audit_setup, train_plain, train_protected, with_foreign_updates

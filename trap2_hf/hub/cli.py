@@ -17,10 +17,10 @@ import os
 import sys
 
 from .._args import omit_unset
+from ..files import checkpoint_folders, missing_folder_hint, update_files
+from ..release.card import CARD_NAME, write_card
+from ..release.protection import SETTING_NAMES, ProtectionCardError, read_protection
 from ..settings import Trap2Settings
-from .card import CARD_NAME, write_card
-from .files import checkpoint_folders, missing_folder_hint, update_files
-from .protection import SETTING_NAMES, ProtectionCardError, read_protection
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -151,7 +151,7 @@ def create_repo_and_push(args) -> str:
     from huggingface_hub import HfApi
 
     from .. import __version__
-    from .upload import create_repo, upload_folder
+    from ..release.upload import create_repo, upload_folder
 
     api = HfApi(library_name="trap2_hf", library_version=__version__)
     repo_id = create_repo(api, args.push, args.folder, token=None, private=args.private or None)

@@ -5,8 +5,7 @@ import os
 
 from .._warnings import peft_deprecation_silenced
 from ..choices import card_target
-from .card import CARD_NAME
-from .files import (
+from ..files import (
     ADAPTER_WEIGHTS,
     ChecksumMismatchError,
     checkpoint_folders,
@@ -14,7 +13,8 @@ from .files import (
     missing_folder_hint,
     verify_checksums,
 )
-from .protection import ProtectionCardError, base_model_config, read_protection
+from ..release.card import CARD_NAME
+from ..release.protection import ProtectionCardError, base_model_config, read_protection
 
 # Keyword arguments that choose which files to fetch; the others go to `PeftModel.from_pretrained`.
 DOWNLOAD_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "endpoint")

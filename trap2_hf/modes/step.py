@@ -21,7 +21,7 @@ from ..choices import TrainerLoss
 from ..objective import rescaled_loss_coefficient, sample_scales, scale_weight, step_generator
 from ..offray import load_foreign_update, matched_foreign_updates, offray_inputs, offray_layers, offray_update
 from ..offray.draws import draw_offray, draw_ranges, guard_draw
-from ..rescale_full import split_in_place
+from ..rescale import split_in_place
 from .rows import drawn_on_any_rank, drawn_rows
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class TrapStep:
     def watching_pass_row_targets(self):
         """Around the first nominal pass: if a module of the pass row targets does not run, the model reads its
         parameters some other way, which forming theta_s module by module would miss; write theta_s into those
-        parameters instead (`rescale_full.split_in_place`)."""
+        parameters instead (`rescale.split_in_place`)."""
         targets = self.pass_row_targets
         if targets is None or self._targets_checked:
             yield

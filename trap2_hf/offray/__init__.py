@@ -20,10 +20,11 @@ A term is an own-update transform, a partner, or both joined by '+':
 'guard' (not a term one lists: `trap_guard_lambda`) is dW plus small dense noise, whose loss is
 *minimised*, so the update tolerates quantization-sized perturbations.
 
-The package, by reason to change: `terms.py` (the names and the ranges each draws from; pure data, which the
-settings validate against), `draws.py` (a step's draws), `transforms.py` (one stateless function per part),
-`foreign.py` (loading other adapters), `pseudo.py` (partners the library makes itself), `context.py`
-(`offray_layers`, `offray_update`, `offray_inputs`: the rows a pass takes). Adding a term: its part in `terms.py` and its function in `transforms.py`.
+The terms' names and the ranges each draws from are declared in `choices/offray.py` (pure data, which the settings
+validate against); the package, by reason to change: `draws.py` (a step's draws), `transforms.py` (one stateless
+function per part), `foreign.py` (loading other adapters), `pseudo.py` (partners the library makes itself),
+`context.py` (`offray_layers`, `offray_update`, `offray_inputs`: the rows a pass takes). Adding a term: its part in
+`choices/offray.py` and its function in `transforms.py`.
 
 Inside `offray_update(model, draw)` every LoRA Linear layer of the trained adapter computes
 W0 x + dW' x, with dW' built by autograd from the layer's own A and B, so gradients flow into them.
@@ -34,13 +35,13 @@ activation checkpointing sees the same masks, and a resumed run the same draws.
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "GUARD": ".terms",
-    "OWN_TRANSFORMS": ".terms",
-    "PARTNERS": ".terms",
-    "RANGES": ".terms",
-    "Term": ".terms",
-    "parse_terms": ".terms",
-    "term": ".terms",
+    "GUARD": "..choices.offray",
+    "OWN_TRANSFORMS": "..choices.offray",
+    "PARTNERS": "..choices.offray",
+    "RANGES": "..choices.offray",
+    "Term": "..choices.offray",
+    "parse_terms": "..choices.offray",
+    "term": "..choices.offray",
     "OffrayDraw": ".draws",
     "draw_offray": ".draws",
     "draw_ranges": ".draws",

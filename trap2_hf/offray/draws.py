@@ -7,7 +7,7 @@ import torch
 
 from ..seeding import GUARD as GUARD_STREAM
 from ..seeding import OFFRAY
-from .terms import GUARD, RANGES, Term, term
+from ..choices.offray import GUARD, RANGES, Term, term
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The off-ray transforms, one stateless function per part of a term (`terms.py` names them).
+"""The off-ray transforms, one stateless function per part of a term (`choices/offray.py` names them).
 
 A layer's dW' is a sum of parts, each ('dense', M) or ('lowrank', B', A') with dW' = B' @ A', built by autograd
 from the layer's LoRA factors `a` (r x in) and `b` (out x r) and its `scaling`, so gradients flow into them.

@@ -1,13 +1,11 @@
-"""Context managers that re-scale an update, W0 + dW -> W0 + s*dW, and always restore the model.
+"""Context managers that re-scale an adapter, W0 + dW -> W0 + s*dW, and always restore the model (full fine-tunes:
+`full_at_scale.py`, `full_per_row.py`).
 
 - LoRA and rsLoRA: the adapter's `scaling` times s, which is exactly W0 + s*scaling*B@A.
 - Any other adapter layer (DoRA, LoHa, LoKr, IA3, ...) and `modules_to_save` copies, whose output
   is affine in the layer's weights: y_s = y_base + s*(y_adapted - y_base), which is exactly the
   layer with weights W0 + s*(W_adapted - W0). For DoRA this is the true weight-space delta
   (re-scaling B is not).
-- Full fine-tuning: every trainable parameter holds theta0 + s*(theta - theta0) while inside, in its
-  own storage (restored bit for bit); a gradient hook multiplies its gradient by s, so backward
-  inside the context gives d/dtheta.
 - Per sample (`rescaled_adapter_per_sample`): row i of the batch computes with W0 + s_i*dW, for the
   fused step; only LoRA and rsLoRA, whose branch output is linear in s.
 

@@ -1,7 +1,7 @@
 """The off-ray terms by name: what each part of a term is and which ranges of the settings its draws use.
 
 Pure data (no torch), so the settings validate `trap_offray` without importing training code. The transform each
-part stands for is in `transforms.py`, in tables keyed by the same names.
+part stands for is in `offray/transforms.py`, in tables keyed by the same names.
 
 A term is at most one own-update transform and at most one partner, joined by '+' ('dare', 'synthetic',
 'dare+foreign'); without an own transform the own update is re-scaled ('scale'). 'guard' is the term of the guard
@@ -10,8 +10,8 @@ pass (`trap_guard_lambda`), never listed in `trap_offray`, and its loss is minim
 
 from dataclasses import dataclass
 
-from ..choices.modes import side_terms_refusal
-from ..choices.targets import target
+from .modes import side_terms_refusal
+from .targets import target
 
 
 @dataclass(frozen=True)

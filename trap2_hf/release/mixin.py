@@ -24,8 +24,8 @@ from transformers import PreTrainedModel
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
+from ..files import atomic_copy, atomic_write_text, move_into, read_text, remove, sha256_files, update_files
 from .card import CARD_NAME, split_card, write_card
-from .files import atomic_copy, atomic_write_text, move_into, read_text, remove, sha256_files, update_files
 from .protection import ProtectionCardError, base_model_config, read_protection
 from .upload import TRAINING_ARGS_JSON, create_repo, training_args_json, upload_folder
 

@@ -3,7 +3,7 @@
 The card is the one place where a protection is written down. Its YAML metadata holds the `trap2`
 block (protection.py: every protection setting the training used, the library version and the sha256
 of the update's files) that `load_protected_adapter` reads back; its body explains the protection to a
-person, with the audit's table as audit/report.py renders it. The protection section sits between two
+person, with the audit's table as report/tables.py renders it. The protection section sits between two
 markers, so re-writing a card that another tool generated (TRL re-writes README.md on every save) only
 replaces that section and keeps the rest.
 """
@@ -16,12 +16,12 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_index
 
-from ..audit.report import format_table, format_value
-from ..audit.summary import trace_summary
-from ..audit.verdict import not_measured, per_task, verdict
 from ..choices import card_target
+from ..files import atomic_write_bytes, atomic_write_text, sha256_files
+from ..report.summary import trace_summary
+from ..report.tables import format_table, format_value
+from ..report.verdict import not_measured, per_task, verdict
 from ..settings import trap_scale_intervals
-from .files import atomic_write_bytes, atomic_write_text, sha256_files
 from .protection import SETTING_NAMES, protection_block
 
 CARD_NAME = "README.md"
@@ -259,7 +259,7 @@ def _measured_alone(audit: dict) -> str:
 
 
 def audit_table(audit: dict) -> str:
-    """The merge audit as markdown, under the card's own heading: the table audit/report.py renders (merged
+    """The merge audit as markdown, under the card's own heading: the table report/tables.py renders (merged
     with the protected vs with an unprotected update), for a `trap2 audit` report or a short audit."""
     task = audit["protected_task"]
     header = [
@@ -306,7 +306,7 @@ def audit_eval_results(audit: dict) -> list[EvalResult]:
             if values.get("average") is not None:
                 results.append(result(f"{label}, {variant} update", values["average"], dataset="merged-tasks-average"))
     if "rescale_curve" in audit:  # a full `trap2 audit` report: the informed attacker's headline and repair
-        from ..audit.summary import eval_rows
+        from ..report.summary import eval_rows
 
         results += [result(name, value) for name, value in eval_rows(audit)]
     return results

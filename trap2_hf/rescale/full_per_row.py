@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..rescale import patched_forward
+from .adapter import patched_forward
 from .grouped_linear import GroupedLinear, lerp_to
 
 NORM_SUFFIXES = ("LayerNorm", "RMSNorm")

@@ -1,4 +1,4 @@
-"""The Linear (and Conv1D) layer of the per-row re-scaling (`per_row.py`): one autograd function whose rows are
+"""The Linear (and Conv1D) layer of the per-row re-scaling (`full_per_row.py`): one autograd function whose rows are
 grouped by scale, the first group at theta, each other at theta_s = theta0 + s*(theta - theta0)."""
 
 from contextlib import nullcontext
@@ -78,7 +78,7 @@ class GroupedLinear(torch.autograd.Function):
 
 
 def _spans(x: torch.Tensor, groups) -> list[tuple[int, slice]]:
-    """(group, slice of _flat(x)) for every group with rows, as `per_row._chunks` splits them."""
+    """(group, slice of _flat(x)) for every group with rows, as `full_per_row._chunks` splits them."""
     if groups.uniform:
         return [(1, slice(None))]
     per_row = x[0].numel() // x.shape[-1] if x.shape[0] else 0

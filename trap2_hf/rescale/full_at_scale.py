@@ -9,7 +9,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from .per_row import RowGroups, rescaled_parameters_per_row
+from .full_per_row import RowGroups, rescaled_parameters_per_row
 
 
 def snapshot_parameters(
