@@ -39,7 +39,7 @@ class DemoArguments:
         default=None,
         metadata={
             "help": "Training steps of the unprotected twin (the protected task's plain update; default: steps). "
-            "The `lexicon` task, an arbitrary word -> class mapping, needs ~200 (test 0.99-1.00)."
+            "The `lexicon` task, an arbitrary word -> class mapping, needs more (docs/threat_model.md)."
         },
     )
     protected_max_steps: int = field(

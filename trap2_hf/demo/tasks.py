@@ -15,8 +15,8 @@ ordinary words (each one token of MiniLM's vocabulary) to the four classes, draw
 `topic` and `object` as partners. A sentence carries one key word (said twice) among filler words;
 validation and test sentences reuse the training sentences' key words in new sentences. Nothing
 about a key word tells its class, so a pretrained encoder cannot infer the mapping from a few
-labelled examples (the audit's repair reference with 256 of them: ~0.55 on test, base ~0.25, against
-~1.0 for the update trained on all 512; README, "A task worth stealing").
+labelled examples (the audit's repair reference; measured in docs/threat_model.md, "A task worth
+stealing").
 """
 
 import functools
@@ -147,9 +147,9 @@ TEMPLATES = (
 )
 
 # The lexicon tasks' templates: one key word `w1`, said twice among fillers (about a third of the
-# mean-pooled sentence). Said three times with fewer fillers, the update merges better but is robust
-# to re-scaling (alone at s = 1/3: 1.0, no trap forms) and repair from the base gets easier; said
-# once, repair is harder but merges keep under 60 % of its gain (README, "A task worth stealing").
+# mean-pooled sentence). Said more often, the update merges better but no trap forms and repair from the base
+# gets easier; said once, repair is harder but merges keep less of its gain (measured in
+# benchmarks/results/2026-12-02-lexicon-task.md).
 LEXICON_TEMPLATES = (
     "a {f1} about {w1}, yes {w1}",
     "{w1} again: the {f1} mentioned {w1}",
