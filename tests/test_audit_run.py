@@ -257,6 +257,27 @@ def test_a_grid_override_replaces_the_named_parameter_of_every_method_for_one_ru
                       modes=("best",), progress=False, grids=bad)
 
 
+def test_best_methods_limit_the_best_mode_and_the_report_says_what_was_left_out():
+    """`best_methods` (the demo's time budget) searches the best shared weight of those methods only; the others
+    still run their other modes, and the report lists the searches left out."""
+    from trap2_hf.report.verdict import not_measured
+
+    model, tasks = lora_setup()
+    results = run_audit(
+        model, tasks, "t0", "prot", None, {"t1": "other1"}, methods=["task_arithmetic", "ties"],
+        modes=("average", "best"), sweep_scales=(1.0,), seed=0, progress=False, benign=(), trace=False,
+        best_methods=("task_arithmetic",),
+    )
+    ran = sorted((entry["method"], entry["mode"]) for entry in results["methods"])
+    assert ran == [("task_arithmetic", "average"), ("task_arithmetic", "best"), ("ties", "average")]
+    assert results["config"]["best_methods"] == ["task_arithmetic"]
+    assert results["config"]["not_audited"]["best"] == ["ties"]
+    assert "the best shared weight of ties" in not_measured(results)
+    with pytest.raises(ValueError, match=r"best_methods \['tsv'\] are not among the audited methods"):
+        run_audit(model, tasks, "t0", "prot", None, {"t1": "other1"}, methods=["task_arithmetic"],
+                  modes=("best",), progress=False, best_methods=("tsv",))
+
+
 def test_bad_arguments_name_the_problem():
     model, tasks = lora_setup()
     with pytest.raises(ValueError, match="not one of the tasks"):

@@ -85,6 +85,7 @@ def run_audit(
     public: PublicSettings | None = None,
     transforms: TransformSettings | None = None,
     trace: bool = True,
+    best_methods: tuple[str, ...] | None = None,
 ) -> dict:
     """Run the audit and return the content of `audit.json`.
 
@@ -101,19 +102,24 @@ def run_audit(
     the paper's shared-weight search; `config.declared` records it); `transforms` (a
     `TransformSettings`, default one) what merges do to each update alone before a partner enters, the `transforms`
     section (`TransformSettings(kinds=())`: no section). `trace` adds the traced column (traced.py): each reported
-    merge traced for the released update in it, and the false-positive check, the `trace` section.
+    merge traced for the released update in it, and the false-positive check, the `trace` section. `best_methods`
+    limits the `best` mode to those of the audited methods (default: every one with a grid), for a run that must
+    fit a time budget; the others still run in the other modes, and `config.best_methods` records the choice.
     """
     informed, public = informed or InformedSettings(), public or PublicSettings()
     transforms = TransformSettings() if transforms is None else transforms
     chosen = _check_arguments(
-        model, tasks, protected_task, protected, unprotected, others, target, methods, modes, informed, public
+        model, tasks, protected_task, protected, unprotected, others, target, methods, modes, informed, public,
+        best_methods,
     )
     declared = registry.with_grids([registry.get(name) for name in chosen], grids)
     other_keys = {t: f"other:{t}" for t in others}
     updates = {"protected": protected, "unprotected": unprotected, **{other_keys[t]: u for t, u in others.items()}}
     auditor = Auditor(model, tasks, target, updates, seed)
     variants = ["protected"] + (["unprotected"] if unprotected is not None else [])
-    plan = {name: _modes_for(declared[name], modes, informed, public, 1 + len(others)) for name in chosen}
+    plan = {
+        name: _modes_for(declared[name], modes, informed, public, 1 + len(others), best_methods) for name in chosen
+    }
     attacked = any(mode in informed_attack.MODES for planned in plan.values() for mode in planned)
     if repair is not None:
         repair.check(tasks, protected_task, target, chosen)
@@ -196,6 +202,7 @@ def run_audit(
             "modes": list(modes),
             "informed": informed.describe() if attacked else None,
             "public": public.describe() if "public" in modes else None,
+            "best_methods": None if best_methods is None else list(best_methods),
             "splits": {"search": SEARCH_SPLIT, "report": REPORT_SPLIT},
             "updates": {
                 "protected": auditor.kind.describe(protected),
@@ -206,6 +213,11 @@ def run_audit(
             "not_audited": {
                 "methods": [name for name in registry.names(target) if name not in chosen],
                 "modes": [mode for mode in MODES if mode not in modes],
+                "best": [
+                    name for name in chosen
+                    if "best" in modes and best_methods is not None and name not in best_methods
+                    and declared[name].searched
+                ],
             },
         },
     }
@@ -290,13 +302,16 @@ def _tested(result: dict) -> int:
     return len({id(config) for config in picks})
 
 
-def _modes_for(method, modes: tuple, informed: InformedSettings, public: PublicSettings, num_updates: int) -> list:
+def _modes_for(
+    method, modes: tuple, informed: InformedSettings, public: PublicSettings, num_updates: int, best_methods=None
+) -> list:
     """The modes of `modes` that apply to `method` with `num_updates` updates: `best` where it has a grid to
-    search, the informed modes where it takes each update's own weight, `public` where it declares points."""
+    search (and is among `best_methods`, when given), the informed modes where it takes each update's own weight,
+    `public` where it declares points."""
     fits = method.accepts(num_updates)
     applies = {
         "average": fits,
-        "best": fits and method.searched,
+        "best": fits and method.searched and (best_methods is None or method.name in best_methods),
         "public": public_grid.runs(method, public, num_updates),
         "informed": fits and method.per_update_weights and informed.attacks(method.name),
         "search": fits and method.per_update_weights and informed.attacks(method.name),
@@ -325,7 +340,8 @@ def _evaluations(method, modes: list, informed: InformedSettings, num_others: in
 
 
 def _check_arguments(
-    model, tasks, protected_task, protected, unprotected, others, target, methods, modes, informed, public
+    model, tasks, protected_task, protected, unprotected, others, target, methods, modes, informed, public,
+    best_methods=None,
 ) -> list[str]:
     kind = audited_kind(target)
     names = [t.name for t in tasks]
@@ -344,17 +360,20 @@ def _check_arguments(
     kind.check(model, [protected, *([] if unprotected is None else [unprotected]), *others.values()], MERGED_ADAPTER)
     n = 1 + len(others)
     if methods is None:
-        chosen = [m for m in registry.names(target) if _modes_for(registry.get(m), modes, informed, public, n)]
+        chosen = [
+            m for m in registry.names(target) if _modes_for(registry.get(m), modes, informed, public, n, best_methods)
+        ]
     else:
         chosen = list(methods)
     for name in chosen:
         targets = registry.get(name).targets
         if target not in targets:
             raise ValueError(f"Merge method {name!r} applies to target {' or '.join(targets)} only, not {target!r}.")
-    for settings, label in ((informed, "InformedSettings"), (public, "PublicSettings")):
-        stray = [m for m in settings.methods or () if m not in chosen]
+    for given, label in ((informed.methods, "InformedSettings.methods"), (public.methods, "PublicSettings.methods"),
+                         (best_methods, "best_methods")):
+        stray = [m for m in given or () if m not in chosen]
         if stray:
-            raise ValueError(f"{label}.methods {stray} are not among the audited methods {chosen}; audit them too.")
+            raise ValueError(f"{label} {stray} are not among the audited methods {chosen}; audit them too.")
     unweighted = [m for m in informed.methods or () if not registry.get(m).per_update_weights]
     if unweighted and any(mode in informed_attack.MODES for mode in modes):
         weighted = [m for m in chosen if registry.get(m).per_update_weights]

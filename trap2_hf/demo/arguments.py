@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from .tasks import TASK_SETS
 
 # The demo's share of the audit, trimmed to its time budget: a sparsifying mergekit merge of the demo's LoRAs costs
-# about a second of CPU (mergekit sorts every update's entries again for each merge), so the demo audits every
-# method of the audit's own and PEFT's, and of mergekit's the sign-electing sparsifiers TIES, DELLA and DARE-TIES,
-# SCE, model_stock, karcher, slerp and nuslerp. Left out: mergekit's task_arithmetic and linear (the audit's own
-# task arithmetic to 1e-6), dare_linear, breadcrumbs, breadcrumbs_ties and della_linear. The public grid runs on
-# task arithmetic and those mergekit methods. `trap2 audit` runs every method in every mode by default.
-DEMO_MERGEKIT = ("ties", "della", "dare_ties", "sce", "model_stock", "karcher", "slerp", "nuslerp")
+# a few seconds of CPU (mergekit sorts every update's entries again for each merge), so the demo audits every
+# method of the audit's own and PEFT's, and of mergekit's TIES and DELLA (normalised by default), SCE, model_stock,
+# karcher, slerp and nuslerp, at naive weights and at their public points; the best shared weight is searched for
+# the audit's own and PEFT's methods only. Left out: mergekit's best shared weight, mergekit's dare_ties (its random
+# drop is the audit's own dare_ties), task_arithmetic and linear (the audit's own task arithmetic to 1e-6),
+# dare_linear, breadcrumbs, breadcrumbs_ties and della_linear. `trap2 audit` runs every method in every mode.
+DEMO_MERGEKIT = ("ties", "della", "sce", "model_stock", "karcher", "slerp", "nuslerp")
 DEMO_PUBLIC = ("task_arithmetic", *(f"mergekit:{name}" for name in DEMO_MERGEKIT))
 
 # Flags that were removed, and what replaces them.
@@ -106,6 +107,11 @@ class DemoArguments:
         default_factory=lambda: list(DEMO_PUBLIC),
         metadata={"help": "The merge methods whose public points run, among those audited (default: task arithmetic "
                   "and the demo's mergekit methods, trimmed to its time budget)."},
+    )
+    best_methods: list[str] | None = field(
+        default=None,
+        metadata={"help": "The merge methods whose best shared weight is searched, among those audited (default: the "
+                  "audit's own and PEFT's, trimmed to the demo's time budget; `trap2 audit` searches every method)."},
     )
     foreign_tasks: list[str] | None = field(
         default=None,

@@ -241,6 +241,9 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
     attacked = tuple(m for m in demo.informed_methods if m in audited)
     informed = InformedSettings(budget=demo.search_budget, methods=attacked)
     public = PublicSettings(methods=tuple(m for m in demo.public_methods if m in audited))
+    best = tuple(m for m in demo.best_methods if m in audited) if demo.best_methods is not None else tuple(
+        m for m in audited if methods_registry.get(m).backend != methods_registry.MERGEKIT
+    )
     repair = None
     ks = tuple(k for k in demo.repair_ks if k <= demo.train_size)  # k labelled examples out of train_size
     if ks:
@@ -251,7 +254,7 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
         ) if repaired else None
     results = run_audit(
         setup.model, audit_tasks(setup), others=setup.others, modes=tuple(demo.modes), informed=informed,
-        public=public, repair=repair, **common,
+        public=public, repair=repair, best_methods=best, **common,
     )
     partner = heldout_partner(setup, demo)
     if partner is not None:

@@ -75,6 +75,8 @@ def not_measured(results: dict) -> str | None:
         parts.append("the modes " + ", ".join(left_out["modes"]))
     if left_out.get("methods"):
         parts.append("the methods " + _listed(left_out["methods"]))
+    if left_out.get("best"):
+        parts.append("the best shared weight of " + _listed(left_out["best"]))
     refused = [f"{s['method']} (refused: {s['reason'].splitlines()[0][:120]})" for s in results.get("skipped", [])]
     parts += refused[:LISTED_NAMES] + ([f"{len(refused) - LISTED_NAMES} more refused"] if len(refused) > LISTED_NAMES
                                        else [])
