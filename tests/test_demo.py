@@ -243,6 +243,15 @@ def test_demo_command_writes_the_report(tmp_path, capsys):
     assert summary["training"]["runs"][-1]["trap_mode"] == "fused"  # the default "auto", recorded as it ran
 
 
+def test_the_demo_searches_the_best_weight_of_its_trimmed_share_unless_told():
+    from trap2_hf.demo.pipeline import DemoArguments, demo_best_methods
+
+    audited = ["task_arithmetic", "peft_cat", "mergekit:ties"]
+    assert demo_best_methods(DemoArguments(), audited) == ("task_arithmetic", "peft_cat")
+    assert demo_best_methods(DemoArguments(methods=audited), audited) is None  # --methods: every one searched
+    assert demo_best_methods(DemoArguments(best_methods=["mergekit:ties", "tsv"]), audited) == ("mergekit:ties",)
+
+
 @pytest.mark.slow
 def test_default_settings_protect_on_the_task_set_nobody_tuned_them_on(tmp_path):
     """The library defaults, on the `heldout` task set (never used to choose them): protected alone

@@ -110,8 +110,9 @@ class DemoArguments:
     )
     best_methods: list[str] | None = field(
         default=None,
-        metadata={"help": "The merge methods whose best shared weight is searched, among those audited (default: the "
-                  "audit's own and PEFT's, trimmed to the demo's time budget; `trap2 audit` searches every method)."},
+        metadata={"help": "The merge methods whose best shared weight is searched, among those audited (default: "
+                  "those --methods names; without it the audit's own and PEFT's, trimmed to the demo's time budget; "
+                  "`trap2 audit` searches every method)."},
     )
     foreign_tasks: list[str] | None = field(
         default=None,

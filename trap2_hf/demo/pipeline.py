@@ -241,9 +241,7 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
     attacked = tuple(m for m in demo.informed_methods if m in audited)
     informed = InformedSettings(budget=demo.search_budget, methods=attacked)
     public = PublicSettings(methods=tuple(m for m in demo.public_methods if m in audited))
-    best = tuple(m for m in demo.best_methods if m in audited) if demo.best_methods is not None else tuple(
-        m for m in audited if methods_registry.get(m).backend != methods_registry.MERGEKIT
-    )
+    best = demo_best_methods(demo, audited)
     repair = None
     ks = tuple(k for k in demo.repair_ks if k <= demo.train_size)  # k labelled examples out of train_size
     if ks:
@@ -264,6 +262,16 @@ def audit_setup(setup: DemoSetup, demo: DemoArguments, protected: str | None = N
                             transforms=TransformSettings(kinds=()), **common)  # the update alone: measured above
         results["heldout_partner"] = {"partner": partner, "methods": section["methods"], "skipped": section["skipped"]}
     return results
+
+
+def demo_best_methods(demo: DemoArguments, audited: list[str]) -> tuple[str, ...] | None:
+    """The methods whose best shared weight the demo searches: `demo.best_methods`; else, where `--methods` chose
+    the methods, all of them (None); else the demo's trimmed share, the audit's own and PEFT's."""
+    if demo.best_methods is not None:
+        return tuple(m for m in demo.best_methods if m in audited)
+    if demo.methods is not None:
+        return None
+    return tuple(m for m in audited if methods_registry.get(m).backend != methods_registry.MERGEKIT)
 
 
 def demo_methods(demo: DemoArguments) -> list[str]:
