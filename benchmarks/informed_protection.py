@@ -76,7 +76,7 @@ def passes_per_step(settings: dict) -> float:
 
 def run_seed(seed: int, variants: list[str], args, log) -> dict:
     from trap2_hf.demo.run import DemoArguments, audit_setup, build, train_plain, train_protected
-    from trap2_hf.demo.variants import _adapter_state, _load_adapter_state
+    from trap2_hf.demo.variants import adapter_state, load_adapter_state
     from trap2_hf.settings import Trap2Settings
 
     started = time.perf_counter()
@@ -90,13 +90,13 @@ def run_seed(seed: int, variants: list[str], args, log) -> dict:
     sizes = {"train": demo.train_size, "validation": demo.validation_size, "test": demo.test_size}
     setup = build(demo.task_set, demo.protected_task, seed, demo.lora_rank, sizes)
     train_plain(setup, demo, log)
-    initial = _adapter_state(setup.model, setup.protected)
+    initial = adapter_state(setup.model, setup.protected)
     result = previous(args.output_dir, args.task_set, seed) or {"seed": seed, "task_set": args.task_set, "variants": {}}
     for name in variants:
         measured = result["variants"].get(name)  # by an earlier run of this seed (same set-up: all is seeded)
         if measured is not None and not (args.fill_benign and "benign/float32" not in measured):
             continue
-        _load_adapter_state(setup.model, initial)
+        load_adapter_state(setup.model, initial)
         pseudo = pseudo_partners(setup, seed, name, scratch)
         settings = Trap2Settings(**VARIANTS[name], **({"trap_foreign_adapters": pseudo} if pseudo else {}))
         settings.validate_trap_settings()

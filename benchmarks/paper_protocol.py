@@ -33,6 +33,8 @@ import statistics
 import sys
 import time
 
+from informed_protection import previous, save  # the same resumable JSON file per seed
+
 PAPER_WEIGHTS = tuple(round(0.1 * k, 1) for k in range(1, 21))  # 0.1, 0.2, ..., 2.0
 MARGIN = 0.05  # the bar: max(base, chance) + 5 points (median over seeds)
 GAIN_KEPT = 0.6  # where the twin's merge keeps at least this share of the protected task's gain
@@ -46,7 +48,7 @@ def run_seed(seed: int, args, log) -> dict:
     from trap2_hf.audit.settings import TransformSettings
     from trap2_hf.demo.arguments import DemoArguments
     from trap2_hf.demo.pipeline import audit_tasks, build_for, train_plain, train_protected, with_foreign_updates
-    from trap2_hf.demo.variants import _adapter_state, _load_adapter_state, parse_variant
+    from trap2_hf.demo.variants import adapter_state, load_adapter_state, parse_variant
     from trap2_hf.settings import Trap2Settings
 
     demo = DemoArguments(
@@ -63,7 +65,7 @@ def run_seed(seed: int, args, log) -> dict:
     torch.manual_seed(seed)
     setup = build_for(demo)
     result["plain_runs"] = train_plain(setup, demo, log)
-    initial = _adapter_state(setup.model, setup.protected)
+    initial = adapter_state(setup.model, setup.protected)
     methods = args.methods or registry.names("adapter")
     for spec in todo:
         label, overrides, demo_overrides = parse_variant(spec)
@@ -75,7 +77,7 @@ def run_seed(seed: int, args, log) -> dict:
             overrides["trap_offray_lambda"] = None
         settings = with_foreign_updates(setup, variant_demo, Trap2Settings(**overrides))
         settings.validate_trap_settings()
-        _load_adapter_state(setup.model, initial)
+        load_adapter_state(setup.model, initial)
         run = train_protected(setup, variant_demo, settings, log)["runs"][-1]
         first = "twin" not in result
         audit = run_audit(
@@ -131,26 +133,6 @@ def twin_cells(audit: dict) -> dict:
             for e in audit["methods"] if e["mode"] == "best"
         },
     }
-
-
-def result_path(folder: str, task_set: str, seed: int) -> str:
-    return os.path.join(folder, f"{task_set}_seed{seed}.json")
-
-
-def previous(folder: str, task_set: str, seed: int) -> dict | None:
-    path = result_path(folder, task_set, seed)
-    if not os.path.exists(path):
-        return None
-    with open(path) as handle:
-        return json.load(handle)
-
-
-def save(folder: str, result: dict) -> None:
-    os.makedirs(folder, exist_ok=True)
-    path = result_path(folder, result["task_set"], result["seed"])
-    with open(path + ".tmp", "w") as handle:
-        json.dump(result, handle, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- the report

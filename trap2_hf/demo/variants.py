@@ -78,7 +78,7 @@ def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:
     demo = dataclasses.replace(demo, modes=[m for m in demo.modes if m in ("average", "best")], repair_ks=[])
     start = time.perf_counter()
     plain_runs = train_plain(setup, demo, log)
-    initial = _adapter_state(setup.model, setup.protected)
+    initial = adapter_state(setup.model, setup.protected)
     rows, audits = [], {}
     for label, overrides, demo_overrides in specs:
         log(f"[demo] variant {label}: {overrides if overrides is not None else 'the unprotected twin'}")
@@ -93,7 +93,7 @@ def compare_variants(setup, demo, trap: Trap2Settings, log=print) -> int:
             variant_demo = dataclasses.replace(demo, **demo_overrides)
             variant = with_foreign_updates(setup, variant_demo, dataclasses.replace(trap, **overrides))
             variant.validate_trap_settings()
-            _load_adapter_state(setup.model, initial)
+            load_adapter_state(setup.model, initial)
             run = train_protected(setup, variant_demo, variant, log)["runs"][-1]
             training = {k: run[k] for k in ("steps", "seconds", "trapped_at_step")}
             settings = {**variant.trap_settings_dict(), **demo_overrides}
@@ -188,12 +188,13 @@ def _cell(modes: dict) -> str:
     return "/".join(f"{modes[m]:.2f}" if m in modes else "–" for m in ("best", "average"))
 
 
-def _adapter_state(model, adapter: str) -> dict[str, torch.Tensor]:
+def adapter_state(model, adapter: str) -> dict[str, torch.Tensor]:
+    """A copy of `adapter`'s parameters, to train several variants from the same initialisation."""
     marker = f".{adapter}."
     return {name: p.detach().clone() for name, p in model.named_parameters() if marker in name}
 
 
-def _load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
